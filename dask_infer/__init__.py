@@ -1,0 +1,21 @@
+"""dask-infer: batch inference of PyTorch vision models over Zarr images, on Dask."""
+
+from dask_infer._version import __version__
+from dask_infer.api import run
+from dask_infer.config import RunConfig
+from dask_infer.errors import DaskInferError, InputError, ModelError
+from dask_infer.io import open_images, write_image_dataset, write_sample
+from dask_infer.workflows import RunSummary
+
+__all__ = [
+    "DaskInferError",
+    "InputError",
+    "ModelError",
+    "RunConfig",
+    "RunSummary",
+    "__version__",
+    "open_images",
+    "run",
+    "write_image_dataset",
+    "write_sample",
+]

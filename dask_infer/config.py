@@ -1,0 +1,151 @@
+"""Frozen, validated run configuration, round-tripping through dict and YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dask_infer.errors import DaskInferError
+
+__all__ = ["OUTPUT_KINDS", "RunConfig"]
+
+OUTPUT_KINDS = ("logits", "probabilities", "top_k")
+_LAYOUTS = ("auto", "NHWC", "NCHW")
+_DEVICES = ("auto", "cpu", "cuda")
+_BALANCES = ("time", "flops", "params", "memory")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise DaskInferError(f"{name}={value!r} must be a whole number >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; the same fields as ``dask-infer run`` options.
+
+    Parameters
+    ----------
+    input, output
+        Zarr stores (local paths or fsspec URLs). The output must not exist unless
+        ``overwrite`` is set, and must not be (or lie inside) the input.
+    model
+        torchvision classification model name.
+    weights
+        Local state_dict (``.pt``/``.pth``) or ``.safetensors`` file; ``None`` runs a
+        randomly initialised model.
+    num_classes
+        Classifier size; by default what the weights imply (1000 without weights).
+    variable
+        Name of the image array in the input store, when it holds several.
+    layout
+        ``"NHWC"`` (image, y, x, channel), ``"NCHW"``, or ``"auto"`` to tell by names and shape.
+    outputs
+        Which results to write: any of ``logits``, ``probabilities``, ``top_k``.
+    top_k
+        How many best classes to keep per image.
+    chunk_size
+        Images per task (rounded to whole storage chunks); ``None`` picks from the data.
+    batch_size
+        Images per forward pass inside a task; ``None`` picks by device.
+    scheduler
+        Address of an existing Dask scheduler; ``None`` starts a local cluster.
+    n_workers, threads_per_worker
+        Size of the local cluster; ``None`` picks from the machine.
+    device
+        ``"auto"`` (CUDA when the worker has it), ``"cpu"`` or ``"cuda"``.
+    stages, balance
+        Split the model into this many sequential stages, balanced by this cost.
+    overwrite
+        Replace an existing output store.
+    progress
+        Show a progress bar.
+    storage_options
+        fsspec options for remote stores.
+    """
+
+    input: str
+    output: str
+    model: str = "resnet50"
+    weights: str | None = None
+    num_classes: int | None = None
+    variable: str | None = None
+    layout: str = "auto"
+    outputs: tuple[str, ...] = ("logits", "top_k")
+    top_k: int = 5
+    chunk_size: int | None = None
+    batch_size: int | None = None
+    scheduler: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    device: str = "auto"
+    stages: int = 1
+    balance: str = "time"
+    overwrite: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.input or not isinstance(self.input, str):
+            raise DaskInferError(f"input={self.input!r}: give the path or URL of a Zarr store")
+        if not self.output or not isinstance(self.output, str):
+            raise DaskInferError(f"output={self.output!r}: give the path or URL of a Zarr store to write")
+        if self.layout not in _LAYOUTS:
+            raise DaskInferError(f"layout={self.layout!r} is not one of {', '.join(_LAYOUTS)}")
+        if self.device not in _DEVICES:
+            raise DaskInferError(f"device={self.device!r} is not one of {', '.join(_DEVICES)}")
+        if self.balance not in _BALANCES:
+            raise DaskInferError(f"balance={self.balance!r} is not one of {', '.join(_BALANCES)}")
+        outputs = tuple(self.outputs)
+        bad = [o for o in outputs if o not in OUTPUT_KINDS]
+        if bad or not outputs:
+            raise DaskInferError(
+                f"outputs={list(outputs)!r}: choose one or more of {', '.join(OUTPUT_KINDS)}"
+            )
+        object.__setattr__(self, "outputs", tuple(dict.fromkeys(outputs)))
+        for name in ("top_k", "chunk_size", "batch_size", "n_workers", "threads_per_worker", "stages"):
+            _positive(name, getattr(self, name))
+        _positive("num_classes", self.num_classes)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON- and YAML-safe dict of every field."""
+        out = dataclasses.asdict(self)
+        out["outputs"] = list(self.outputs)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DaskInferError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(names))}")
+        values = dict(data)
+        if "outputs" in values:
+            outs = values["outputs"]
+            values["outputs"] = tuple([outs] if isinstance(outs, str) else outs)
+        return cls(**values)
+
+    def to_yaml(self) -> str:
+        """YAML text that :meth:`from_yaml` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
+        """Read a YAML file; ``overrides`` (those not ``None``) win over the file."""
+        p = Path(path)
+        if not p.is_file():
+            raise DaskInferError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise DaskInferError(f"config file {str(path)!r} must hold a mapping of options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)

@@ -1,0 +1,265 @@
+"""Open a Zarr store of images lazily, validated, as (image, y, x, channel)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from dask_infer.errors import InputError
+from dask_infer.io.stores import open_store_node, store_exists
+
+__all__ = ["SUPPORTED_DTYPES", "ImageSource", "describe_source", "open_images", "read_chunk"]
+
+SUPPORTED_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
+_CHANNEL_NAMES = ("channel", "channels", "c", "band", "bands", "rgb")
+_PREFERRED = ("images", "image", "pixels", "data", "x")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the images are and how to read them; small enough to send with every task.
+
+    ``layout`` is the stored axis order: ``"NHWC"``, ``"NCHW"`` or ``"NHW"`` (grayscale
+    without a channel axis). Reads always return ``(image, y, x, channel)``.
+    """
+
+    url: str
+    variable: str
+    layout: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage_chunk: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None
+    zarr_format: int = 3
+
+    @property
+    def n_images(self) -> int:
+        """Number of images."""
+        return self.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image, as read."""
+        if self.layout == "NHWC":
+            return self.shape[1], self.shape[2], self.shape[3]
+        if self.layout == "NCHW":
+            return self.shape[2], self.shape[3], self.shape[1]
+        return self.shape[1], self.shape[2], 1
+
+
+def _dim_names(arr: zarr.Array) -> tuple[str, ...] | None:
+    names = getattr(arr.metadata, "dimension_names", None)
+    if names is None:
+        names = arr.attrs.get("_ARRAY_DIMENSIONS")
+    if names is None or any(n is None for n in names):
+        return None
+    return tuple(str(n) for n in names)
+
+
+def _layout(name: str, shape: tuple[int, ...], dims: tuple[str, ...] | None, layout: str) -> str:
+    ndim = len(shape)
+    if ndim == 3:
+        if layout not in ("auto", "NHW"):
+            raise InputError(f"array {name!r} has 3 dims {shape}; layout={layout!r} needs 4 dims")
+        return "NHW"
+    if ndim != 4:
+        raise InputError(
+            f"array {name!r} has {ndim} dims {shape}; expected (image, y, x, channel), "
+            "(image, channel, y, x) or (image, y, x)"
+        )
+    if layout != "auto":
+        return layout
+    if dims is not None:
+        lowered = [d.lower() for d in dims]
+        if lowered[3] in _CHANNEL_NAMES:
+            return "NHWC"
+        if lowered[1] in _CHANNEL_NAMES:
+            return "NCHW"
+    if shape[3] in (1, 3, 4):
+        return "NHWC"
+    if shape[1] in (1, 3, 4):
+        return "NCHW"
+    raise InputError(
+        f"cannot tell the channel axis of array {name!r} with shape {shape}: expected 1, 3 or 4 "
+        "channels last or second; pass layout='NHWC' or 'NCHW'"
+    )
+
+
+def _pick_variable(group: zarr.Group, url: str, variable: str | None) -> tuple[str, zarr.Array]:
+    arrays = dict(group.arrays())
+    if variable is not None:
+        if variable not in arrays:
+            raise InputError(
+                f"store {url!r} has no array {variable!r}; it has: {', '.join(sorted(arrays)) or 'none'}"
+            )
+        return variable, arrays[variable]
+    candidates = {k: v for k, v in arrays.items() if v.ndim >= 3}
+    if not candidates:
+        raise InputError(
+            f"store {url!r} holds no image array (an array with 3 or 4 dims); "
+            f"it has: {', '.join(sorted(arrays)) or 'nothing'}"
+        )
+    if len(candidates) == 1:
+        return next(iter(candidates.items()))
+    for name in _PREFERRED:
+        if name in candidates:
+            return name, candidates[name]
+    raise InputError(
+        f"store {url!r} holds several image arrays ({', '.join(sorted(candidates))}); "
+        "choose one with --variable"
+    )
+
+
+def describe_source(
+    url: str,
+    *,
+    variable: str | None = None,
+    layout: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+) -> ImageSource:
+    """Open and validate the image array of a Zarr store without reading pixels.
+
+    Raises
+    ------
+    InputError
+        When the store does not exist, holds no usable image array, or the array has
+        the wrong number of dims, an unknown channel axis or an unsupported dtype.
+    """
+    options = dict(storage_options or {})
+    if not store_exists(url, options):
+        raise InputError(f"input {url!r} does not exist")
+    node = open_store_node(url, options)
+    if isinstance(node, zarr.Array):
+        name, arr = "", node
+    else:
+        name, arr = _pick_variable(node, url, variable)
+    label = name or url
+    shape = tuple(int(s) for s in arr.shape)
+    lay = _layout(label, shape, _dim_names(arr), layout)
+    dtype = np.dtype(arr.dtype)
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"array {label!r} has dtype {dtype.name}; supported: {', '.join(SUPPORTED_DTYPES)} "
+            "(floats are taken to lie in [0, 1])"
+        )
+    if shape[0] == 0:
+        raise InputError(f"array {label!r} holds no images (shape {shape})")
+    channels = shape[3] if lay == "NHWC" else shape[1] if lay == "NCHW" else 1
+    if channels not in (1, 3, 4):
+        raise InputError(f"array {label!r} has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+    names = None
+    if not isinstance(node, zarr.Array):
+        raw = node.attrs.get("class_names") or arr.attrs.get("class_names")
+        if raw:
+            names = tuple(str(c) for c in raw)
+    return ImageSource(
+        url=url,
+        variable=name,
+        layout=lay,
+        shape=shape,
+        dtype=dtype.name,
+        storage_chunk=int(arr.chunks[0]),
+        storage_options=options,
+        class_names=names,
+        zarr_format=int(arr.metadata.zarr_format),
+    )
+
+
+@lru_cache(maxsize=16)
+def _cached_array(url: str, variable: str, options_json: str) -> zarr.Array:
+    node = open_store_node(url, json.loads(options_json))
+    if isinstance(node, zarr.Array):
+        return node
+    return node[variable]  # type: ignore[return-value]
+
+
+def _to_nhwc(block: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "NCHW":
+        return np.ascontiguousarray(block.transpose(0, 2, 3, 1))
+    if layout == "NHW":
+        return block[..., None]
+    return block
+
+
+def read_chunk(source: ImageSource, start: int, stop: int) -> np.ndarray:
+    """Read images ``start:stop`` as a contiguous (image, y, x, channel) array.
+
+    Opened arrays are cached per process, so a worker opens each store once.
+    """
+    arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
+    return _to_nhwc(np.asarray(arr[start:stop]), source.layout)
+
+
+def _coords(source: ImageSource) -> dict[str, Any]:
+    """The store's 1-dim arrays along the image axis (``image`` index, ``label``, ...)."""
+    node = open_store_node(source.url, source.storage_options)
+    if isinstance(node, zarr.Array):
+        return {}
+    image_dim = (_dim_names(node[source.variable]) or ("image",))[0]  # type: ignore[arg-type]
+    coords: dict[str, Any] = {}
+    for name, arr in node.arrays():
+        if name == source.variable or arr.ndim != 1 or arr.shape[0] != source.n_images:
+            continue
+        dims = _dim_names(arr)
+        if dims is not None and dims[0] != image_dim:
+            continue
+        coords["image" if name == image_dim else name] = ("image", np.asarray(arr[:]))
+    return coords
+
+
+def open_images(
+    url: str,
+    *,
+    variable: str | None = None,
+    layout: str = "auto",
+    chunks: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> xr.DataArray:
+    """Open a Zarr image array as a lazy, dask-backed ``xarray.DataArray``.
+
+    Parameters
+    ----------
+    url
+        Zarr store (v2 or v3): a local path or any fsspec URL.
+    variable
+        Name of the image array when the store holds several.
+    layout
+        ``"auto"``, ``"NHWC"`` or ``"NCHW"``; 3-dim arrays are read as grayscale.
+    chunks
+        Images per dask chunk; default: the storage chunk.
+    storage_options
+        fsspec options for remote stores.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(image, y, x, channel)``, chunked along ``image`` only, with the store's
+        1-dim coordinates (``image``, ``label``) and ``class_names`` in attrs.
+    """
+    source = describe_source(url, variable=variable, layout=layout, storage_options=storage_options)
+    arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
+    data = da.from_zarr(arr)
+    if source.layout == "NCHW":
+        data = data.transpose(0, 2, 3, 1)
+    elif source.layout == "NHW":
+        data = data[..., None]
+    step = chunks or source.storage_chunk
+    data = data.rechunk({0: step, 1: -1, 2: -1, 3: -1})
+    attrs: dict[str, Any] = {"source": source.url, "variable": source.variable, "layout": source.layout}
+    if source.class_names:
+        attrs["class_names"] = list(source.class_names)
+    return xr.DataArray(
+        data,
+        dims=("image", "y", "x", "channel"),
+        coords=_coords(source),
+        name=source.variable or "images",
+        attrs=attrs,
+    )

@@ -1,0 +1,146 @@
+"""Output store: a template written up front, chunk-aligned region writes, then attrs."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from dask_infer.errors import InputError
+from dask_infer.io.stores import is_url, normalise_location, remove_store, store_exists
+
+__all__ = ["OutputTarget", "check_output_location", "create_output", "finalize_output", "write_chunk"]
+
+
+@contextmanager
+def quiet_zarr() -> Iterator[None]:
+    """Silence Zarr's notices about v3 extensions (strings, consolidated metadata) we rely on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        yield
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where results go, and which variables each chunk writes; sent with write tasks."""
+
+    url: str
+    variables: tuple[str, ...]
+    chunk: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def check_output_location(input_url: str, output_url: str, *, overwrite: bool, storage_options: dict) -> None:
+    """Refuse an output that is, contains or lies inside the input, or exists without ``overwrite``."""
+    src, dst = normalise_location(input_url), normalise_location(output_url)
+    sep = "/" if is_url(dst) else os.sep
+    if dst == src or dst.startswith(src + sep) or src.startswith(dst + sep):
+        raise InputError(
+            f"output {output_url!r} would overwrite the input {input_url!r}; choose another output path"
+        )
+    if store_exists(output_url, storage_options) and not overwrite:
+        raise InputError(f"output {output_url!r} exists; pass --overwrite to replace it")
+
+
+def create_output(
+    url: str,
+    *,
+    n_images: int,
+    num_classes: int,
+    top_k: int,
+    chunk: int,
+    outputs: tuple[str, ...],
+    image_coords: dict[str, np.ndarray],
+    class_names: tuple[str, ...] | None,
+    attrs: dict[str, Any],
+    overwrite: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> OutputTarget:
+    """Write the output's metadata and coordinates; data chunks are written by tasks.
+
+    The output is an xarray Dataset with ``logits``/``probabilities`` (image, class)
+    and ``top_k_class``/``top_k_probability`` (image, rank), chunked along ``image``
+    exactly as the tasks are, so each task writes whole chunks of its own.
+    """
+    options = dict(storage_options or {})
+    if overwrite:
+        remove_store(url, options)
+    variables: dict[str, tuple[tuple[str, str], Any]] = {}
+    if "logits" in outputs:
+        variables["logits"] = (("image", "class"), da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)))
+    if "probabilities" in outputs:
+        variables["probabilities"] = (
+            ("image", "class"),
+            da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)),
+        )
+    if "top_k" in outputs:
+        variables["top_k_class"] = (("image", "rank"), da.zeros((n_images, top_k), dtype="int64", chunks=(chunk, -1)))
+        variables["top_k_probability"] = (
+            ("image", "rank"),
+            da.zeros((n_images, top_k), dtype="float32", chunks=(chunk, -1)),
+        )
+    coords: dict[str, Any] = {"class": np.arange(num_classes), "rank": np.arange(top_k)}
+    for name, values in image_coords.items():
+        coords[name] = ("image", values)
+    coords.setdefault("image", np.arange(n_images))
+    if class_names is not None:
+        coords["class_name"] = ("class", np.asarray(class_names, dtype=str))
+    ds = xr.Dataset(variables, coords=coords, attrs={k: _attr(v) for k, v in attrs.items()})
+    encoding = {name: {"chunks": (chunk, ds[name].shape[1])} for name in variables}
+    with quiet_zarr():
+        ds.to_zarr(
+            url,
+            mode="w",
+            compute=False,
+            consolidated=False,
+            encoding=encoding,
+            storage_options=options or None,
+        )
+    return OutputTarget(url=url, variables=tuple(variables), chunk=chunk, storage_options=options)
+
+
+def _attr(value: Any) -> Any:
+    """Zarr attrs must be JSON: nested configs are stored as JSON text."""
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+@lru_cache(maxsize=16)
+def _cached_group(url: str, options_json: str) -> zarr.Group:
+    options = json.loads(options_json)
+    kwargs: dict[str, Any] = {"mode": "r+"}
+    if options:
+        kwargs["storage_options"] = options
+    return zarr.open_group(store=url, **kwargs)
+
+
+def write_chunk(target: OutputTarget, start: int, stop: int, result: dict[str, np.ndarray]) -> int:
+    """Write one task's results into images ``start:stop``; returns the image count."""
+    group = _cached_group(target.url, json.dumps(target.storage_options, sort_keys=True))
+    for name in target.variables:
+        values = result[name]
+        if values.shape[0] != stop - start:
+            raise RuntimeError(f"{name} for images {start}:{stop} has {values.shape[0]} rows")
+        group[name][start:stop] = values
+    return stop - start
+
+
+def finalize_output(target: OutputTarget, attrs: dict[str, Any]) -> None:
+    """Record the run's summary in attrs and consolidate metadata for fast opening."""
+    kwargs: dict[str, Any] = {"mode": "r+"}
+    if target.storage_options:
+        kwargs["storage_options"] = target.storage_options
+    group = zarr.open_group(store=target.url, **kwargs)
+    group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+    with quiet_zarr():
+        zarr.consolidate_metadata(group.store)

@@ -1,0 +1,137 @@
+"""Exact contiguous min-max partition of a list of costs (no torch: pure Python).
+
+Given costs ``c[0..m)`` and a number of parts ``k``, find cut indices
+``0 < b[0] < ... < b[k-2] < m`` so that the largest part sum is as small as possible.
+Sums are computed on exact integers (floats are scaled by a common power of two, which
+every finite float allows), so the optimum is exact, not within a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+from dask_infer.errors import DaskInferError
+
+__all__ = ["PartitionError", "balance_partition", "part_sums"]
+
+
+class PartitionError(DaskInferError):
+    """The costs or the number of parts cannot be partitioned."""
+
+
+def _exact_integers(costs: Sequence[float]) -> list[int]:
+    """``costs`` times one common power of two, as exact integers (same order, same ratios)."""
+    ratios = [Fraction(c) for c in costs]
+    scale = max((r.denominator for r in ratios), default=1)
+    return [int(r * scale) for r in ratios]
+
+
+def _check(costs: Sequence[float], parts: int) -> None:
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise PartitionError(f"parts={parts!r} must be an integer >= 1")
+    if len(costs) < parts:
+        raise PartitionError(
+            f"parts={parts} but there are only {len(costs)} costs; use parts <= {len(costs)}"
+        )
+    for i, c in enumerate(costs):
+        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
+            raise PartitionError(f"costs[{i}]={c!r} must be a finite number >= 0")
+
+
+def balance_partition(costs: Sequence[float], parts: int) -> tuple[int, ...]:
+    """Split ``costs`` into ``parts`` contiguous non-empty runs minimising the largest run sum.
+
+    Dynamic programme over prefixes: the best bottleneck of the first ``i`` costs in
+    ``p`` runs, ``f[p][i] = min_j max(f[p-1][j], sum(costs[j:i]))``, where ``f[p-1][j]``
+    grows and the last run's sum shrinks with ``j``, so the best ``j`` is found by
+    bisection: ``O(parts * m * log m)``.
+
+    Among all optimal partitions the one with the lexicographically smallest cut
+    indices is returned, so the result is deterministic.
+
+    Parameters
+    ----------
+    costs
+        Non-negative finite costs, one per item, in order.
+    parts
+        Number of runs, ``1 <= parts <= len(costs)``.
+
+    Returns
+    -------
+    tuple of int
+        The ``parts - 1`` indices where runs 2, 3, ... start: run ``r`` is
+        ``costs[cuts[r-1]:cuts[r]]`` with ``cuts[-1] = 0`` and ``cuts[parts-1] = len(costs)``.
+
+    Raises
+    ------
+    PartitionError
+        If ``parts`` is not in ``1..len(costs)`` or a cost is negative or not finite.
+
+    Examples
+    --------
+    >>> balance_partition([1, 2, 3, 4, 5], 2)
+    (3,)
+    >>> balance_partition([5, 1, 1, 1, 5], 3)
+    (1, 4)
+    """
+    _check(costs, parts)
+    values = _exact_integers(costs)
+    m = len(values)
+    prefix = [0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    best = _bottleneck(prefix, parts)
+    return _earliest_cuts(prefix, parts, best)
+
+
+def _bottleneck(prefix: list[int], parts: int) -> int:
+    """Smallest possible largest run sum of the costs behind ``prefix`` in ``parts`` runs."""
+    m = len(prefix) - 1
+    previous = prefix[:]  # f[1][i] = prefix[i]
+    for p in range(2, parts + 1):
+        current = [0] * (m + 1)
+        for i in range(p, m + 1):
+            # j ranges over [p-1, i-1]; find the first j with previous[j] >= last-run sum.
+            lo, hi = p - 1, i - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if previous[mid] >= prefix[i] - prefix[mid]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            value = max(previous[lo], prefix[i] - prefix[lo])
+            if lo > p - 1:
+                value = min(value, max(previous[lo - 1], prefix[i] - prefix[lo - 1]))
+            current[i] = value
+        previous = current
+    return previous[m]
+
+
+def _earliest_cuts(prefix: list[int], parts: int, bound: int) -> tuple[int, ...]:
+    """Lexicographically smallest cuts into ``parts`` runs whose sums are all ``<= bound``."""
+    m = len(prefix) - 1
+    # need[s]: fewest runs of sum <= bound covering items s..m-1 (greedy is optimal).
+    need = [0] * (m + 1)
+    reach = m
+    for s in range(m - 1, -1, -1):
+        while prefix[reach] - prefix[s] > bound:
+            reach -= 1
+        need[s] = 1 + need[reach]
+    cuts: list[int] = []
+    start = 0
+    for left in range(parts - 1, 0, -1):
+        # Earliest end of this run that leaves a suffix splittable into `left` runs.
+        end = start + 1
+        while need[end] > left:
+            end += 1
+        cuts.append(end)
+        start = end
+    return tuple(cuts)
+
+
+def part_sums(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
+    """Sum of each run of ``costs`` cut at ``cuts`` (as returned by :func:`balance_partition`)."""
+    edges = [0, *cuts, len(costs)]
+    return [sum(costs[a:b]) for a, b in zip(edges, edges[1:], strict=False)]

@@ -1,0 +1,249 @@
+"""Partition a model into balanced sequential stages: trace, profile, balance, cut, verify."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from dask_infer.errors import ModelError
+from dask_infer.partition.balance import balance_partition
+from dask_infer.partition.models import build_model
+from dask_infer.partition.plan import PlanError, StageInfo, StagePlan, check_balance
+from dask_infer.partition.profile import NodeCost, profile_graph
+from dask_infer.partition.split import ModelGraph, run_stages, split_model
+
+__all__ = ["DEFAULT_SAMPLE_SHAPE", "Partition", "build_stage", "partition_model"]
+
+DEFAULT_SAMPLE_SHAPE = (1, 3, 224, 224)
+
+
+class Partition(NamedTuple):
+    """Result of :func:`partition_model`: the stage modules and their plan."""
+
+    stages: list[nn.Module]
+    plan: StagePlan
+
+
+def _check_stages(stages: Any) -> int:
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ModelError(f"stages={stages!r} must be an integer >= 1")
+    return stages
+
+
+def _make_sample(sample: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+    if sample is None:
+        sample = DEFAULT_SAMPLE_SHAPE
+    if isinstance(sample, torch.Tensor):
+        tensor = sample.detach()
+    else:
+        shape = tuple(sample)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+            raise ModelError(f"sample shape {shape} must be positive integers, e.g. {DEFAULT_SAMPLE_SHAPE}")
+        generator = torch.Generator().manual_seed(0)
+        tensor = torch.randn(shape, generator=generator)
+    if tensor.ndim != 4:
+        hint = "; add a batch dimension" if tensor.ndim == 3 else ""
+        raise ModelError(
+            f"sample of shape {tuple(tensor.shape)} must be a batch shaped (N, C, H, W), "
+            f"e.g. {DEFAULT_SAMPLE_SHAPE}{hint}"
+        )
+    return tensor
+
+
+def _reference_output(model: nn.Module, sample: torch.Tensor, label: str) -> Any:
+    try:
+        with torch.no_grad():
+            return model(sample.clone())
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"sample of shape {tuple(sample.shape)} does not fit {label} ({reason}); "
+            f"give a float batch shaped (N, 3, H, W) at the model's input size, e.g. {DEFAULT_SAMPLE_SHAPE}"
+        ) from exc
+
+
+def _bitwise_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        as_bytes = [t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b)]
+        return torch.equal(*as_bytes)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_bitwise_equal(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _node_cost(cost: NodeCost, balance: str) -> float:
+    return float(
+        {"time": cost.time_s, "flops": cost.flops, "params": cost.params, "memory": cost.memory_bytes}[balance]
+    )
+
+
+def _choose_cuts(
+    graph: ModelGraph, costs: list[NodeCost], candidates: list[int], stages: int, balance: str
+) -> list[int]:
+    """Candidate positions to cut at so that the ``stages`` stage costs are balanced."""
+    if stages == 1:
+        return []
+    edges = [0, *candidates, len(graph.order) - 1]
+    segments = [
+        sum(_node_cost(costs[i], balance) for i in range(a + 1, b + 1)) for a, b in zip(edges, edges[1:], strict=False)
+    ]
+    starts = balance_partition(segments, stages)
+    # Part r starts at segment starts[r-1], so the cut is after the candidate ending the previous segment.
+    return [candidates[s - 1] for s in starts]
+
+
+def _stage_info(index: int, stage: nn.Module, graph: ModelGraph, costs: list[NodeCost], bounds: tuple[int, int]) -> StageInfo:
+    start, end = bounds
+    own = costs[start + 1 : end + 1]
+    weights = [*stage.parameters(), *stage.buffers()]
+    return StageInfo(
+        index=index,
+        first_node=graph.order[start + 1].name,
+        last_node=graph.order[end].name,
+        num_nodes=end - start,
+        params=sum(p.numel() for p in stage.parameters()),
+        flops=sum(c.flops for c in own),
+        time_s=sum(c.time_s for c in own),
+        weight_bytes=sum(t.nelement() * t.element_size() for t in weights),
+        activation_bytes=sum(c.activation_bytes for c in own),
+    )
+
+
+def partition_model(
+    model: nn.Module,
+    stages: int,
+    *,
+    balance: str = "time",
+    sample: torch.Tensor | Sequence[int] | None = None,
+    name: str | None = None,
+    repeats: int = 5,
+    verify: bool = True,
+) -> Partition:
+    """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
+
+    The model is traced with torch.fx (in eval mode, on a deep copy: ``model`` is never
+    modified) and may only be cut where exactly one tensor crosses, so residual, dense
+    and attention blocks stay whole. Each node is profiled on ``sample``; the cuts then
+    minimise the largest stage cost exactly (see :func:`balance_partition`).
+
+    Parameters
+    ----------
+    model
+        Any torch.fx-traceable single-input model, e.g. a torchvision classifier; it
+        need not be an ``nn.Sequential``.
+    stages
+        Number of stages, from 1 to the number of cut points plus one.
+    balance
+        Cost to balance: ``"time"`` (measured wall time), ``"flops"``, ``"params"`` or
+        ``"memory"`` (weights plus activations created).
+    sample
+        Input batch to profile on, or its shape; default ``(1, 3, 224, 224)`` of
+        seeded random values.
+    name
+        Registry name of the model, recorded in the plan so workers can rebuild stages
+        with :func:`build_stage`.
+    repeats
+        Timed runs per node (the median is kept); more gives steadier ``"time"`` plans.
+    verify
+        Check that the stages run one after another reproduce the model's output on
+        ``sample`` bit for bit.
+
+    Returns
+    -------
+    Partition
+        ``(stages, plan)``: the stage modules (``torch.fx.GraphModule`` in eval mode,
+        sharing one copy of the weights) and their :class:`StagePlan`.
+
+    Raises
+    ------
+    ModelError
+        For a bad ``stages`` or ``sample``, a model that cannot be traced, too few cut
+        points, or stages that do not reproduce the model's output.
+    PlanError
+        For an unknown ``balance`` mode.
+    """
+    _check_stages(stages)
+    check_balance(balance)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ModelError(f"repeats={repeats!r} must be an integer >= 1")
+    label = name or type(model).__name__
+    batch = _make_sample(sample)
+    work = copy.deepcopy(model).eval()
+    expected = _reference_output(work, batch, label)
+    graph = ModelGraph.trace(work, label)
+    costs = profile_graph(graph, batch, repeats=repeats)
+    candidates = [i for i in graph.candidates if costs[i].shape is not None]
+    if stages > len(candidates) + 1:
+        why = " (it has no point where a single tensor crosses)" if not candidates else ""
+        raise ModelError(
+            f"stages={stages} but {label} has only {len(candidates)} cut points{why}; "
+            f"use stages <= {len(candidates) + 1}"
+        )
+    cuts = _choose_cuts(graph, costs, candidates, stages, balance)
+    modules = graph.build_stages(cuts)
+    if verify:
+        with torch.no_grad():
+            got = run_stages(modules, batch.clone())
+        if not _bitwise_equal(got, expected):
+            raise ModelError(
+                f"the {stages} stages of {label} do not reproduce its output bit for bit; "
+                "its forward likely has Python control flow that torch.fx fixed at trace time, "
+                "so it cannot be split"
+            )
+    bounds = graph.stage_bounds(cuts)
+    infos = tuple(_stage_info(i, m, graph, costs, b) for i, (m, b) in enumerate(zip(modules, bounds, strict=True)))
+    output = expected if isinstance(expected, torch.Tensor) else None
+    plan = StagePlan(
+        model=name,
+        balance=balance,
+        input_shape=tuple(batch.shape),
+        cut_points=tuple(graph.order[c].name for c in cuts),
+        stages=infos,
+        cut_shapes=tuple(costs[c].shape or () for c in cuts),
+        cut_bytes=tuple(costs[c].nbytes for c in cuts),
+        output_shape=tuple(output.shape) if output is not None else (),
+        num_candidates=len(candidates),
+    )
+    return Partition(list(modules), plan)
+
+
+def build_stage(
+    plan: StagePlan,
+    index: int,
+    *,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Rebuild stage ``index`` of ``plan`` from the model name and a local weights file.
+
+    This is what a worker runs: no pickled model travels, only the plan.
+
+    Parameters
+    ----------
+    plan
+        A plan whose ``model`` names a registry model.
+    index
+        Which stage, from 0.
+    weights, num_classes
+        As for :func:`~dask_infer.partition.models.build_model`.
+
+    Raises
+    ------
+    PlanError
+        If the plan has no model name or ``index`` is out of range.
+    """
+    if plan.model is None:
+        raise PlanError("the plan has no model name; pass name= to partition_model, or use split_model")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < plan.num_stages:
+        raise PlanError(f"stage index {index!r} is out of range; the plan has stages 0..{plan.num_stages - 1}")
+    loaded = build_model(plan.model, weights=weights, num_classes=num_classes)
+    return split_model(loaded.module, plan.cut_points, copy_model=False)[index]

@@ -1,0 +1,97 @@
+"""Make or connect a Dask cluster: a GPU machine, a CPU machine, or an address."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from distributed import Client, LocalCluster
+
+from dask_infer.errors import DaskInferError
+
+__all__ = ["ClusterChoice", "choose_local_cluster", "cuda_device_count", "make_client"]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (0 without a GPU or without CUDA torch)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+@dataclass(frozen=True)
+class ClusterChoice:
+    """The local cluster a run starts: kind, workers, threads, and torch threads per worker."""
+
+    kind: str
+    n_workers: int
+    threads_per_worker: int
+    torch_threads: int | None
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        return (
+            f"{self.kind}: {self.n_workers} worker(s) x {self.threads_per_worker} thread(s)"
+            + (f", torch threads {self.torch_threads}" if self.torch_threads else "")
+        )
+
+
+def choose_local_cluster(
+    *, device: str = "auto", n_workers: int | None = None, threads_per_worker: int | None = None
+) -> ClusterChoice:
+    """Pick the local cluster from what this machine has.
+
+    One ``LocalCUDACluster`` worker per GPU; on a CPU-only machine one worker process
+    whose single compute thread gives torch every core, with spare threads for reading
+    and writing chunks while the model runs.
+    """
+    gpus = cuda_device_count() if device in ("auto", "cuda") else 0
+    if device == "cuda" and gpus == 0:
+        raise DaskInferError("device='cuda' but no CUDA device is visible; use --device cpu")
+    cores = os.cpu_count() or 1
+    if gpus:
+        return ClusterChoice("LocalCUDACluster", n_workers or gpus, threads_per_worker or 4, None)
+    workers = n_workers or 1
+    torch_threads = max(1, cores // workers)
+    return ClusterChoice("LocalCluster", workers, threads_per_worker or 3, torch_threads)
+
+
+def make_client(
+    *,
+    scheduler: str | None = None,
+    device: str = "auto",
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+) -> tuple[Client, ClusterChoice | None]:
+    """Connect to ``scheduler``, or start the local cluster this machine suits.
+
+    Returns the client and the local cluster choice (``None`` when connected to an
+    existing scheduler). Local services listen on 127.0.0.1 only.
+    """
+    if scheduler is not None:
+        try:
+            return Client(scheduler, timeout="10s"), None
+        except (OSError, TimeoutError) as exc:
+            raise DaskInferError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from exc
+    choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
+    if choice.kind == "LocalCUDACluster":
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster(
+            n_workers=choice.n_workers,
+            threads_per_worker=choice.threads_per_worker,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:8787",
+        )
+    else:
+        cluster = LocalCluster(
+            n_workers=choice.n_workers,
+            threads_per_worker=choice.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:8787",
+        )
+    return Client(cluster), choice

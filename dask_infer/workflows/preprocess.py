@@ -1,0 +1,58 @@
+"""Preprocessing as a torch module, so it runs on the worker's device inside the graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["Preprocess"]
+
+
+class Preprocess(nn.Module):
+    """uint8/uint16/float (N, y, x, C) images -> normalised float (N, 3, size, size).
+
+    Gray images are repeated to three channels and alpha is dropped. Images of
+    another size are resized (shorter side to ``size``, antialiased bilinear) and
+    centre-cropped, as torchvision's classification transforms do.
+
+    Parameters
+    ----------
+    size
+        Model input height and width.
+    mean, std
+        Per-channel normalisation.
+    dtype
+        Floating dtype of the output.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.dtype = dtype
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2)
+        if x.dtype == torch.uint8 or x.dtype == torch.uint16:
+            x = TF.to_dtype(x, torch.float32, scale=True)
+        else:
+            x = x.to(torch.float32)
+        channels = x.shape[1]
+        if channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif channels == 4:
+            x = x[:, :3]
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = TF.resize(x, [self.size], antialias=True)
+            x = TF.center_crop(x, [self.size, self.size])
+        x = (x - self.mean) / self.std
+        return x.to(self.dtype).contiguous()

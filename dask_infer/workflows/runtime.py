@@ -1,0 +1,154 @@
+"""Per-worker runtime: a WorkerPlugin that loads the model once and runs every chunk.
+
+Tasks carry only the plugin's name; the model, device and compute thread live on
+the worker for the whole run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from distributed import WorkerPlugin, get_worker
+from torch import nn
+
+from dask_infer.partition.models import build_model
+from dask_infer.workflows.preprocess import Preprocess
+
+__all__ = ["COMPUTE_EXECUTOR", "ModelRuntime", "RuntimeSpec", "infer_chunk"]
+
+COMPUTE_EXECUTOR = "dask-infer-compute"
+"""Name of the worker executor (one thread) that runs the model; I/O uses the others."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What a worker needs to rebuild the model: names and files, never a pickled model."""
+
+    model: str
+    weights: str | None
+    num_classes: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    outputs: tuple[str, ...]
+    top_k: int
+    batch_size: int | None = None
+    device: str = "auto"
+    torch_threads: int | None = None
+    cut_points: tuple[str, ...] = ()
+
+
+def _pick_device(wanted: str) -> torch.device:
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but this worker has no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class ModelRuntime(WorkerPlugin):
+    """Loads the model on each worker once and runs chunks through it.
+
+    Parameters
+    ----------
+    spec
+        Model, weights file, preprocessing and output options.
+    name
+        Plugin name, unique per run; tasks look the runtime up by it.
+    """
+
+    def __init__(self, spec: RuntimeSpec, name: str) -> None:
+        self.spec = spec
+        self.name = name
+        self.loads = 0
+        self.chunks = 0
+        self.images = 0
+        self.busy_seconds = 0.0
+        self._lock = threading.Lock()
+        self._stages: list[nn.Module] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], state["name"])  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        """Build the model on this worker and give it a one-thread compute executor."""
+        self.load()
+        if COMPUTE_EXECUTOR not in worker.executors:
+            worker.executors[COMPUTE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=COMPUTE_EXECUTOR)
+
+    def teardown(self, worker: Any) -> None:
+        """Free the model (the executor stays for later runs on this worker)."""
+        self._stages = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def load(self) -> None:
+        """Build model, stages and preprocessing on this process's device."""
+        spec = self.spec
+        if spec.torch_threads is not None:
+            torch.set_num_threads(spec.torch_threads)
+        self.device = _pick_device(spec.device)
+        loaded = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes)
+        module = loaded.module
+        if spec.cut_points:
+            from dask_infer.partition import split_model
+
+            stages = list(split_model(module, list(spec.cut_points)))
+        else:
+            stages = [module]
+        self._stages = [s.to(self.device).eval() for s in stages]
+        self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
+        self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
+        self.loads += 1
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray) -> torch.Tensor:
+        """Logits (float32, on CPU) of a chunk of (image, y, x, channel) images."""
+        out = []
+        for i in range(0, images.shape[0], self.batch_size):
+            x = torch.from_numpy(images[i : i + self.batch_size]).to(self.device)
+            x = self.preprocess(x)
+            for stage in self._stages:
+                x = stage(x)
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every requested output for one chunk, as numpy arrays keyed by variable name."""
+        start = time.perf_counter()
+        logits = self.forward(images)
+        result: dict[str, np.ndarray] = {}
+        if "logits" in self.spec.outputs:
+            result["logits"] = logits.numpy()
+        if "probabilities" in self.spec.outputs or "top_k" in self.spec.outputs:
+            probs = torch.softmax(logits, dim=1)
+            if "probabilities" in self.spec.outputs:
+                result["probabilities"] = probs.numpy()
+            if "top_k" in self.spec.outputs:
+                top = torch.topk(probs, k=self.spec.top_k, dim=1)
+                result["top_k_class"] = top.indices.numpy().astype(np.int64)
+                result["top_k_probability"] = top.values.numpy()
+        with self._lock:
+            self.chunks += 1
+            self.images += images.shape[0]
+            self.busy_seconds += time.perf_counter() - start
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """Loads, chunks, images and busy seconds on this worker so far."""
+        return {"loads": self.loads, "chunks": self.chunks, "images": self.images, "busy_s": self.busy_seconds}
+
+
+def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Task body: run the worker's runtime named ``runtime`` on one chunk."""
+    plugin = get_worker().plugins[runtime]
+    return plugin.infer(images)  # type: ignore[attr-defined, no-any-return]
