@@ -8,6 +8,7 @@ import numpy as np
 import xarray as xr
 
 from dask_infer.errors import InputError
+from dask_infer.io.outputs import quiet_zarr
 from dask_infer.io.stores import remove_store, store_exists
 
 __all__ = ["write_image_dataset"]
@@ -63,5 +64,6 @@ def write_image_dataset(
         attrs=dict(attrs or {}),
     )
     encoding = {"images": {"chunks": (min(chunk, n), *images.shape[1:])}}
-    ds.to_zarr(output, mode="w", encoding=encoding, storage_options=storage_options or None, consolidated=True)
-    return xr.open_zarr(output, storage_options=storage_options or None)
+    with quiet_zarr():
+        ds.to_zarr(output, mode="w", encoding=encoding, storage_options=storage_options or None, consolidated=True)
+        return xr.open_zarr(output, storage_options=storage_options or None)

@@ -7,7 +7,7 @@ node costs.
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ class NodeCost:
     flops
         Floating point operations counted by ``FlopCounterMode``.
     time_s
-        Median wall time over the timed repeats.
+        Fastest of the timed runs of the node.
     activation_bytes
         Bytes of new tensor storage the node's output holds (0 for in-place ops and views).
     shape
@@ -77,11 +77,18 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 class _NodeRecorder(fx.Interpreter):
-    """Interpreter that records, per node, wall time and optionally FLOPs and output memory."""
+    """Interpreter that records FLOPs, output memory and wall time of every node.
 
-    def __init__(self, module: fx.GraphModule, count: bool) -> None:
+    Each node is first run once for real under ``FlopCounterMode``; then it is timed
+    ``repeats`` times back to back on clones of its arguments (so in-place ops cannot
+    change the values later nodes see) and the fastest run is kept: contention on a
+    shared machine only ever adds time, and timing a node in a tight loop keeps a burst
+    of contention from inflating a whole pass.
+    """
+
+    def __init__(self, module: fx.GraphModule, repeats: int) -> None:
         super().__init__(module)
-        self.count = count
+        self.repeats = repeats
         self.times: dict[fx.Node, float] = {}
         self.flops: dict[fx.Node, int] = {}
         self.outputs: dict[fx.Node, tuple[tuple[int, ...] | None, int, int]] = {}
@@ -89,22 +96,30 @@ class _NodeRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         call = getattr(self, n.op)
-        if self.count:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                out = call(n.target, args, kwargs)
-            self.flops[n] = int(counter.get_total_flops())
-            inputs = {_storage_key(t) for t in _tensors((args, kwargs))}
-            fresh = {_storage_key(t): t.untyped_storage().nbytes() for t in _tensors(out)}
-            new_bytes = sum(size for key, size in fresh.items() if key not in inputs)
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-            nbytes = out.nelement() * out.element_size() if isinstance(out, torch.Tensor) else 0
-            self.outputs[n] = (shape, nbytes, new_bytes)
-            return out
-        start = time.perf_counter()
-        out = call(n.target, args, kwargs)
-        self.times[n] = time.perf_counter() - start
+        if n.op in ("placeholder", "output"):
+            return call(n.target, args, kwargs)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = call(n.target, args, kwargs)
+        self.flops[n] = int(counter.get_total_flops())
+        inputs = {_storage_key(t) for t in _tensors((args, kwargs))}
+        fresh = {_storage_key(t): t.untyped_storage().nbytes() for t in _tensors(out)}
+        new_bytes = sum(size for key, size in fresh.items() if key not in inputs)
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        nbytes = out.nelement() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        self.outputs[n] = (shape, nbytes, new_bytes)
+        best = math.inf
+        for _ in range(self.repeats):
+            cloned_args, cloned_kwargs = fx.node.map_aggregate((args, kwargs), _clone)
+            start = time.perf_counter()
+            call(n.target, cloned_args, cloned_kwargs)
+            best = min(best, time.perf_counter() - start)
+        self.times[n] = best
         return out
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _weights(graph: ModelGraph) -> tuple[list[int], list[int]]:
@@ -160,10 +175,9 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     graph
         A traced model (a copy: profiling runs its modules).
     sample
-        The input batch; it is cloned for every run, so in-place ops cannot change it.
+        The input batch; it is cloned, so in-place ops cannot change it.
     repeats
-        Timed runs after one counting run that also warms up; each node's time is the
-        median over them.
+        Timed runs of each node; the fastest is kept.
 
     Returns
     -------
@@ -172,28 +186,21 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
+    recorder = _NodeRecorder(graph.module, repeats)
     with torch.no_grad():
-        counting = _NodeRecorder(graph.module, count=True)
-        counting.run(sample.clone())
-        samples: dict[fx.Node, list[float]] = {n: [] for n in graph.order}
-        for _ in range(repeats):
-            timing = _NodeRecorder(graph.module, count=False)
-            timing.run(sample.clone())
-            for n in graph.order:
-                samples[n].append(timing.times.get(n, 0.0))
+        recorder.run(sample.clone())
     params, weight_bytes = _weights(graph)
     costs = []
     for i, n in enumerate(graph.order):
-        shape, nbytes, new_bytes = counting.outputs.get(n, (None, 0, 0))
-        placeholder = n.op == "placeholder"
+        shape, nbytes, new_bytes = recorder.outputs.get(n, (None, 0, 0))
         costs.append(
             NodeCost(
                 name=n.name,
                 params=params[i],
                 weight_bytes=weight_bytes[i],
-                flops=counting.flops.get(n, 0),
-                time_s=0.0 if placeholder else statistics.median(samples[n]),
-                activation_bytes=0 if placeholder else new_bytes,
+                flops=recorder.flops.get(n, 0),
+                time_s=recorder.times.get(n, 0.0),
+                activation_bytes=new_bytes,
                 shape=shape,
                 nbytes=nbytes,
             )
