@@ -77,18 +77,11 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 class _NodeRecorder(fx.Interpreter):
-    """Interpreter that records FLOPs, output memory and wall time of every node.
+    """Interpreter that records, per node, wall time or (when ``count``) FLOPs and output memory."""
 
-    Each node is first run once for real under ``FlopCounterMode``; then it is timed
-    ``repeats`` times back to back on clones of its arguments (so in-place ops cannot
-    change the values later nodes see) and the fastest run is kept: contention on a
-    shared machine only ever adds time, and timing a node in a tight loop keeps a burst
-    of contention from inflating a whole pass.
-    """
-
-    def __init__(self, module: fx.GraphModule, repeats: int) -> None:
+    def __init__(self, module: fx.GraphModule, count: bool) -> None:
         super().__init__(module)
-        self.repeats = repeats
+        self.count = count
         self.times: dict[fx.Node, float] = {}
         self.flops: dict[fx.Node, int] = {}
         self.outputs: dict[fx.Node, tuple[tuple[int, ...] | None, int, int]] = {}
@@ -98,28 +91,21 @@ class _NodeRecorder(fx.Interpreter):
         call = getattr(self, n.op)
         if n.op in ("placeholder", "output"):
             return call(n.target, args, kwargs)
+        if not self.count:
+            start = time.perf_counter()
+            out = call(n.target, args, kwargs)
+            self.times[n] = time.perf_counter() - start
+            return out
         counter = FlopCounterMode(display=False)
         with counter:
             out = call(n.target, args, kwargs)
         self.flops[n] = int(counter.get_total_flops())
         inputs = {_storage_key(t) for t in _tensors((args, kwargs))}
         fresh = {_storage_key(t): t.untyped_storage().nbytes() for t in _tensors(out)}
-        new_bytes = sum(size for key, size in fresh.items() if key not in inputs)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         nbytes = out.nelement() * out.element_size() if isinstance(out, torch.Tensor) else 0
-        self.outputs[n] = (shape, nbytes, new_bytes)
-        best = math.inf
-        for _ in range(self.repeats):
-            cloned_args, cloned_kwargs = fx.node.map_aggregate((args, kwargs), _clone)
-            start = time.perf_counter()
-            call(n.target, cloned_args, cloned_kwargs)
-            best = min(best, time.perf_counter() - start)
-        self.times[n] = best
+        self.outputs[n] = (shape, nbytes, sum(size for key, size in fresh.items() if key not in inputs))
         return out
-
-
-def _clone(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _weights(graph: ModelGraph) -> tuple[list[int], list[int]]:
@@ -175,9 +161,12 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     graph
         A traced model (a copy: profiling runs its modules).
     sample
-        The input batch; it is cloned, so in-place ops cannot change it.
+        The input batch; it is cloned for every run, so in-place ops cannot change it.
     repeats
-        Timed runs of each node; the fastest is kept.
+        Timed runs of the whole graph after one run that counts FLOPs and memory (and
+        warms up). Each node keeps its fastest time: contention on a shared machine
+        only ever adds time, and spreading the runs out keeps one burst of it from
+        inflating a node in every run.
 
     Returns
     -------
@@ -186,20 +175,26 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    recorder = _NodeRecorder(graph.module, repeats)
     with torch.no_grad():
-        recorder.run(sample.clone())
+        counting = _NodeRecorder(graph.module, count=True)
+        counting.run(sample.clone())
+        fastest = dict.fromkeys(graph.order, math.inf)
+        for _ in range(repeats):
+            timing = _NodeRecorder(graph.module, count=False)
+            timing.run(sample.clone())
+            for n in graph.order:
+                fastest[n] = min(fastest[n], timing.times.get(n, math.inf))
     params, weight_bytes = _weights(graph)
     costs = []
     for i, n in enumerate(graph.order):
-        shape, nbytes, new_bytes = recorder.outputs.get(n, (None, 0, 0))
+        shape, nbytes, new_bytes = counting.outputs.get(n, (None, 0, 0))
         costs.append(
             NodeCost(
                 name=n.name,
                 params=params[i],
                 weight_bytes=weight_bytes[i],
-                flops=recorder.flops.get(n, 0),
-                time_s=recorder.times.get(n, 0.0),
+                flops=counting.flops.get(n, 0),
+                time_s=fastest[n] if math.isfinite(fastest[n]) else 0.0,
                 activation_bytes=new_bytes,
                 shape=shape,
                 nbytes=nbytes,

@@ -14,6 +14,7 @@ import copy
 import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -33,18 +34,37 @@ def _torchvision_op_modules() -> tuple[type[nn.Module], ...]:
 
 
 class _Tracer(fx.Tracer):
-    """Tracer that keeps torchvision.ops modules whole, as torchvision's feature extractor does.
+    """Tracer that keeps torchvision.ops modules whole and names nodes by module path.
 
-    Their forwards hold Python control flow on tensor values (e.g. stochastic depth)
-    that tracing through would freeze; as leaves they run eagerly inside the stage.
+    torchvision.ops modules (stochastic depth, squeeze-excitation, ...) are leaves, as in
+    torchvision's feature extractor: their forwards hold Python control flow that
+    tracing through would freeze, and as leaves they run eagerly inside the stage.
+    Functions called inside a submodule get its path as prefix (``layer2_0_add``
+    rather than ``add_3``), so cut points read as places in the model.
     """
 
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(math, torchvision.ops))
         self._leaves = _torchvision_op_modules()
+        self._path = ""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        outer = self._path
+        self._path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._path = outer
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                     *rest: Any, **more: Any) -> fx.Proxy:
+        if self._path and kind in ("call_function", "call_method"):
+            base = name or (target if isinstance(target, str) else getattr(target, "__name__", "op"))
+            name = f"{self._path}_{base}".replace(".", "_")
+        return super().create_proxy(kind, target, args, kwargs, name, *rest, **more)
 
 
 def trace_model(model: nn.Module) -> fx.GraphModule:
@@ -248,6 +268,8 @@ def split_model(model: nn.Module, cut_points: Sequence[str], *, copy_model: bool
     ModelError
         If the model cannot be traced, or a name is not one of its cut points.
     """
+    if isinstance(cut_points, str):
+        raise ModelError(f"cut_points={cut_points!r} must be a sequence of node names, not one string")
     work = copy.deepcopy(model) if copy_model else model
     work.eval()
     graph = ModelGraph.trace(work)

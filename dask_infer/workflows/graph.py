@@ -16,7 +16,7 @@ from distributed import Client, Future
 
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.io.outputs import OutputTarget, write_chunk
-from dask_infer.workflows.runtime import COMPUTE_EXECUTOR, infer_chunk
+from dask_infer.workflows.runtime import compute_executor, infer_chunk
 
 __all__ = ["ChunkPlan", "plan_chunks", "submit_chunks"]
 
@@ -73,7 +73,7 @@ def submit_chunks(
         key=[f"read-{token}-{i}" for i in range(n)],
         priority=_READ,
     )
-    with dask.annotate(executor=COMPUTE_EXECUTOR):
+    with dask.annotate(executor=compute_executor(runtime)):
         logits = client.map(
             infer_chunk,
             [runtime] * n,

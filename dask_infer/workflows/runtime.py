@@ -20,10 +20,15 @@ from torch import nn
 from dask_infer.partition.models import build_model
 from dask_infer.workflows.preprocess import Preprocess
 
-__all__ = ["COMPUTE_EXECUTOR", "ModelRuntime", "RuntimeSpec", "infer_chunk"]
+__all__ = ["ModelRuntime", "RuntimeSpec", "compute_executor", "infer_chunk"]
 
-COMPUTE_EXECUTOR = "dask-infer-compute"
-"""Name of the worker executor (one thread) that runs the model; I/O uses the others."""
+
+def compute_executor(runtime: str) -> str:
+    """Name of the runtime's one-thread worker executor that runs the model.
+
+    Reads and writes use the worker's other threads, so they overlap the model.
+    """
+    return f"{runtime}-compute"
 
 
 @dataclass(frozen=True)
@@ -81,14 +86,20 @@ class ModelRuntime(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         """Build the model on this worker and give it a one-thread compute executor."""
+        if self.spec.torch_threads is None and self.spec.device != "cuda":
+            # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
+            torch.set_num_threads(max(1, worker.state.nthreads))
         self.load()
-        if COMPUTE_EXECUTOR not in worker.executors:
-            worker.executors[COMPUTE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=COMPUTE_EXECUTOR)
+        name = compute_executor(self.name)
+        worker.executors[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
 
     def teardown(self, worker: Any) -> None:
-        """Free the model (the executor stays for later runs on this worker)."""
+        """Free the model and stop the compute thread."""
+        executor = worker.executors.pop(compute_executor(self.name), None)
+        if executor is not None:
+            executor.shutdown(wait=False)
         self._stages = []
-        if self.device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def load(self) -> None:
@@ -113,6 +124,8 @@ class ModelRuntime(WorkerPlugin):
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
         """Logits (float32, on CPU) of a chunk of (image, y, x, channel) images."""
+        if not images.flags.writeable:
+            images = images.copy()
         out = []
         for i in range(0, images.shape[0], self.batch_size):
             x = torch.from_numpy(images[i : i + self.batch_size]).to(self.device)

@@ -1,0 +1,160 @@
+"""End to end on a real two-process LocalCluster: Zarr in, Dask graph, Zarr out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import dask_infer
+from dask_infer import DaskInferError, InputError, ModelError
+from dask_infer.io.dataset import write_image_dataset
+from tests.conftest import random_images
+from tests.reference import assert_close_logits, reference_logits
+
+
+def _run(client: Client, src: Path | str, out: Path, weights: Path, **kw: object) -> dask_infer.RunSummary:
+    return dask_infer.run(
+        str(src), str(out), model="resnet18", weights=str(weights), client=client, progress=False, echo=None, **kw  # type: ignore[arg-type]
+    )
+
+
+def test_matches_plain_pytorch(client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    summary = _run(client, small_dataset, out, small_weights, chunk_size=16, outputs=("logits", "probabilities", "top_k"))
+    assert summary.images == 200
+    ds = xr.open_zarr(out)
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    want = reference_logits(images, "resnet18", str(small_weights))
+    assert ds["logits"].dtype == np.float32
+    assert_close_logits(ds["logits"].values, want)
+    probs = np.exp(want - want.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(ds["probabilities"].values, probs, atol=1e-5)
+    top = np.argsort(-want, axis=1)[:, :5]
+    assert (ds["top_k_class"].values[:, 0] == top[:, 0]).all()
+    np.testing.assert_array_equal(ds["image"].values, np.arange(200))
+    np.testing.assert_array_equal(ds["label"].values, np.arange(200) % 10)
+    assert list(ds["class_name"].values) == [f"c{i}" for i in range(10)]
+    assert ds.attrs["model"] == "resnet18" and ds.attrs["dask_infer_complete"] is True
+    assert '"chunk_size": 16' in ds.attrs["config"]
+    # tasks of both workers took part, and each loaded the model exactly once
+    assert summary.workers == 2 and summary.model_loads == 2 and summary.chunks == 13
+
+
+def test_layouts_and_dtypes(client: Client, small_weights: Path, tmp_path: Path) -> None:
+    """(image, channel, y, x) float32 in Zarr v2, and grayscale (image, y, x) uint8."""
+    rgb = random_images(24, seed=3)
+    nchw = tmp_path / "nchw.zarr"
+    z = zarr.create_array(str(nchw), shape=(24, 3, 32, 32), chunks=(8, 3, 32, 32), dtype="float32", zarr_format=2)
+    z[:] = rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    _run(client, nchw, tmp_path / "o1.zarr", small_weights)
+    got = xr.open_zarr(tmp_path / "o1.zarr")["logits"].values
+    assert_close_logits(got, reference_logits(rgb, "resnet18", str(small_weights)))
+
+    gray = random_images(20, channels=1, seed=4)
+    flat = tmp_path / "gray.zarr"
+    g = zarr.create_array(str(flat), shape=(20, 32, 32), chunks=(5, 32, 32), dtype="uint8")
+    g[:] = gray[..., 0]
+    _run(client, flat, tmp_path / "o2.zarr", small_weights)
+    got = xr.open_zarr(tmp_path / "o2.zarr")["logits"].values
+    assert_close_logits(got, reference_logits(gray, "resnet18", str(small_weights)))
+
+
+def test_resizes_inside_the_graph(client: Client, small_weights: Path, tmp_path: Path) -> None:
+    """48x64 images become 32x32 (shorter side, centre crop) inside the tasks."""
+    import torch
+    from torchvision.transforms import v2
+
+    images = np.random.default_rng(5).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8)
+    src = tmp_path / "big.zarr"
+    write_image_dataset(str(src), images, chunk=4)
+    _run(client, src, tmp_path / "o.zarr", small_weights)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Resize(32, antialias=True), v2.CenterCrop(32)])(x)
+    resized = (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
+    from dask_infer.partition.models import build_model
+
+    loaded = build_model("resnet18", weights=str(small_weights))
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        want = loaded.module((torch.from_numpy(resized).permute(0, 3, 1, 2) / 255.0 - mean) / std).numpy()
+    assert_close_logits(xr.open_zarr(tmp_path / "o.zarr")["logits"].values, want, rel=1e-4)
+
+
+class _ReadsInMemory(SchedulerPlugin):
+    """Counts how many read results are held at once, from the scheduler's transitions."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def transition(self, key, start, finish, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not str(key).startswith("read-"):
+            return
+        if finish == "memory":
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        elif start == "memory":
+            self.now -= 1
+
+
+def test_memory_is_bounded_by_threads_not_dataset(client: Client, small_weights: Path, tmp_path: Path) -> None:
+    """Reads stream: the chunks held at once depend on the threads, not on the dataset size."""
+    src = tmp_path / "many.zarr"
+    write_image_dataset(str(src), random_images(480, seed=6), chunk=8)
+    client.register_plugin(_ReadsInMemory(), name="reads-in-memory")
+    try:
+        summary = _run(client, src, tmp_path / "o.zarr", small_weights, chunk_size=8)
+        peak = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["reads-in-memory"].peak)
+    finally:
+        client.unregister_scheduler_plugin("reads-in-memory")
+    assert summary.chunks == 60
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    assert 1 <= peak <= 2 * threads + 2, f"{peak} chunks of images held at once"
+
+
+def test_yaml_config(client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"input: {small_dataset}\noutput: {tmp_path / 'o.zarr'}\nmodel: resnet18\n"
+        f"weights: {small_weights}\noutputs: [top_k]\ntop_k: 3\nprogress: false\n"
+    )
+    dask_infer.run(config=str(cfg), client=client, echo=None)
+    ds = xr.open_zarr(tmp_path / "o.zarr")
+    assert set(ds.data_vars) == {"top_k_class", "top_k_probability"} and ds.sizes["rank"] == 3
+
+
+@pytest.mark.parametrize(
+    ("setup", "kwargs", "error", "match"),
+    [
+        ("missing", {}, InputError, "does not exist"),
+        ("same", {}, InputError, "would overwrite the input"),
+        ("inside", {}, InputError, "would overwrite the input"),
+        ("exists", {}, InputError, "exists; pass --overwrite"),
+        ("ok", {"model": "resnet5"}, ModelError, "unknown model 'resnet5'"),
+        ("ok", {"layout": "HWC"}, DaskInferError, "layout='HWC'"),
+    ],
+)
+def test_bad_input_is_refused_before_work(
+    small_dataset: Path, tmp_path: Path, setup: str, kwargs: dict, error: type, match: str
+) -> None:
+    src, out = str(small_dataset), str(tmp_path / "o.zarr")
+    if setup == "missing":
+        src = str(tmp_path / "nope.zarr")
+    elif setup == "same":
+        out = src
+    elif setup == "inside":
+        out = str(small_dataset / "predictions")
+    elif setup == "exists":
+        (tmp_path / "o.zarr").mkdir()
+    before = sorted(p.stat().st_mtime_ns for p in small_dataset.rglob("*"))
+    with pytest.raises(error, match=match):
+        dask_infer.run(src, out, **{"model": "resnet18", "progress": False, "echo": None, **kwargs})
+    assert sorted(p.stat().st_mtime_ns for p in small_dataset.rglob("*")) == before
