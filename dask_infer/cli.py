@@ -152,3 +152,7 @@ def demo(output: str, n_workers: int | None) -> None:
         f"(all {correct.size}: {100 * float(np.mean(correct)):.2f}%)"
     )
     click.echo(f"open the results with: xarray.open_zarr({results!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -78,7 +78,6 @@ def balance_partition(costs: Sequence[float], parts: int) -> tuple[int, ...]:
     """
     _check(costs, parts)
     values = _exact_integers(costs)
-    m = len(values)
     prefix = [0]
     for v in values:
         prefix.append(prefix[-1] + v)

@@ -82,7 +82,9 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
 
 def _node_cost(cost: NodeCost, balance: str) -> float:
     return float(
-        {"time": cost.time_s, "flops": cost.flops, "params": cost.params, "memory": cost.memory_bytes}[balance]
+        {"time": cost.time_s, "flops": cost.flops, "params": cost.params, "memory": cost.memory_bytes}[
+            balance
+        ]
     )
 
 
@@ -94,14 +96,17 @@ def _choose_cuts(
         return []
     edges = [0, *candidates, len(graph.order) - 1]
     segments = [
-        sum(_node_cost(costs[i], balance) for i in range(a + 1, b + 1)) for a, b in zip(edges, edges[1:], strict=False)
+        sum(_node_cost(costs[i], balance) for i in range(a + 1, b + 1))
+        for a, b in zip(edges, edges[1:], strict=False)
     ]
     starts = balance_partition(segments, stages)
     # Part r starts at segment starts[r-1], so the cut is after the candidate ending the previous segment.
     return [candidates[s - 1] for s in starts]
 
 
-def _stage_info(index: int, stage: nn.Module, graph: ModelGraph, costs: list[NodeCost], bounds: tuple[int, int]) -> StageInfo:
+def _stage_info(
+    index: int, stage: nn.Module, graph: ModelGraph, costs: list[NodeCost], bounds: tuple[int, int]
+) -> StageInfo:
     start, end = bounds
     own = costs[start + 1 : end + 1]
     weights = [*stage.parameters(), *stage.buffers()]
@@ -200,7 +205,9 @@ def partition_model(
                 "so it cannot be split"
             )
     bounds = graph.stage_bounds(cuts)
-    infos = tuple(_stage_info(i, m, graph, costs, b) for i, (m, b) in enumerate(zip(modules, bounds, strict=True)))
+    infos = tuple(
+        _stage_info(i, m, graph, costs, b) for i, (m, b) in enumerate(zip(modules, bounds, strict=True))
+    )
     output = expected if isinstance(expected, torch.Tensor) else None
     plan = StagePlan(
         model=name,
@@ -244,6 +251,8 @@ def build_stage(
     if plan.model is None:
         raise PlanError("the plan has no model name; pass name= to partition_model, or use split_model")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < plan.num_stages:
-        raise PlanError(f"stage index {index!r} is out of range; the plan has stages 0..{plan.num_stages - 1}")
+        raise PlanError(
+            f"stage index {index!r} is out of range; the plan has stages 0..{plan.num_stages - 1}"
+        )
     loaded = build_model(plan.model, weights=weights, num_classes=num_classes)
     return split_model(loaded.module, plan.cut_points, copy_model=False)[index]

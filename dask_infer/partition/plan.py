@@ -71,9 +71,9 @@ class StageInfo:
     def cost(self, balance: str) -> float:
         """This stage's cost in balance mode ``balance``."""
         check_balance(balance)
-        return float({"time": self.time_s, "flops": self.flops, "params": self.params}.get(
-            balance, self.memory_bytes
-        ))
+        return float(
+            {"time": self.time_s, "flops": self.flops, "params": self.params}.get(balance, self.memory_bytes)
+        )
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,17 @@ def format_plan(plan: StagePlan) -> str:
         f"balanced by {plan.balance} (input {_shape(plan.input_shape)}, "
         f"{plan.num_candidates} cut points available)"
     )
-    header = ("stage", "nodes", "first .. last node", "params", "FLOPs", "time ms", "memory", "out shape", "out size")
+    header = (
+        "stage",
+        "nodes",
+        "first .. last node",
+        "params",
+        "FLOPs",
+        "time ms",
+        "memory",
+        "out shape",
+        "out size",
+    )
     rows = []
     for stage in plan.stages:
         last = stage.index == plan.num_stages - 1
@@ -280,7 +290,10 @@ def format_plan(plan: StagePlan) -> str:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     costs = plan.stage_costs
     mean = sum(costs) / len(costs)

@@ -107,7 +107,7 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, *, batch_size: i
     example = calibration[:2] if len(calibration) >= 2 else calibration.repeat(2, *[1] * (calibration.ndim - 1))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
-        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False).module()
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True).module()
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressionError(
@@ -125,7 +125,23 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, *, batch_size: i
         converted = backend.convert(prepared)
     if backend.to_eval is not None:
         backend.to_eval(converted)
+    _drop_unused(converted)
     return converted
+
+
+def _drop_unused(graph_module: nn.Module) -> None:
+    """Delete the fp32 weights that conversion left behind but the int8 graph never reads."""
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        return
+    graph_module.graph.eliminate_dead_code()
+    used = {str(n.target) for n in graph_module.graph.nodes if n.op in ("get_attr", "call_module")}
+    for kind in ("parameters", "buffers"):
+        for name, _ in list(getattr(graph_module, f"named_{kind}")()):
+            if name not in used:
+                owner, _, attr = name.rpartition(".")
+                delattr(graph_module.get_submodule(owner) if owner else graph_module, attr)
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
 
 
 def compile_int8(module: nn.Module) -> Callable[..., Any]:

@@ -44,7 +44,8 @@ class _Tracer(fx.Tracer):
     """
 
     def __init__(self) -> None:
-        super().__init__(autowrap_modules=(math, torchvision.ops))
+        # The stubs type autowrap_modules as a 1-tuple; torchvision's feature extractor passes two.
+        super().__init__(autowrap_modules=(math, torchvision.ops))  # type: ignore[arg-type]
         self._leaves = _torchvision_op_modules()
         self._path = ""
 
@@ -59,8 +60,9 @@ class _Tracer(fx.Tracer):
         finally:
             self._path = outer
 
-    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
-                     *rest: Any, **more: Any) -> fx.Proxy:
+    def create_proxy(
+        self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None, *rest: Any, **more: Any
+    ) -> fx.Proxy:
         if self._path and kind in ("call_function", "call_method"):
             base = name or (target if isinstance(target, str) else getattr(target, "__name__", "op"))
             name = f"{self._path}_{base}".replace(".", "_")

@@ -68,7 +68,7 @@ def test_large_input_is_fast_and_valid() -> None:
     rng = random.Random(7)
     costs = [rng.random() for _ in range(2000)]
     cuts = balance_partition(costs, 16)
-    assert len(cuts) == 15 and list(cuts) == sorted(set(cuts)) and 0 < cuts[0] and cuts[-1] < 2000
+    assert len(cuts) == 15 and list(cuts) == sorted(set(cuts)) and cuts[0] > 0 and cuts[-1] < 2000
     # The bottleneck cannot beat the largest single cost nor the mean part.
     worst = max(part_sums(costs, cuts))
     assert worst >= max(max(costs), sum(costs) / 16) - 1e-12

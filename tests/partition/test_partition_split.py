@@ -46,7 +46,10 @@ def test_cuts_only_where_one_tensor_crosses() -> None:
     assert cuts == ("stem", "block1_add", "block1_relu", "block2_add", "block2_relu", "mean", "add")
 
 
-@pytest.mark.parametrize("cut_points", [(), ("stem",), ("block1_relu", "mean"), ("stem", "block1_relu", "block2_relu", "mean", "add")])
+@pytest.mark.parametrize(
+    "cut_points",
+    [(), ("stem",), ("block1_relu", "mean"), ("stem", "block1_relu", "block2_relu", "mean", "add")],
+)
 def test_stages_reproduce_the_model_exactly(cut_points: tuple[str, ...]) -> None:
     torch.manual_seed(0)
     model = Net().eval()
@@ -90,7 +93,10 @@ def test_split_model_leaves_the_model_in_training_mode() -> None:
 @pytest.mark.parametrize(
     ("cut_points", "match"),
     [
-        (("block1_conv",), "'block1_conv' is not a cut point of Net; valid cut points are stem, block1_add, block1_relu"),
+        (
+            ("block1_conv",),
+            "'block1_conv' is not a cut point of Net; valid cut points are stem, block1_add, block1_relu",
+        ),
         (("nowhere",), "'nowhere' is not a cut point"),
         (("mean", "stem"), "not in execution order"),
         (("stem", "stem"), "not in execution order or repeat a node"),

@@ -1,0 +1,129 @@
+"""The dask-infer command in a subprocess: results, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from tests.reference import assert_close_logits, reference_logits
+
+CLI = [sys.executable, "-m", "dask_infer.cli"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_run_in_subprocess_matches_plain_pytorch(small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    proc = _cli(
+        "run", "--input", str(small_dataset), "--output", str(out), "--model", "resnet18",
+        "--weights", str(small_weights), "--workers", "2", "--threads", "1", "--chunk-size", "32",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "200 images in" in proc.stdout and "images/s" in proc.stdout and str(out) in proc.stdout
+    assert "dashboard: http://127.0.0.1:" in proc.stdout
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    assert_close_logits(xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights)))
+
+
+@pytest.fixture()
+def misfit_weights(tmp_path: Path) -> Path:
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def gray2d(tmp_path: Path) -> Path:
+    path = tmp_path / "flat.zarr"
+    zarr.create_array(str(path), shape=(4, 5), dtype="uint8")
+    return path
+
+
+@pytest.fixture()
+def int_images(tmp_path: Path) -> Path:
+    path = tmp_path / "int.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("images", shape=(4, 8, 8, 3), dtype="int64")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing", "does not exist"),
+        ("no-image-array", "no image array"),
+        ("wrong-dims", "has 2 dims"),
+        ("dtype", "dtype int64"),
+        ("same", "would overwrite the input"),
+        ("exists", "exists; pass --overwrite"),
+        ("model", "unknown model 'resnet5'"),
+        ("weights", "does not fit model 'resnet18'"),
+        ("weights-missing", "does not exist"),
+    ],
+)
+def test_bad_input_one_line_no_traceback(
+    case: str, match: str, small_dataset: Path, tmp_path: Path, misfit_weights: Path, gray2d: Path, int_images: Path
+) -> None:
+    src, out, extra = str(small_dataset), str(tmp_path / "o.zarr"), ["--model", "resnet18"]
+    if case == "missing":
+        src = str(tmp_path / "nope.zarr")
+    elif case == "no-image-array":
+        zarr.open_group(str(tmp_path / "empty.zarr"), mode="w").create_array("label", shape=(3,), dtype="int64")
+        src = str(tmp_path / "empty.zarr")
+    elif case == "wrong-dims":
+        src = str(gray2d)
+    elif case == "dtype":
+        src = str(int_images)
+    elif case == "same":
+        out = src
+    elif case == "exists":
+        (tmp_path / "o.zarr").mkdir()
+    elif case == "model":
+        extra = ["--model", "resnet5"]
+    elif case == "weights":
+        extra += ["--weights", str(misfit_weights)]
+    elif case == "weights-missing":
+        extra += ["--weights", str(tmp_path / "none.pt")]
+    before = _digest(Path(src)) if Path(src).exists() else None
+    proc = _cli("run", "--input", src, "--output", out, *extra)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    if before is not None:
+        assert _digest(Path(src)) == before
+
+
+def test_sample_and_ingest_commands(tmp_path: Path) -> None:
+    proc = _cli("sample", str(tmp_path / "s.zarr"), "--size", "16", "--count", "20")
+    assert proc.returncode == 0 and "wrote 20 digits images" in proc.stdout
+    assert xr.open_zarr(tmp_path / "s.zarr")["images"].shape == (20, 16, 16, 1)
+    proc = _cli("sample", str(tmp_path / "s.zarr"))
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((20, 30, 3), 9, np.uint8)).save(tmp_path / "f" / cls / "x.png")
+    proc = _cli("ingest", str(tmp_path / "f"), str(tmp_path / "i.zarr"), "--size", "16")
+    assert proc.returncode == 0 and "2 images of 16x16 in 2 classes" in proc.stdout
+    proc = _cli("ingest", str(tmp_path / "nope"), str(tmp_path / "j.zarr"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
