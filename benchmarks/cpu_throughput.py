@@ -36,7 +36,9 @@ def plain_loop(images_url: str, output_url: str, model_name: str, weights: str, 
     std = torch.tensor(loaded.std).view(1, 3, 1, 1)
     src = zarr.open_group(images_url, mode="r")["images"]
     n, step = src.shape[0], src.chunks[0]
-    out = zarr.create_array(output_url, shape=(n, loaded.num_classes), chunks=(step, loaded.num_classes), dtype="float32")
+    out = zarr.create_array(
+        output_url, shape=(n, loaded.num_classes), chunks=(step, loaded.num_classes), dtype="float32"
+    )
     with torch.inference_mode():
         for s in range(0, n, step):
             block = torch.from_numpy(np.asarray(src[s : s + step]))
@@ -73,8 +75,13 @@ def main() -> None:
             plain.append(plain_loop(images, str(work / f"plain-{r}.zarr"), args.model, weights, args.batch))
             t0 = time.perf_counter()
             summary = dask_infer.run(
-                images, str(work / f"ours-{r}.zarr"), model=args.model, weights=weights,
-                batch_size=args.batch, progress=False, echo=None,
+                images,
+                str(work / f"ours-{r}.zarr"),
+                model=args.model,
+                weights=weights,
+                batch_size=args.batch,
+                progress=False,
+                echo=None,
             )
             ours_total.append(time.perf_counter() - t0)
             ours.append(summary.seconds)
@@ -97,7 +104,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    print(f"dask-infer / plain loop: {result['ratio']:.2f}x ({result['ratio_with_cluster_start']:.2f}x with cluster start)")
+    print(
+        f"dask-infer / plain loop: {result['ratio']:.2f}x "
+        f"({result['ratio_with_cluster_start']:.2f}x with cluster start)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

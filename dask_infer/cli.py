@@ -55,16 +55,22 @@ def main() -> None:
 @click.option("--chunk-size", type=int, help="Images per task (default: from the data).")
 @click.option("--batch-size", type=int, help="Images per forward pass (default: by device).")
 @click.option("--scheduler", help="Address of an existing Dask scheduler (default: start one).")
-@click.option("--workers", "n_workers", type=int, help="Local cluster workers (default: one per GPU, else 1).")
+@click.option(
+    "--workers", "n_workers", type=int, help="Local cluster workers (default: one per GPU, else 1)."
+)
 @click.option("--threads", "threads_per_worker", type=int, help="Threads per local worker.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs.")
 @click.option("--stages", type=int, help="Split the model into this many sequential stages.")
-@click.option("--balance", type=click.Choice(["time", "flops", "params", "memory"]), help="Stage balance cost.")
+@click.option(
+    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), help="Stage balance cost."
+)
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of these options.")
 @_clean_errors
-def run(input_: str | None, outputs: str | None, no_progress: bool, config_file: str | None, **options: Any) -> None:
+def run(
+    input_: str | None, outputs: str | None, no_progress: bool, config_file: str | None, **options: Any
+) -> None:
     """Run a model over an image dataset and write predictions to Zarr."""
     from dask_infer.api import run as run_api
 
@@ -107,7 +113,8 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 
     ds = ingest_folder(folder, output, size=size, chunk=chunk, overwrite=overwrite)
     click.echo(
-        f"wrote {ds.sizes['image']} images of {size}x{size} in {len(ds.attrs['class_names'])} classes to {output}"
+        f"wrote {ds.sizes['image']} images of {size}x{size} "
+        f"in {len(ds.attrs['class_names'])} classes to {output}"
     )
 
 
@@ -142,7 +149,15 @@ def demo(output: str, n_workers: int | None) -> None:
         click.echo("training the digits model (ResNet-18, about two minutes, once)")
     weights = digits_model(folder)
     click.echo(f"model weights: {weights}")
-    run_api(images, results, model="resnet18", weights=str(weights), overwrite=True, n_workers=n_workers, echo=_echo)
+    run_api(
+        images,
+        results,
+        model="resnet18",
+        weights=str(weights),
+        overwrite=True,
+        n_workers=n_workers,
+        echo=_echo,
+    )
     ds = xr.open_zarr(results)
     predicted = ds["top_k_class"].isel(rank=0).values
     held_out = ds["held_out"].values

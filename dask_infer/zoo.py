@@ -105,4 +105,3 @@ def digits_model(cache_dir: str | Path | None = None) -> Path:
     if not path.is_file():
         train_digits_model(path)
     return path
-

@@ -54,7 +54,9 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.zarr"
     images = random_images(200)
     labels = np.arange(200) % 10
-    write_image_dataset(str(path), images, labels=labels, chunk=16, attrs={"class_names": [f"k{i}" for i in range(10)]})
+    write_image_dataset(
+        str(path), images, labels=labels, chunk=16, attrs={"class_names": [f"k{i}" for i in range(10)]}
+    )
     return path
 
 
@@ -62,7 +64,9 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client() -> Iterator[Client]:
     """A real LocalCluster: two worker processes, two threads each."""
     with (
-        LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster,
+        LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
         Client(cluster) as c,
     ):
         yield c

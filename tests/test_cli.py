@@ -30,17 +30,34 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_run_in_subprocess_matches_plain_pytorch(small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+def test_run_in_subprocess_matches_plain_pytorch(
+    small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.zarr"
     proc = _cli(
-        "run", "--input", str(small_dataset), "--output", str(out), "--model", "resnet18",
-        "--weights", str(small_weights), "--workers", "2", "--threads", "1", "--chunk-size", "32",
+        "run",
+        "--input",
+        str(small_dataset),
+        "--output",
+        str(out),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(small_weights),
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--chunk-size",
+        "32",
     )
     assert proc.returncode == 0, proc.stderr
     assert "200 images in" in proc.stdout and "images/s" in proc.stdout and str(out) in proc.stdout
     assert "dashboard: http://127.0.0.1:" in proc.stdout
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
-    assert_close_logits(xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights)))
+    assert_close_logits(
+        xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))
+    )
 
 
 @pytest.fixture()
@@ -80,13 +97,21 @@ def int_images(tmp_path: Path) -> Path:
     ],
 )
 def test_bad_input_one_line_no_traceback(
-    case: str, match: str, small_dataset: Path, tmp_path: Path, misfit_weights: Path, gray2d: Path, int_images: Path
+    case: str,
+    match: str,
+    small_dataset: Path,
+    tmp_path: Path,
+    misfit_weights: Path,
+    gray2d: Path,
+    int_images: Path,
 ) -> None:
     src, out, extra = str(small_dataset), str(tmp_path / "o.zarr"), ["--model", "resnet18"]
     if case == "missing":
         src = str(tmp_path / "nope.zarr")
     elif case == "no-image-array":
-        zarr.open_group(str(tmp_path / "empty.zarr"), mode="w").create_array("label", shape=(3,), dtype="int64")
+        zarr.open_group(str(tmp_path / "empty.zarr"), mode="w").create_array(
+            "label", shape=(3,), dtype="int64"
+        )
         src = str(tmp_path / "empty.zarr")
     elif case == "wrong-dims":
         src = str(gray2d)

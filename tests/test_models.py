@@ -30,7 +30,9 @@ def test_weights_round_trip(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"w{suffix}"
     state = {k: v.contiguous() for k, v in src.module.state_dict().items()}
     if suffix == ".safetensors":
-        save_file(state, str(path), metadata={weights_metadata_key: json.dumps({"class_names": list("abcd")})})
+        save_file(
+            state, str(path), metadata={weights_metadata_key: json.dumps({"class_names": list("abcd")})}
+        )
     else:
         torch.save({f"module.{k}": v for k, v in state.items()}, path)
     loaded = build_model("mobilenet_v3_small", weights=path)

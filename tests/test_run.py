@@ -20,13 +20,24 @@ from tests.reference import assert_close_logits, reference_logits
 
 def _run(client: Client, src: Path | str, out: Path, weights: Path, **kw: object) -> dask_infer.RunSummary:
     return dask_infer.run(
-        str(src), str(out), model="resnet18", weights=str(weights), client=client, progress=False, echo=None, **kw  # type: ignore[arg-type]
+        str(src),
+        str(out),
+        model="resnet18",
+        weights=str(weights),
+        client=client,
+        progress=False,
+        echo=None,
+        **kw,  # type: ignore[arg-type]
     )
 
 
-def test_matches_plain_pytorch(client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+def test_matches_plain_pytorch(
+    client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.zarr"
-    summary = _run(client, small_dataset, out, small_weights, chunk_size=16, outputs=("logits", "probabilities", "top_k"))
+    summary = _run(
+        client, small_dataset, out, small_weights, chunk_size=16, outputs=("logits", "probabilities", "top_k")
+    )
     assert summary.images == 200
     ds = xr.open_zarr(out)
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
@@ -51,7 +62,9 @@ def test_layouts_and_dtypes(client: Client, small_weights: Path, tmp_path: Path)
     """(image, channel, y, x) float32 in Zarr v2, and grayscale (image, y, x) uint8."""
     rgb = random_images(24, seed=3)
     nchw = tmp_path / "nchw.zarr"
-    z = zarr.create_array(str(nchw), shape=(24, 3, 32, 32), chunks=(8, 3, 32, 32), dtype="float32", zarr_format=2)
+    z = zarr.create_array(
+        str(nchw), shape=(24, 3, 32, 32), chunks=(8, 3, 32, 32), dtype="float32", zarr_format=2
+    )
     z[:] = rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     _run(client, nchw, tmp_path / "o1.zarr", small_weights)
     got = xr.open_zarr(tmp_path / "o1.zarr")["logits"].values
@@ -71,21 +84,24 @@ def test_resizes_inside_the_graph(client: Client, small_weights: Path, tmp_path:
     import torch
     from torchvision.transforms import v2
 
+    from dask_infer.partition.models import build_model
+
     images = np.random.default_rng(5).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8)
     src = tmp_path / "big.zarr"
     write_image_dataset(str(src), images, chunk=4)
     _run(client, src, tmp_path / "o.zarr", small_weights)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    x = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Resize(32, antialias=True), v2.CenterCrop(32)])(x)
-    resized = (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
-    from dask_infer.partition.models import build_model
-
     loaded = build_model("resnet18", weights=str(small_weights))
-    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    prep = v2.Compose(
+        [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize(32, antialias=True),
+            v2.CenterCrop(32),
+            v2.Normalize(loaded.mean, loaded.std),
+        ]
+    )
     with torch.inference_mode():
-        want = loaded.module((torch.from_numpy(resized).permute(0, 3, 1, 2) / 255.0 - mean) / std).numpy()
-    assert_close_logits(xr.open_zarr(tmp_path / "o.zarr")["logits"].values, want, rel=1e-4)
+        want = loaded.module(prep(torch.from_numpy(images).permute(0, 3, 1, 2))).numpy()
+    assert_close_logits(xr.open_zarr(tmp_path / "o.zarr")["logits"].values, want)
 
 
 class _ReadsInMemory(SchedulerPlugin):
@@ -105,7 +121,9 @@ class _ReadsInMemory(SchedulerPlugin):
             self.now -= 1
 
 
-def test_memory_is_bounded_by_threads_not_dataset(client: Client, small_weights: Path, tmp_path: Path) -> None:
+def test_memory_is_bounded_by_threads_not_dataset(
+    client: Client, small_weights: Path, tmp_path: Path
+) -> None:
     """Reads stream: the chunks held at once depend on the threads, not on the dataset size."""
     src = tmp_path / "many.zarr"
     write_image_dataset(str(src), random_images(480, seed=6), chunk=8)

@@ -65,5 +65,7 @@ def write_image_dataset(
     )
     encoding = {"images": {"chunks": (min(chunk, n), *images.shape[1:])}}
     with quiet_zarr():
-        ds.to_zarr(output, mode="w", encoding=encoding, storage_options=storage_options or None, consolidated=True)
+        ds.to_zarr(
+            output, mode="w", encoding=encoding, storage_options=storage_options or None, consolidated=True
+        )
         return xr.open_zarr(output, storage_options=storage_options or None)

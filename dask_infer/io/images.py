@@ -59,7 +59,7 @@ def _dim_names(arr: zarr.Array) -> tuple[str, ...] | None:
     names = getattr(arr.metadata, "dimension_names", None)
     if names is None:
         names = arr.attrs.get("_ARRAY_DIMENSIONS")
-    if names is None or any(n is None for n in names):
+    if not isinstance(names, list | tuple) or any(n is None for n in names):
         return None
     return tuple(str(n) for n in names)
 
@@ -158,7 +158,7 @@ def describe_source(
     names = None
     if not isinstance(node, zarr.Array):
         raw = node.attrs.get("class_names") or arr.attrs.get("class_names")
-        if raw:
+        if isinstance(raw, list | tuple):
             names = tuple(str(c) for c in raw)
     return ImageSource(
         url=url,

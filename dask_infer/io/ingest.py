@@ -38,18 +38,22 @@ def find_images(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
                 files.append(path)
                 labels.append(index)
     if not files:
-        raise InputError(f"folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files in its class subfolders")
+        raise InputError(
+            f"folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files in its class subfolders"
+        )
     return files, labels, classes
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode to RGB, resize the shorter side to ``size`` and centre-crop a square."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             w, h = im.size
             scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+            im = im.resize(
+                (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR
+            )
             w, h = im.size
             left, top = (w - size) // 2, (h - size) // 2
             return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
@@ -96,7 +100,12 @@ def ingest_folder(
     import dask.array as da
 
     template = xr.Dataset(
-        {"images": (("image", "y", "x", "channel"), da.zeros((n, size, size, 3), dtype="uint8", chunks=(chunk, -1, -1, -1)))},
+        {
+            "images": (
+                ("image", "y", "x", "channel"),
+                da.zeros((n, size, size, 3), dtype="uint8", chunks=(chunk, -1, -1, -1)),
+            )
+        },
         coords={
             "image": np.arange(n, dtype=np.int64),
             "label": ("image", np.asarray(labels, dtype=np.int64)),
@@ -111,6 +120,6 @@ def ingest_folder(
         with ThreadPoolExecutor(threads) as pool:
             for start in range(0, n, chunk):
                 batch = list(pool.map(lambda f: load_image(f, size), files[start : start + chunk]))
-                array[start : start + len(batch)] = np.stack(batch)
+                array[start : start + len(batch)] = np.stack(batch)  # type: ignore[index]
         zarr.consolidate_metadata(output)
     return xr.open_zarr(output)

@@ -78,14 +78,20 @@ def create_output(
         remove_store(url, options)
     variables: dict[str, tuple[tuple[str, str], Any]] = {}
     if "logits" in outputs:
-        variables["logits"] = (("image", "class"), da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)))
+        variables["logits"] = (
+            ("image", "class"),
+            da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)),
+        )
     if "probabilities" in outputs:
         variables["probabilities"] = (
             ("image", "class"),
             da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)),
         )
     if "top_k" in outputs:
-        variables["top_k_class"] = (("image", "rank"), da.zeros((n_images, top_k), dtype="int64", chunks=(chunk, -1)))
+        variables["top_k_class"] = (
+            ("image", "rank"),
+            da.zeros((n_images, top_k), dtype="int64", chunks=(chunk, -1)),
+        )
         variables["top_k_probability"] = (
             ("image", "rank"),
             da.zeros((n_images, top_k), dtype="float32", chunks=(chunk, -1)),
@@ -131,7 +137,7 @@ def write_chunk(target: OutputTarget, start: int, stop: int, result: dict[str, n
         values = result[name]
         if values.shape[0] != stop - start:
             raise RuntimeError(f"{name} for images {start}:{stop} has {values.shape[0]} rows")
-        group[name][start:stop] = values
+        group[name][start:stop] = values  # type: ignore[index]
     return stop - start
 
 

@@ -50,7 +50,11 @@ def photo_crops(size: int, count: int, *, seed: int = 0) -> tuple[np.ndarray, np
         side = int(rng.integers(min(photo.shape[:2]) // 3, min(photo.shape[:2]) + 1))
         y0 = int(rng.integers(0, photo.shape[0] - side + 1))
         x0 = int(rng.integers(0, photo.shape[1] - side + 1))
-        crop = torch.from_numpy(np.ascontiguousarray(photo[y0 : y0 + side, x0 : x0 + side])).permute(2, 0, 1)[None].float()
+        crop = (
+            torch.from_numpy(np.ascontiguousarray(photo[y0 : y0 + side, x0 : x0 + side]))
+            .permute(2, 0, 1)[None]
+            .float()
+        )
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[i] = crop[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
         labels[i] = label

@@ -78,6 +78,8 @@ class CompressedStage(nn.Module):
             x = x.to(self.dtype)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        elif self.recipe.quantize is not None:
+            x = x.contiguous()  # the exported int8 graph is specialised to contiguous inputs
         out = fn(x)
         if self.output_dtype is not None and isinstance(out, torch.Tensor) and out.dtype != self.output_dtype:
             out = out.to(self.output_dtype)

@@ -104,7 +104,9 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     """
     p = Path(path)
     if not p.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist; give a local .pt, .pth or .safetensors file")
+        raise ModelError(
+            f"weights file {str(path)!r} does not exist; give a local .pt, .pth or .safetensors file"
+        )
     meta: dict[str, Any] = {}
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open

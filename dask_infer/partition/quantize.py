@@ -104,6 +104,8 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, *, batch_size: i
         If PT2E is unavailable or the model cannot be exported.
     """
     backend = int8_backend()
+    # Export records the example's strides in its guards: give it the contiguous layout inputs will have.
+    calibration = calibration.contiguous()
     example = calibration[:2] if len(calibration) >= 2 else calibration.repeat(2, *[1] * (calibration.ndim - 1))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:

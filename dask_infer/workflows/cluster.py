@@ -33,9 +33,8 @@ class ClusterChoice:
 
     def describe(self) -> str:
         """One line for the run's log."""
-        return (
-            f"{self.kind}: {self.n_workers} worker(s) x {self.threads_per_worker} thread(s)"
-            + (f", torch threads {self.torch_threads}" if self.torch_threads else "")
+        return f"{self.kind}: {self.n_workers} worker(s) x {self.threads_per_worker} thread(s)" + (
+            f", torch threads {self.torch_threads}" if self.torch_threads else ""
         )
 
 

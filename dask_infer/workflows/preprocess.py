@@ -37,6 +37,8 @@ class Preprocess(nn.Module):
         super().__init__()
         self.size = size
         self.dtype = dtype
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dask_infer.workflows.cluster import cuda_device_count, make_client
 from dask_infer.workflows.graph import plan_chunks, submit_chunks
 from dask_infer.workflows.runtime import ModelRuntime, RuntimeSpec
 
-__all__ = ["RunSummary", "run", "run_config"]
+__all__ = ["RunSummary", "run_config"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ def _image_coords(source: ImageSource) -> dict[str, Any]:
     return {name: values for name, (_, values) in _coords(source).items()}
 
 
-def _runtime_spec(config: RunConfig, loaded: LoadedModel, torch_threads: int | None, cuts: tuple[str, ...]) -> RuntimeSpec:
+def _runtime_spec(
+    config: RunConfig, loaded: LoadedModel, torch_threads: int | None, cuts: tuple[str, ...]
+) -> RuntimeSpec:
     return RuntimeSpec(
         model=loaded.name,
         weights=loaded.weights,
@@ -148,7 +151,7 @@ def run_config(
         say(f"dashboard: {client.dashboard_link}")
         workers = client.scheduler_info(n_workers=-1)["workers"]
         if not workers:
-            raise DaskInferError(f"the Dask cluster at {client.scheduler.address} has no workers")
+            raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
         gpu = cuda_device_count() > 0 and config.device != "cpu"
         target = config.chunk_size or (512 if gpu else 64)
         chunks = plan_chunks(source.n_images, source.storage_chunk, target=target, min_tasks=2 * len(workers))
@@ -188,7 +191,7 @@ def run_config(
             chunk_size=chunks.size,
             workers=len(workers),
             model_loads=sum(s["loads"] for s in stats.values()),
-            cluster=choice.describe() if choice else f"scheduler {client.scheduler.address}",
+            cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
             dashboard=client.dashboard_link,
         )
         finalize_output(
@@ -210,10 +213,8 @@ def run_config(
             },
         )
     finally:
-        try:
+        with contextlib.suppress(Exception):
             client.unregister_worker_plugin(name)
-        except Exception:
-            pass
         if own_cluster:
             cluster = client.cluster
             client.close()

@@ -158,10 +158,15 @@ class ModelRuntime(WorkerPlugin):
 
     def stats(self) -> dict[str, Any]:
         """Loads, chunks, images and busy seconds on this worker so far."""
-        return {"loads": self.loads, "chunks": self.chunks, "images": self.images, "busy_s": self.busy_seconds}
+        return {
+            "loads": self.loads,
+            "chunks": self.chunks,
+            "images": self.images,
+            "busy_s": self.busy_seconds,
+        }
 
 
 def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
     """Task body: run the worker's runtime named ``runtime`` on one chunk."""
     plugin = get_worker().plugins[runtime]
-    return plugin.infer(images)  # type: ignore[attr-defined, no-any-return]
+    return plugin.infer(images)  # type: ignore[attr-defined]

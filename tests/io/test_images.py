@@ -29,7 +29,9 @@ def test_dataset_opens_lazily_with_coords(small_dataset: Path) -> None:
 def test_channel_first_float_array(tmp_path: Path, zarr_format: int) -> None:
     images = random_images(10, seed=1)
     path = tmp_path / "nchw.zarr"
-    z = zarr.create_array(str(path), shape=(10, 3, 32, 32), chunks=(4, 3, 32, 32), dtype="float32", zarr_format=zarr_format)
+    z = zarr.create_array(
+        str(path), shape=(10, 3, 32, 32), chunks=(4, 3, 32, 32), dtype="float32", zarr_format=zarr_format
+    )
     z[:] = images.transpose(0, 3, 1, 2) / 255.0
     source = describe_source(str(path))
     assert source.layout == "NCHW" and source.zarr_format == zarr_format and source.storage_chunk == 4

@@ -26,7 +26,9 @@ def test_photos_sample(tmp_path: Path) -> None:
     assert ds["images"].shape == (5, 40, 40, 3) and ds.attrs["class_names"] == ["china", "flower"]
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"kind": "cats"}, "unknown sample kind"), ({"count": 5000}, "count=5000")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"kind": "cats"}, "unknown sample kind"), ({"count": 5000}, "count=5000")]
+)
 def test_sample_errors(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         write_sample(str(tmp_path / "x.zarr"), **kwargs)

@@ -1,0 +1,42 @@
+"""Preprocess against torchvision.transforms.v2 written out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from dask_infer.workflows.preprocess import Preprocess
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _reference(x: torch.Tensor, size: int) -> torch.Tensor:
+    steps = [v2.ToDtype(torch.float32, scale=True)]
+    if tuple(x.shape[-2:]) != (size, size):
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps.append(v2.Normalize(MEAN, STD))
+    return v2.Compose(steps)(x)
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 32, 3), (4, 48, 40, 3), (2, 100, 60, 3)])
+def test_uint8_rgb(shape: tuple[int, ...]) -> None:
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    got = Preprocess(32, MEAN, STD)(images)
+    want = _reference(images.permute(0, 3, 1, 2), 32)
+    assert got.shape == (shape[0], 3, 32, 32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gray_alpha_uint16_and_float() -> None:
+    rng = np.random.default_rng(1)
+    gray = torch.from_numpy(rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8))
+    got = Preprocess(8, MEAN, STD)(gray)
+    torch.testing.assert_close(got, _reference(gray.permute(0, 3, 1, 2).expand(-1, 3, -1, -1), 8))
+    rgba = torch.from_numpy(rng.integers(0, 256, (2, 8, 8, 4), dtype=np.uint8))
+    torch.testing.assert_close(Preprocess(8, MEAN, STD)(rgba), _reference(rgba.permute(0, 3, 1, 2)[:, :3], 8))
+    deep = torch.from_numpy(rng.integers(0, 65536, (2, 8, 8, 3), dtype=np.uint16))
+    as_float = deep.to(torch.float32) / 65535.0
+    torch.testing.assert_close(Preprocess(8, MEAN, STD)(deep), Preprocess(8, MEAN, STD)(as_float))
+    assert Preprocess(8, MEAN, STD, dtype=torch.bfloat16)(as_float).dtype == torch.bfloat16
