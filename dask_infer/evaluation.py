@@ -119,6 +119,7 @@ class EvaluationReport:
 
     def format(self) -> str:
         """A plain-text table: agreement first, then per-stage costs."""
+
         def pct(v: float | None) -> str:
             return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -143,7 +144,8 @@ class EvaluationReport:
         for s in self.stages:
             lines.append(
                 f"  {s.index:>5}  {s.recipe:<24} {s.flops_ref / 1e6:>8.1f}>{s.flops / 1e6:<8.1f} "
-                f"{s.size_ref / 1e6:>7.2f}>{s.size / 1e6:<7.2f} {s.size_zlib_ref / 1e6:>7.2f}>{s.size_zlib / 1e6:<7.2f} "
+                f"{s.size_ref / 1e6:>7.2f}>{s.size / 1e6:<7.2f} "
+                f"{s.size_zlib_ref / 1e6:>7.2f}>{s.size_zlib / 1e6:<7.2f} "
                 f"{1e3 * s.time_ref_s:>8.2f}>{1e3 * s.time_s:<8.2f}"
             )
         return "\n".join(lines)
@@ -155,9 +157,9 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
-def _select(coords: dict[str, np.ndarray], n_total: int, n_images: int, n_calibration: int) -> tuple[
-    np.ndarray, np.ndarray, str, bool
-]:
+def _select(
+    coords: dict[str, np.ndarray], n_total: int, n_images: int, n_calibration: int
+) -> tuple[np.ndarray, np.ndarray, str, bool]:
     """Indices to evaluate and to calibrate on, disjoint whenever the dataset allows."""
     if "held_out" in coords and coords["held_out"].any() and (~coords["held_out"]).any():
         held = coords["held_out"].astype(bool)
@@ -254,8 +256,10 @@ def evaluate(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DaskInferError("device='cuda' but this machine has no CUDA GPU; use device='cpu'")
     images = open_images(input, variable=variable)
-    coords = {k: np.asarray(v.values) for k, v in images.coords.items() if v.dims == ("image",)}
-    eval_idx, calib_idx, selection, overlaps = _select(coords, images.sizes["image"], n_images, calibration_images)
+    coords = {str(k): np.asarray(v.values) for k, v in images.coords.items() if v.dims == ("image",)}
+    eval_idx, calib_idx, selection, overlaps = _select(
+        coords, images.sizes["image"], n_images, calibration_images
+    )
     loaded = build_model(model, weights=weights, num_classes=num_classes)
     prep = Preprocess(loaded.input_size, loaded.mean, loaded.std)
     with torch.no_grad():
@@ -265,7 +269,9 @@ def evaluate(
     if stages > 1:
         from dask_infer.partition import partition_model
 
-        reference = list(partition_model(loaded.module, stages, balance=balance, sample=(1, 3, size, size)).stages)
+        reference = list(
+            partition_model(loaded.module, stages, balance=balance, sample=(1, 3, size, size)).stages
+        )
     else:
         reference = [loaded.module]
     reference = [stage.to(dev).eval() for stage in reference]
@@ -293,7 +299,13 @@ def evaluate(
     reports = tuple(
         _stage_report(i, r, c, ref_in, new_in, repeats, dev)
         for i, (r, c, ref_in, new_in) in enumerate(
-            zip(reference, compressed, _stage_inputs(reference, first), _stage_inputs(compressed, first), strict=True)
+            zip(
+                reference,
+                compressed,
+                _stage_inputs(reference, first),
+                _stage_inputs(compressed, first),
+                strict=True,
+            )
         )
     )
     return EvaluationReport(
@@ -347,7 +359,9 @@ def _stage_report(
     )
 
 
-def write_report(report: EvaluationReport, store: str, *, storage_options: dict[str, Any] | None = None) -> None:
+def write_report(
+    report: EvaluationReport, store: str, *, storage_options: dict[str, Any] | None = None
+) -> None:
     """Record ``report`` in the attrs of a Zarr store (as JSON text under ``compression_evaluation``).
 
     Raises
@@ -360,7 +374,9 @@ def write_report(report: EvaluationReport, store: str, *, storage_options: dict[
     try:
         group = zarr.open_group(store, mode="r+", storage_options=storage_options or None)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
-        raise InputError(f"cannot record the report in {store!r}: it is not an existing Zarr group ({exc})") from exc
+        raise InputError(
+            f"cannot record the report in {store!r}: it is not an existing Zarr group ({exc})"
+        ) from exc
     group.attrs[REPORT_ATTR] = json.dumps(report.to_dict())
     # Readers open consolidated metadata first; refresh it so they see the new attrs.
     with quiet_zarr():
@@ -372,5 +388,4 @@ def read_report(store: str, *, storage_options: dict[str, Any] | None = None) ->
     import zarr
 
     group = zarr.open_group(store, mode="r", storage_options=storage_options or None)
-    return EvaluationReport.from_dict(json.loads(group.attrs[REPORT_ATTR]))
-
+    return EvaluationReport.from_dict(json.loads(str(group.attrs[REPORT_ATTR])))

@@ -181,21 +181,36 @@ def _cached_array(url: str, variable: str, options_json: str) -> zarr.Array:
     return node[variable]  # type: ignore[return-value]
 
 
-def _to_nhwc(block: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "NCHW":
-        return np.ascontiguousarray(block.transpose(0, 2, 3, 1))
-    if layout == "NHW":
-        return block[..., None]
-    return block
+def _read_into(arr: zarr.Array, start: int, stop: int, out: np.ndarray) -> None:
+    """Decode images ``start:stop`` straight into ``out`` where Zarr allows it."""
+    try:
+        from zarr.core.buffer import default_buffer_prototype
+
+        target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        arr.get_basic_selection((slice(start, stop),), out=target)
+    except (ImportError, TypeError, AttributeError, NotImplementedError):
+        out[...] = arr[start:stop]
 
 
-def read_chunk(source: ImageSource, start: int, stop: int) -> np.ndarray:
+def read_chunk(source: ImageSource, start: int, stop: int, *, pooled: bool = True) -> np.ndarray:
     """Read images ``start:stop`` as a contiguous (image, y, x, channel) array.
 
-    Opened arrays are cached per process, so a worker opens each store once.
+    Opened arrays are cached per process, so a worker opens each store once. With
+    ``pooled``, the array lives in a reusable (pinned, on GPU machines) host buffer.
     """
+    from dask_infer.workflows.buffers import host_pool
+
     arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
-    return _to_nhwc(np.asarray(arr[start:stop]), source.layout)
+    height, width, channels = source.image_shape
+    shape = (stop - start, height, width, channels)
+    out = host_pool().lease(shape, source.dtype) if pooled else np.empty(shape, source.dtype)
+    if source.layout == "NHWC":
+        _read_into(arr, start, stop, out)
+    elif source.layout == "NCHW":
+        out[...] = np.asarray(arr[start:stop]).transpose(0, 2, 3, 1)
+    else:
+        out[..., 0] = arr[start:stop]
+    return out
 
 
 def _coords(source: ImageSource) -> dict[str, Any]:

@@ -96,7 +96,11 @@ class CompressedStage(nn.Module):
 def _check_calibration(calibration: torch.Tensor | None, label: str) -> None:
     if calibration is None:
         return
-    if not isinstance(calibration, torch.Tensor) or not calibration.is_floating_point() or calibration.ndim < 2:
+    if (
+        not isinstance(calibration, torch.Tensor)
+        or not calibration.is_floating_point()
+        or calibration.ndim < 2
+    ):
         raise CompressionError(
             f"calibration for {label} must be a float tensor batch (N, C, H, W) of preprocessed "
             f"images, not {type(calibration).__name__} "
@@ -194,7 +198,7 @@ def compress_module(
     else:
         work = work.to(dtype)
         if recipe.channels_last:
-            work = work.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            work = work.to(memory_format=torch.channels_last)
     stage = CompressedStage(
         work, recipe, dtype=dtype, channels_last=recipe.channels_last, output_dtype=output_dtype
     )

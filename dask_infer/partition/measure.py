@@ -40,7 +40,9 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
             if node.op != "get_attr":
                 continue
             try:
-                value = sub.get_submodule(str(node.target).rpartition(".")[0]) if "." in str(node.target) else sub
+                value = (
+                    sub.get_submodule(str(node.target).rpartition(".")[0]) if "." in str(node.target) else sub
+                )
                 value = getattr(value, str(node.target).rpartition(".")[2])
             except AttributeError:
                 continue

@@ -9,6 +9,7 @@ oneDNN int8 kernels, which is where the speed comes from. CPU only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from collections.abc import Callable
@@ -106,7 +107,9 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, *, batch_size: i
     backend = int8_backend()
     # Export records the example's strides in its guards: give it the contiguous layout inputs will have.
     calibration = calibration.contiguous()
-    example = calibration[:2] if len(calibration) >= 2 else calibration.repeat(2, *[1] * (calibration.ndim - 1))
+    example = (
+        calibration[:2] if len(calibration) >= 2 else calibration.repeat(2, *[1] * (calibration.ndim - 1))
+    )
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True).module()
@@ -151,8 +154,7 @@ def compile_int8(module: nn.Module) -> Callable[..., Any]:
 
     Freezing lets inductor fold the quantized weights into packed int8 kernels.
     """
-    try:
+    # Torch releases with PT2E built in register these lowerings themselves.
+    with contextlib.suppress(ImportError):
         importlib.import_module("torchao.quantization.pt2e.inductor_passes.x86")
-    except ImportError:
-        pass  # torch releases with PT2E built in register these lowerings themselves
     return torch.compile(module, options={"freezing": True})

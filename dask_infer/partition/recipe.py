@@ -182,7 +182,9 @@ class CompressionRecipe:
                 key, _, value = term.partition("=")
                 method = _PRUNE_TERMS.get(key.strip())
                 if method is None:
-                    raise CompressionError(f"unknown recipe term {raw.strip()!r} in {text!r}; {_GRAMMAR_HINT}")
+                    raise CompressionError(
+                        f"unknown recipe term {raw.strip()!r} in {text!r}; {_GRAMMAR_HINT}"
+                    )
                 try:
                     amount = float(value)
                 except ValueError:
@@ -228,12 +230,15 @@ def _stage_range(text: str, plan_text: str) -> range:
     match = _STAGES.match(text)
     if match is None:
         raise CompressionError(
-            f"bad stage selection {text.strip()!r} in {plan_text!r}; use a stage index like '3' or a range like '0-2'"
+            f"bad stage selection {text.strip()!r} in {plan_text!r}; "
+            "use a stage index like '3' or a range like '0-2'"
         )
     first = int(match.group(1))
     last = int(match.group(2)) if match.group(2) is not None else first
     if last < first:
-        raise CompressionError(f"stage range {text.strip()!r} in {plan_text!r} is backwards; write {last}-{first}")
+        raise CompressionError(
+            f"stage range {text.strip()!r} in {plan_text!r} is backwards; write {last}-{first}"
+        )
     return range(first, last + 1)
 
 
@@ -293,7 +298,9 @@ class CompressionPlan:
         return cls(default=default or CompressionRecipe(), stages=tuple(stages))
 
     @classmethod
-    def coerce(cls, value: CompressionPlan | CompressionRecipe | Mapping[str, Any] | str | None) -> CompressionPlan:
+    def coerce(
+        cls, value: CompressionPlan | CompressionRecipe | Mapping[str, Any] | str | None
+    ) -> CompressionPlan:
         """A plan from a plan, a recipe, a dict (see :meth:`from_dict`), a string, or ``None``."""
         if isinstance(value, CompressionPlan):
             return value
@@ -386,5 +393,7 @@ class CompressionPlan:
         if isinstance(data, str):
             return cls.parse(data)
         if not isinstance(data, Mapping):
-            raise CompressionError(f"compression plan YAML must hold a mapping with default/stages, not {data!r}")
+            raise CompressionError(
+                f"compression plan YAML must hold a mapping with default/stages, not {data!r}"
+            )
         return cls.from_dict(data)

@@ -119,21 +119,59 @@ class ModelRuntime(WorkerPlugin):
         self._stages = [s.to(self.device).eval() for s in stages]
         self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
         self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
         self.loads += 1
+
+    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x)
+        for stage in self._stages:
+            x = stage(x)
+        return x
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
         """Logits (float32, on CPU) of a chunk of (image, y, x, channel) images."""
         if not images.flags.writeable:
             images = images.copy()
-        out = []
-        for i in range(0, images.shape[0], self.batch_size):
-            x = torch.from_numpy(images[i : i + self.batch_size]).to(self.device)
-            x = self.preprocess(x)
-            for stage in self._stages:
-                x = stage(x)
-            out.append(x.float().cpu())
+        host = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            return self._forward_cuda(host)
+        out = [
+            self._run_stages(host[i : i + self.batch_size]).float()
+            for i in range(0, len(host), self.batch_size)
+        ]
         return torch.cat(out)
+
+    def _forward_cuda(self, host: torch.Tensor) -> torch.Tensor:
+        """Uploads batch k+1 on the copy stream while batch k computes; logits return pinned."""
+        if not host.is_pinned():
+            host = host.pin_memory()
+        compute = torch.cuda.current_stream(self.device)
+        copy = self._copy_stream
+
+        def upload(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            with torch.cuda.stream(copy):
+                on_device = host[i : i + self.batch_size].to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(copy)
+            return on_device, ready
+
+        out: torch.Tensor | None = None
+        pending = upload(0)
+        for i in range(0, len(host), self.batch_size):
+            batch, ready = pending
+            if i + self.batch_size < len(host):
+                pending = upload(i + self.batch_size)
+            compute.wait_event(ready)
+            batch.record_stream(compute)
+            logits = self._run_stages(batch).float()
+            if out is None:
+                out = torch.empty((len(host), logits.shape[1]), dtype=torch.float32, pin_memory=True)
+            out[i : i + len(logits)].copy_(logits, non_blocking=True)
+        compute.synchronize()
+        assert out is not None
+        return out
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every requested output for one chunk, as numpy arrays keyed by variable name."""

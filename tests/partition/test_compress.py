@@ -36,7 +36,10 @@ from dask_infer.workflows.preprocess import Preprocess
         ("prune=0.3", CompressionRecipe(prune="structured", prune_amount=0.3)),
         ("prune-unstructured=0.5", CompressionRecipe(prune="unstructured", prune_amount=0.5)),
         ("compile", CompressionRecipe(compile=True)),
-        ("int8+prune=0.25+compile", CompressionRecipe(quantize="int8", prune="structured", prune_amount=0.25, compile=True)),
+        (
+            "int8+prune=0.25+compile",
+            CompressionRecipe(quantize="int8", prune="structured", prune_amount=0.25, compile=True),
+        ),
         ("none", CompressionRecipe()),
     ],
 )
@@ -122,8 +125,8 @@ def test_structured_pruning_respects_residuals() -> None:
     pruned = compress_module(model, "prune=0.5", calibration=None)
     x = torch.randn(2, 3, 64, 64)
     assert pruned(x).shape == (2, 10)
-    assert pruned.module.layer1[0].conv2.in_channels == 32
-    assert pruned.module.layer1[0].conv3.out_channels == 256
+    assert pruned.module.get_submodule("layer1.0.conv2").in_channels == 32
+    assert pruned.module.get_submodule("layer1.0.conv3").out_channels == 256
     assert model.layer1[0].conv1.out_channels == 64
 
 
@@ -199,7 +202,7 @@ def test_structured_pruning_cuts_flops(digits: dict) -> None:
     sample = digits["x"][:1]
     reduction = 1 - count_flops(stage.forward_eager, sample) / count_flops(digits["module"], sample)
     assert reduction >= 0.25
-    assert stage.module.layer1[0].conv1.out_channels == 45
+    assert stage.module.get_submodule("layer1.0.conv1").out_channels == 45
     logits = _logits(stage, digits["x"])
     change = _accuracy(logits, digits["y"]) - _accuracy(digits["reference"], digits["y"])
     print(f"30% structured pruning: FLOPs -{reduction:.1%}, accuracy change {100 * change:+.2f} points")
@@ -211,7 +214,7 @@ def test_unstructured_pruning_is_for_size_only(digits: dict) -> None:
     stage = compress_module(digits["module"], "prune-unstructured=0.5")
     sample = digits["x"][:1]
     assert count_flops(stage.forward_eager, sample) == count_flops(digits["module"], sample)
-    weight = stage.module.layer2[0].conv1.weight
+    weight: torch.Tensor = stage.module.get_submodule("layer2.0.conv1").weight  # type: ignore[assignment]
     assert abs(float((weight == 0).float().mean()) - 0.5) < 0.01
     (raw, packed), (raw_ref, packed_ref) = serialized_size(stage.module), serialized_size(digits["module"])
     assert raw == pytest.approx(raw_ref, rel=0.01)

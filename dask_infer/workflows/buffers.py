@@ -1,0 +1,91 @@
+"""A per-process pool of reusable (pinned, where CUDA is present) host buffers.
+
+Read tasks decode chunks into leased buffers instead of fresh allocations, so a GPU
+worker copies to the device from page-locked memory without a ``pin_memory()`` per
+chunk. A lease goes back to the pool when the array handed out is garbage
+collected, that is when Dask and the infer task have both dropped it; a leased
+buffer is therefore never reused while anything can still read it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["HostBufferPool", "PoolStats", "host_pool"]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Leases served from the pool (``reused``), newly allocated, and refused (over capacity)."""
+
+    reused: int
+    allocated: int
+    overflow: int
+
+
+class HostBufferPool:
+    """Hands out numpy arrays backed by reusable host buffers.
+
+    Parameters
+    ----------
+    capacity
+        Most buffers kept; past it a lease falls back to an ordinary array, so a
+        read never blocks on the pool.
+    pinned
+        Allocate page-locked memory (only meaningful with CUDA).
+    """
+
+    def __init__(self, capacity: int = 8, *, pinned: bool = False) -> None:
+        self.capacity = capacity
+        self.pinned = pinned
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        self._reused = self._allocated = self._overflow = 0
+
+    def lease(self, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` on a pooled buffer."""
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                buffer = free.pop()
+                self._reused += 1
+            elif self._count < self.capacity:
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+                self._count += 1
+                self._allocated += 1
+            else:
+                self._overflow += 1
+                return np.empty(shape, dtype=dt)
+        array = buffer.numpy().view(dt).reshape(shape)
+        weakref.finalize(array, self._give_back, nbytes, buffer)
+        return array
+
+    def _give_back(self, nbytes: int, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault(nbytes, []).append(buffer)
+
+    def stats(self) -> PoolStats:
+        """Counts since the pool was made."""
+        with self._lock:
+            return PoolStats(self._reused, self._allocated, self._overflow)
+
+
+_POOL: HostBufferPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def host_pool() -> HostBufferPool:
+    """This process's pool: pinned when CUDA is available."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = HostBufferPool(capacity=8, pinned=torch.cuda.is_available())
+        return _POOL
