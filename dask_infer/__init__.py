@@ -5,6 +5,7 @@ from dask_infer.api import run
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError, InputError, ModelError
 from dask_infer.io import open_images, write_image_dataset, write_sample
+from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
 from dask_infer.workflows import RunSummary
 
 __all__ = [
@@ -13,9 +14,13 @@ __all__ = [
     "ModelError",
     "RunConfig",
     "RunSummary",
+    "StagePlan",
     "__version__",
+    "format_plan",
     "open_images",
+    "partition_model",
     "run",
+    "split_model",
     "write_image_dataset",
     "write_sample",
 ]

@@ -119,6 +119,40 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 
 
 @main.command()
+@click.option("--model", default="resnet50", show_default=True, help="torchvision model name.")
+@click.option("--weights", help="Local weights file (default: random weights; fine for profiling).")
+@click.option("--stages", type=int, default=2, show_default=True, help="Number of stages.")
+@click.option(
+    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), default="time", show_default=True
+)
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the profiling sample.")
+@click.option("--size", type=int, help="Input height and width (default: the model's).")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the plan as JSON here.")
+@_clean_errors
+def partition(
+    model: str,
+    weights: str | None,
+    stages: int,
+    balance: str,
+    batch: int,
+    size: int | None,
+    json_path: str | None,
+) -> None:
+    """Split a model into balanced sequential stages and print the plan."""
+    from dask_infer.partition import build_model, format_plan, partition_model
+
+    loaded = build_model(model, weights=weights)
+    side = size or loaded.input_size
+    _, plan = partition_model(
+        loaded.module, stages, balance=balance, sample=(batch, 3, side, side), name=model
+    )
+    click.echo(format_plan(plan))
+    if json_path:
+        Path(json_path).write_text(plan.to_json())
+        click.echo(f"plan written to {json_path}")
+
+
+@main.command()
 def models() -> None:
     """List the torchvision classification models that can be run."""
     from dask_infer.partition.models import available_models

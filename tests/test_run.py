@@ -176,3 +176,48 @@ def test_bad_input_is_refused_before_work(
     with pytest.raises(error, match=match):
         dask_infer.run(src, out, **{"model": "resnet18", "progress": False, "echo": None, **kwargs})
     assert sorted(p.stat().st_mtime_ns for p in small_dataset.rglob("*")) == before
+
+
+def test_connects_to_an_existing_scheduler(
+    client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    address = client.scheduler_info()["address"]
+    summary = dask_infer.run(
+        str(small_dataset),
+        str(tmp_path / "o.zarr"),
+        model="resnet18",
+        weights=str(small_weights),
+        scheduler=address,
+        progress=False,
+        echo=None,
+    )
+    assert summary.cluster == f"scheduler {address}" and summary.workers == 2
+    assert len(client.scheduler_info()["workers"]) == 2  # the cluster outlives the run
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    assert_close_logits(
+        xr.open_zarr(tmp_path / "o.zarr")["logits"].values,
+        reference_logits(images, "resnet18", str(small_weights)),
+    )
+
+
+def test_stages_give_the_whole_models_predictions(
+    client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    whole = _run(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=32)
+    split = _run(
+        client,
+        small_dataset,
+        tmp_path / "split.zarr",
+        small_weights,
+        chunk_size=32,
+        stages=3,
+        balance="flops",
+    )
+    assert whole.images == split.images == 200
+    a = xr.open_zarr(tmp_path / "whole.zarr")
+    b = xr.open_zarr(tmp_path / "split.zarr")
+    np.testing.assert_array_equal(a["logits"].values, b["logits"].values)
+    import json
+
+    plan = json.loads(b.attrs["stage_plan"])
+    assert len(plan["cut_points"]) == 2 and plan["balance"] == "flops"

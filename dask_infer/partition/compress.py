@@ -86,7 +86,8 @@ class CompressedStage(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self._run(x, self.__dict__["compiled"] or self.module)
+        compiled = self.__dict__["compiled"]
+        return self._run(x, self.module if compiled is None else compiled)
 
     def forward_eager(self, x: torch.Tensor) -> Any:
         """Forward without ``torch.compile`` (to count FLOPs, or before compiling pays off)."""

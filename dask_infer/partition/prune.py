@@ -12,9 +12,12 @@ any traceable model (ResNet, VGG, MobileNet, and the stages cut from them).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torchvision
 from torch import fx, nn
 from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
@@ -96,6 +99,16 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module], channels: int) -> tupl
         current = user
 
 
+def _trace(module: nn.Module) -> fx.Graph:
+    """Trace down to torch.nn layers, so convs inside torchvision blocks are visible."""
+    try:
+        wrapped: Any = (math, torchvision.ops)
+        return fx.Tracer(autowrap_modules=wrapped).trace(module)
+    except Exception:
+        # The partitioner's tracer keeps torchvision.ops blocks whole, and copes with more models.
+        return trace_model(module).graph
+
+
 def find_prune_groups(module: nn.Module) -> list[PruneGroup]:
     """Every convolution of ``module`` whose output channels can be removed safely.
 
@@ -105,7 +118,7 @@ def find_prune_groups(module: nn.Module) -> list[PruneGroup]:
         If the model cannot be traced with torch.fx.
     """
     try:
-        graph = trace_model(module).graph
+        graph = _trace(module)
     except Exception as exc:
         raise CompressionError(
             f"structured pruning needs a torch.fx-traceable model and {type(module).__name__} is not "
@@ -359,6 +372,7 @@ def prune_structured(
             new = _new_batchnorm(old, keep_out[name])
         else:
             assert isinstance(old, nn.Conv2d)
+            bias: torch.Tensor | None
             if name in refitted:
                 weight, bias = refitted[name]
             else:

@@ -3,13 +3,12 @@
 The PT2E flow lives in ``torchao`` (``torchao.quantization.pt2e``); older PyTorch
 releases also ship it as ``torch.ao.quantization.quantize_pt2e``. The converted model
 holds int8 weights and quantize/dequantize steps around each layer. Run eagerly it is
-a reference graph (smaller, not faster); ``torch.compile`` with freezing lowers it to
-oneDNN int8 kernels, which is where the speed comes from. CPU only.
+a reference graph (smaller, not faster); ``torch.compile`` fuses those steps into the
+layers, which is where the speed comes from. CPU only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import warnings
 from collections.abc import Callable
@@ -150,11 +149,10 @@ def _drop_unused(graph_module: nn.Module) -> None:
 
 
 def compile_int8(module: nn.Module) -> Callable[..., Any]:
-    """``torch.compile`` a converted int8 model so it runs on oneDNN int8 kernels.
+    """``torch.compile`` a converted int8 model: inductor fuses its quantize/dequantize steps.
 
-    Freezing lets inductor fold the quantized weights into packed int8 kernels.
+    Inductor's freezing (prepacked oneDNN int8 weights) is not used: in some builds it fails
+    for want of a fake kernel for ``onednn.qconv_prepack``, while plain compilation works and
+    keeps the batch size dynamic.
     """
-    # Torch releases with PT2E built in register these lowerings themselves.
-    with contextlib.suppress(ImportError):
-        importlib.import_module("torchao.quantization.pt2e.inductor_passes.x86")
-    return torch.compile(module, options={"freezing": True})
+    return torch.compile(module)

@@ -88,10 +88,12 @@ def _runtime_spec(
     )
 
 
-def _stage_cuts(config: RunConfig, loaded: LoadedModel) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+def _stage_cuts(
+    config: RunConfig, loaded: LoadedModel, say: Callable[[str], None]
+) -> tuple[tuple[str, ...], dict[str, Any] | None]:
     if config.stages == 1:
         return (), None
-    from dask_infer.partition import partition_model
+    from dask_infer.partition import format_plan, partition_model
 
     _, plan = partition_model(
         loaded.module,
@@ -100,6 +102,7 @@ def _stage_cuts(config: RunConfig, loaded: LoadedModel) -> tuple[tuple[str, ...]
         sample=(1, 3, loaded.input_size, loaded.input_size),
         name=loaded.name,
     )
+    say(format_plan(plan))
     return tuple(plan.cut_points), plan.to_dict()
 
 
@@ -135,7 +138,7 @@ def run_config(
             f"warning: no --weights given, so {loaded.name} is randomly initialised and its predictions "
             "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
         )
-    cuts, plan = _stage_cuts(config, loaded)
+    cuts, plan = _stage_cuts(config, loaded, say)
 
     own_cluster = client is None
     choice = None

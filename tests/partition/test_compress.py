@@ -130,6 +130,18 @@ def test_structured_pruning_respects_residuals() -> None:
     assert model.layer1[0].conv1.out_channels == 64
 
 
+def test_structured_pruning_follows_depthwise_chains() -> None:
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    groups = {g.producer: g for g in find_prune_groups(model)}
+    expand = groups["features.2.conv.0.0"]  # expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 -> BN -> project 1x1
+    assert expand.channelwise == ("features.2.conv.0.1", "features.2.conv.1.0", "features.2.conv.1.1")
+    assert expand.consumer == "features.2.conv.2"
+    x = torch.randn(4, 3, 32, 32)
+    pruned = compress_module(model, "prune=0.25", calibration=x)
+    assert pruned.module.get_submodule("features.2.conv.1.0").groups == 72
+    assert pruned(x).shape == (4, 10)
+
+
 # --- the digits model on held-out digits ---------------------------------------------------------
 
 
@@ -207,7 +219,8 @@ def test_structured_pruning_cuts_flops(digits: dict) -> None:
     change = _accuracy(logits, digits["y"]) - _accuracy(digits["reference"], digits["y"])
     print(f"30% structured pruning: FLOPs -{reduction:.1%}, accuracy change {100 * change:+.2f} points")
     assert torch.isfinite(logits).all()
-    assert _accuracy(logits, digits["y"]) > 0.2  # far above chance: the pruned net still computes
+    # Refitting the next convs on calibration data keeps the pruned net close to the original.
+    assert _accuracy(logits, digits["y"]) >= 0.9
 
 
 def test_unstructured_pruning_is_for_size_only(digits: dict) -> None:
