@@ -34,6 +34,8 @@ def run(
     device: str | None = None,
     stages: int | None = None,
     balance: str | None = None,
+    compress: str | None = None,
+    calibration_images: int | None = None,
     overwrite: bool | None = None,
     progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -64,6 +66,9 @@ def run(
         ``auto``/``cpu``/``cuda``.
     stages, balance
         Split the model into sequential stages balanced by ``time``/``flops``/``params``/``memory``.
+    compress, calibration_images
+        Compression plan (``"bf16"``, ``"0-2:int8,3-4:bf16"``, ...) and how many input
+        images int8 calibrates on.
     overwrite, progress, storage_options
         Replace an existing output; show a progress bar; fsspec options.
     config
@@ -97,6 +102,8 @@ def run(
         "device": device,
         "stages": stages,
         "balance": balance,
+        "compress": compress,
+        "calibration_images": calibration_images,
         "overwrite": overwrite,
         "progress": progress,
         "storage_options": storage_options,

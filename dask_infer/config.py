@@ -60,6 +60,11 @@ class RunConfig:
         ``"auto"`` (CUDA when the worker has it), ``"cpu"`` or ``"cuda"``.
     stages, balance
         Split the model into this many sequential stages, balanced by this cost.
+    compress
+        Compression plan: one recipe for all stages (``"bf16+channels_last"``) or per
+        stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.recipe``.
+    calibration_images
+        Images of the input (its first ones) that int8 recipes calibrate on.
     overwrite
         Replace an existing output store.
     progress
@@ -85,6 +90,8 @@ class RunConfig:
     device: str = "auto"
     stages: int = 1
     balance: str = "time"
+    compress: str | None = None
+    calibration_images: int = 64
     overwrite: bool = False
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +114,21 @@ class RunConfig:
                 f"outputs={list(outputs)!r}: choose one or more of {', '.join(OUTPUT_KINDS)}"
             )
         object.__setattr__(self, "outputs", tuple(dict.fromkeys(outputs)))
-        for name in ("top_k", "chunk_size", "batch_size", "n_workers", "threads_per_worker", "stages"):
+        if self.compress is not None:
+            from dask_infer.partition.recipe import CompressionPlan
+
+            plan = CompressionPlan.coerce(self.compress)
+            plan.validate(self.stages)
+            object.__setattr__(self, "compress", None if plan.is_identity else plan.to_string())
+        for name in (
+            "top_k",
+            "chunk_size",
+            "batch_size",
+            "n_workers",
+            "threads_per_worker",
+            "stages",
+            "calibration_images",
+        ):
             _positive(name, getattr(self, name))
         _positive("num_classes", self.num_classes)
 

@@ -221,3 +221,41 @@ def test_stages_give_the_whole_models_predictions(
 
     plan = json.loads(b.attrs["stage_plan"])
     assert len(plan["cut_points"]) == 2 and plan["balance"] == "flops"
+
+
+def test_compressed_run_matches_in_process_compression(
+    client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """bf16 on two stages: the workers' output equals the same recipe applied in-process."""
+    import torch
+
+    from dask_infer.partition.compress import compress_stages
+    from dask_infer.partition.models import build_model
+    from dask_infer.workflows.preprocess import Preprocess
+
+    _run(client, small_dataset, tmp_path / "o.zarr", small_weights, compress="bf16", chunk_size=32)
+    ds = xr.open_zarr(tmp_path / "o.zarr")
+    assert '"precision": "bf16"' in ds.attrs["compression"]
+    loaded = build_model("resnet18", weights=str(small_weights))
+    (stage,) = compress_stages([loaded.module], "bf16")
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    prep = Preprocess(loaded.input_size, loaded.mean, loaded.std)
+    with torch.inference_mode():
+        want = torch.cat(
+            [stage(prep(torch.from_numpy(images[i : i + 32]))).float() for i in range(0, 200, 32)]
+        )
+    np.testing.assert_allclose(ds["logits"].values, want.numpy(), rtol=0, atol=1e-6)
+    fp32 = reference_logits(images, "resnet18", str(small_weights))
+    assert (ds["logits"].values.argmax(1) == fp32.argmax(1)).mean() > 0.9
+
+
+def test_bad_compression_is_refused_before_work(small_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DaskInferError, match=r"names stage\(s\) \[3\]"):
+        dask_infer.run(
+            str(small_dataset), str(tmp_path / "o.zarr"), model="resnet18", compress="3:bf16", echo=None
+        )
+    with pytest.raises(DaskInferError, match="fp8"):
+        dask_infer.run(
+            str(small_dataset), str(tmp_path / "o.zarr"), model="resnet18", compress="fp8", echo=None
+        )
+    assert not (tmp_path / "o.zarr").exists()

@@ -301,13 +301,19 @@ class CompressionPlan:
     def coerce(
         cls, value: CompressionPlan | CompressionRecipe | Mapping[str, Any] | str | None
     ) -> CompressionPlan:
-        """A plan from a plan, a recipe, a dict (see :meth:`from_dict`), a string, or ``None``."""
+        """A plan from a plan, a recipe, a dict (see :meth:`from_dict`), ``None``, or a string.
+
+        A string ending in ``.yaml`` or ``.yml`` names a plan file; any other string is
+        the ``--compress`` short form.
+        """
         if isinstance(value, CompressionPlan):
             return value
         if isinstance(value, CompressionRecipe):
             return cls.uniform(value)
         if value is None:
             return cls()
+        if isinstance(value, str) and value.strip().endswith((".yaml", ".yml")):
+            return cls.from_yaml(Path(value.strip()))
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, Mapping):

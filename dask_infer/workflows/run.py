@@ -70,7 +70,11 @@ def _image_coords(source: ImageSource) -> dict[str, Any]:
 
 
 def _runtime_spec(
-    config: RunConfig, loaded: LoadedModel, torch_threads: int | None, cuts: tuple[str, ...]
+    config: RunConfig,
+    loaded: LoadedModel,
+    torch_threads: int | None,
+    cuts: tuple[str, ...],
+    source: ImageSource,
 ) -> RuntimeSpec:
     return RuntimeSpec(
         model=loaded.name,
@@ -85,7 +89,33 @@ def _runtime_spec(
         device=config.device,
         torch_threads=torch_threads,
         cut_points=cuts,
+        compress=config.compress,
+        calibration=source,
+        calibration_images=config.calibration_images,
     )
+
+
+def _check_compression(
+    config: RunConfig, loaded: LoadedModel, cuts: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """Refuse a plan that cannot be applied here, before any cluster starts."""
+    if config.compress is None:
+        return None
+    import torch
+
+    from dask_infer.partition import split_model
+    from dask_infer.partition.compress import check_recipe
+    from dask_infer.partition.recipe import CompressionPlan
+
+    plan = CompressionPlan.coerce(config.compress)
+    gpu = cuda_device_count() > 0 and config.device != "cpu"
+    device = torch.device("cuda" if gpu else "cpu")
+    stages = split_model(loaded.module, list(cuts)) if cuts else [loaded.module]
+    for index, stage in enumerate(stages):
+        check_recipe(
+            stage, plan.recipe_for(index), device=device, has_calibration=True, label=f"stage {index}"
+        )
+    return plan.to_dict()
 
 
 def _stage_cuts(
@@ -139,6 +169,7 @@ def run_config(
             "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
         )
     cuts, plan = _stage_cuts(config, loaded, say)
+    compression = _check_compression(config, loaded, cuts)
 
     own_cluster = client is None
     choice = None
@@ -158,7 +189,7 @@ def run_config(
         gpu = cuda_device_count() > 0 and config.device != "cpu"
         target = config.chunk_size or (512 if gpu else 64)
         chunks = plan_chunks(source.n_images, source.storage_chunk, target=target, min_tasks=2 * len(workers))
-        spec = _runtime_spec(config, loaded, choice.torch_threads if choice else None, cuts)
+        spec = _runtime_spec(config, loaded, choice.torch_threads if choice else None, cuts, source)
         output = create_output(
             config.output,
             n_images=source.n_images,
@@ -212,6 +243,7 @@ def run_config(
                 "source_variable": source.variable,
                 "config": config.to_dict(),
                 "stage_plan": plan or {},
+                "compression": compression or {},
                 "run_summary": summary.to_dict(),
             },
         )

@@ -17,6 +17,7 @@ import torch
 from distributed import WorkerPlugin, get_worker
 from torch import nn
 
+from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.partition.models import build_model
 from dask_infer.workflows.preprocess import Preprocess
 
@@ -47,6 +48,9 @@ class RuntimeSpec:
     device: str = "auto"
     torch_threads: int | None = None
     cut_points: tuple[str, ...] = ()
+    compress: str | None = None
+    calibration: ImageSource | None = None
+    calibration_images: int = 64
 
 
 def _pick_device(wanted: str) -> torch.device:
@@ -121,7 +125,30 @@ class ModelRuntime(WorkerPlugin):
         self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
+        if spec.compress is not None:
+            self._compress()
         self.loads += 1
+
+    def _compress(self) -> None:
+        """Apply the compression plan; calibrate on the input's first images; warm up compiles."""
+        from dask_infer.partition.compress import compress_stages
+        from dask_infer.partition.recipe import CompressionPlan
+
+        spec = self.spec
+        plan = CompressionPlan.coerce(spec.compress)
+        calibration = None
+        if plan.needs_calibration and spec.calibration is not None:
+            count = min(spec.calibration_images, spec.calibration.n_images)
+            images = read_chunk(spec.calibration, 0, count, pooled=False)
+            with torch.inference_mode():
+                calibration = self.preprocess(torch.from_numpy(images).to(self.device))
+        self._stages = [
+            s.eval() for s in compress_stages(self._stages, plan, calibration=calibration, device=self.device)
+        ]
+        if any(plan.recipe_for(i).compile for i in range(len(self._stages))):
+            size = spec.input_size
+            warm = np.zeros((self.batch_size, size, size, 3), dtype=np.uint8)
+            self.forward(warm)
 
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(x)

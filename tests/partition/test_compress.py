@@ -58,6 +58,9 @@ def test_plan_per_stage_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text(plan.to_yaml())
     assert CompressionPlan.from_yaml(path) == plan
+    assert CompressionPlan.coerce(str(path)) == plan
+    with pytest.raises(CompressionError, match="does not exist"):
+        CompressionPlan.coerce(str(tmp_path / "missing.yaml"))
     short = CompressionPlan.from_yaml("default: bf16\nstages:\n  0-1: int8\n  '3': {precision: fp16}\n")
     assert short == CompressionPlan.parse("bf16,0-1:int8,3:fp16")
     uniform = CompressionPlan.parse("bf16")
@@ -103,7 +106,7 @@ def test_missing_stage_is_named() -> None:
 def test_errors_come_before_any_work() -> None:
     model = torchvision.models.resnet18(num_classes=10).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stages = [model[0] if isinstance(model, nn.Sequential) else model]
+    stages = [model]
     with pytest.raises(CompressionError, match="int8 for stage 0 needs calibration images"):
         compress_stages(stages, "int8", calibration=None)
     with pytest.raises(CompressionError, match="int8 runs on CPU only"):
