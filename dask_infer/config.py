@@ -11,12 +11,13 @@ import yaml
 
 from dask_infer.errors import DaskInferError
 
-__all__ = ["OUTPUT_KINDS", "RunConfig"]
+__all__ = ["OUTPUT_KINDS", "PLACEMENTS", "RunConfig"]
 
 OUTPUT_KINDS = ("logits", "probabilities", "top_k")
 _LAYOUTS = ("auto", "NHWC", "NCHW")
 _DEVICES = ("auto", "cpu", "cuda")
 _BALANCES = ("time", "flops", "params", "memory")
+PLACEMENTS = ("auto", "data", "pipeline", "hybrid")
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -60,6 +61,19 @@ class RunConfig:
         ``"auto"`` (CUDA when the worker has it), ``"cpu"`` or ``"cuda"``.
     stages, balance
         Split the model into this many sequential stages, balanced by this cost.
+    placement
+        Where stages run: ``"data"`` (every worker holds all stages), ``"pipeline"``
+        (stage k on its own worker group), ``"hybrid"`` (``replicas`` pipelines), or
+        ``"auto"`` (data-parallel when the model fits one worker's device, else pipelined).
+    replicas
+        Pipelines side by side for ``"hybrid"``; ``None`` makes as many as the workers allow.
+    rebalance
+        Re-cut a pipeline after its first chunks when the slowest stage's measured time
+        exceeds the mean by this factor; ``None`` never re-cuts.
+    report
+        Write a ``distributed.performance_report`` HTML file here.
+    summary
+        Write the run summary as JSON here.
     compress
         Compression plan: one recipe for all stages (``"bf16+channels_last"``) or per
         stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.recipe``.
@@ -90,6 +104,11 @@ class RunConfig:
     device: str = "auto"
     stages: int = 1
     balance: str = "time"
+    placement: str = "auto"
+    replicas: int | None = None
+    rebalance: float | None = 1.25
+    report: str | None = None
+    summary: str | None = None
     compress: str | None = None
     calibration_images: int = 64
     overwrite: bool = False
@@ -107,6 +126,23 @@ class RunConfig:
             raise DaskInferError(f"device={self.device!r} is not one of {', '.join(_DEVICES)}")
         if self.balance not in _BALANCES:
             raise DaskInferError(f"balance={self.balance!r} is not one of {', '.join(_BALANCES)}")
+        if self.placement not in PLACEMENTS:
+            raise DaskInferError(f"placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        if self.replicas is not None and self.placement != "hybrid":
+            raise DaskInferError(
+                f"replicas={self.replicas!r} applies to placement='hybrid' only, not {self.placement!r}"
+            )
+        if self.rebalance is not None and (
+            isinstance(self.rebalance, bool)
+            or not isinstance(self.rebalance, int | float)
+            or not self.rebalance >= 1.0
+        ):
+            raise DaskInferError(
+                f"rebalance={self.rebalance!r} must be a max/mean stage time ratio >= 1.0 (e.g. 1.25), "
+                "or None to never re-cut"
+            )
+        if self.report is not None and not str(self.report).endswith((".html", ".htm")):
+            raise DaskInferError(f"report={self.report!r} must name an .html file")
         outputs = tuple(self.outputs)
         bad = [o for o in outputs if o not in OUTPUT_KINDS]
         if bad or not outputs:
@@ -128,6 +164,7 @@ class RunConfig:
             "threads_per_worker",
             "stages",
             "calibration_images",
+            "replicas",
         ):
             _positive(name, getattr(self, name))
         _positive("num_classes", self.num_classes)

@@ -15,7 +15,7 @@ import zarr
 from dask_infer.errors import InputError
 from dask_infer.io.stores import open_store_node, store_exists
 
-__all__ = ["SUPPORTED_DTYPES", "ImageSource", "describe_source", "open_images", "read_chunk"]
+__all__ = ["SUPPORTED_DTYPES", "ImageSource", "describe_source", "image_coords", "open_images", "read_chunk"]
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
 _CHANNEL_NAMES = ("channel", "channels", "c", "band", "bands", "rgb")
@@ -213,20 +213,20 @@ def read_chunk(source: ImageSource, start: int, stop: int, *, pooled: bool = Tru
     return out
 
 
-def _coords(source: ImageSource) -> dict[str, Any]:
+def image_coords(source: ImageSource) -> dict[str, np.ndarray]:
     """The store's 1-dim arrays along the image axis (``image`` index, ``label``, ...)."""
     node = open_store_node(source.url, source.storage_options)
     if isinstance(node, zarr.Array):
         return {}
     image_dim = (_dim_names(node[source.variable]) or ("image",))[0]  # type: ignore[arg-type]
-    coords: dict[str, Any] = {}
+    coords: dict[str, np.ndarray] = {}
     for name, arr in node.arrays():
         if name == source.variable or arr.ndim != 1 or arr.shape[0] != source.n_images:
             continue
         dims = _dim_names(arr)
         if dims is not None and dims[0] != image_dim:
             continue
-        coords["image" if name == image_dim else name] = ("image", np.asarray(arr[:]))
+        coords["image" if name == image_dim else name] = np.asarray(arr[:])
     return coords
 
 
@@ -274,7 +274,7 @@ def open_images(
     return xr.DataArray(
         data,
         dims=("image", "y", "x", "channel"),
-        coords=_coords(source),
+        coords={name: ("image", values) for name, values in image_coords(source).items()},
         name=source.variable or "images",
         attrs=attrs,
     )

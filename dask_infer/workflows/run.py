@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from dask_infer._version import __version__
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
-from dask_infer.io.images import ImageSource, describe_source
+from dask_infer.io.images import ImageSource, describe_source, image_coords
 from dask_infer.io.outputs import check_output_location, create_output, finalize_output
 from dask_infer.partition.models import LoadedModel, build_model
 from dask_infer.workflows.cluster import cuda_device_count, make_client
@@ -61,12 +61,6 @@ def _class_names(loaded: LoadedModel, source: ImageSource) -> tuple[str, ...] | 
     if source.class_names is not None and len(source.class_names) == loaded.num_classes:
         return source.class_names
     return None
-
-
-def _image_coords(source: ImageSource) -> dict[str, Any]:
-    from dask_infer.io.images import _coords
-
-    return {name: values for name, (_, values) in _coords(source).items()}
 
 
 def _runtime_spec(
@@ -197,7 +191,7 @@ def run_config(
             top_k=spec.top_k,
             chunk=chunks.size,
             outputs=config.outputs,
-            image_coords=_image_coords(source),
+            image_coords=image_coords(source),
             class_names=_class_names(loaded, source),
             attrs={"dask_infer_complete": False},
             overwrite=config.overwrite,
