@@ -34,6 +34,11 @@ def run(
     device: str | None = None,
     stages: int | None = None,
     balance: str | None = None,
+    placement: str | None = None,
+    replicas: int | None = None,
+    rebalance: float | None | bool = None,
+    report: str | None = None,
+    summary: str | None = None,
     compress: str | None = None,
     calibration_images: int | None = None,
     overwrite: bool | None = None,
@@ -66,6 +71,15 @@ def run(
         ``auto``/``cpu``/``cuda``.
     stages, balance
         Split the model into sequential stages balanced by ``time``/``flops``/``params``/``memory``.
+    placement, replicas
+        Where stages run: ``"data"`` (every worker holds every stage), ``"pipeline"``
+        (stage k on its own workers), ``"hybrid"`` (``replicas`` pipelines) or ``"auto"``
+        (the default: data-parallel when the model fits one worker, else pipelined).
+    rebalance
+        Re-cut a pipeline after its first chunks when the slowest stage takes more than
+        this factor of the mean (default 1.25); ``False`` never re-cuts.
+    report, summary
+        Write a ``distributed.performance_report`` HTML file, and the run summary as JSON.
     compress, calibration_images
         Compression plan (``"bf16"``, ``"0-2:int8,3-4:bf16"``, ...) and how many input
         images int8 calibrates on.
@@ -102,13 +116,19 @@ def run(
         "device": device,
         "stages": stages,
         "balance": balance,
+        "placement": placement,
+        "replicas": replicas,
+        "report": report,
+        "summary": summary,
         "compress": compress,
         "calibration_images": calibration_images,
         "overwrite": overwrite,
         "progress": progress,
         "storage_options": storage_options,
     }
-    explicit = {k: v for k, v in given.items() if v is not None}
+    explicit: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if rebalance is not None and not isinstance(rebalance, bool):
+        explicit["rebalance"] = rebalance
     if isinstance(config, RunConfig):
         cfg = config.replace(**explicit)
     elif config is not None:
@@ -118,4 +138,6 @@ def run(
         if missing:
             raise DaskInferError(f"missing {' and '.join(missing)}: give both input and output Zarr paths")
         cfg = RunConfig.from_dict(explicit)
+    if rebalance is False:
+        cfg = cfg.replace(rebalance=None)
     return run_config(cfg, client=client, echo=echo)

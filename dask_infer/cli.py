@@ -64,12 +64,33 @@ def main() -> None:
 @click.option(
     "--balance", type=click.Choice(["time", "flops", "params", "memory"]), help="Stage balance cost."
 )
+@click.option(
+    "--placement",
+    type=click.Choice(["auto", "data", "pipeline", "hybrid"]),
+    help="Where stages run: every worker holds all (data), stage k on its own workers (pipeline), "
+    "replicated pipelines (hybrid), or chosen from memory and stage sizes (auto)  [default: auto]",
+)
+@click.option("--replicas", type=int, help="Pipelines side by side for --placement hybrid.")
+@click.option(
+    "--rebalance",
+    type=float,
+    help="Re-cut a pipeline after its first chunks when max/mean stage time exceeds this  [default: 1.25]",
+)
+@click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")
+@click.option("--report", type=click.Path(), help="Write a Dask performance report (HTML) here.")
+@click.option("--summary", type=click.Path(), help="Write the run summary (JSON) here.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of these options.")
 @_clean_errors
 def run(
-    input_: str | None, outputs: str | None, no_progress: bool, config_file: str | None, **options: Any
+    input_: str | None,
+    outputs: str | None,
+    no_progress: bool,
+    no_rebalance: bool,
+    rebalance: float | None,
+    config_file: str | None,
+    **options: Any,
 ) -> None:
     """Run a model over an image dataset and write predictions to Zarr."""
     from dask_infer.api import run as run_api
@@ -78,6 +99,7 @@ def run(
         input=input_,
         outputs=tuple(o.strip() for o in outputs.split(",")) if outputs else None,
         progress=False if no_progress else None,
+        rebalance=False if no_rebalance else rebalance,
         config=config_file,
         echo=_echo,
         **options,
@@ -150,6 +172,69 @@ def partition(
     if json_path:
         Path(json_path).write_text(plan.to_json())
         click.echo(f"plan written to {json_path}")
+
+
+@main.command()
+@click.option("--input", "input_", required=True, help="Input Zarr store of images.")
+@click.option("--model", required=True, help="torchvision model name.")
+@click.option("--weights", help="Local weights file (.pt/.pth/.safetensors).")
+@click.option("--compress", required=True, help="Compression plan, as for `run --compress`.")
+@click.option("--stages", type=int, default=1, show_default=True, help="Split into this many stages first.")
+@click.option(
+    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), default="flops", show_default=True
+)
+@click.option("--images", "n_images", type=int, default=512, show_default=True, help="Images to evaluate.")
+@click.option(
+    "--calibration-images", type=int, default=128, show_default=True, help="Images int8 calibrates on."
+)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--variable", help="Image array inside the input store.")
+@click.option("--output", help="Zarr store whose attrs receive the report (created if missing).")
+@_clean_errors
+def evaluate(
+    input_: str,
+    model: str,
+    weights: str | None,
+    compress: str,
+    stages: int,
+    balance: str,
+    n_images: int,
+    calibration_images: int,
+    batch_size: int,
+    variable: str | None,
+    output: str | None,
+) -> None:
+    """How far a compressed model's answers move from the uncompressed model's.
+
+    Held-out images (the dataset's ``held_out`` flag) are evaluated when there are any,
+    and the others calibrate int8.
+    """
+    from dask_infer.evaluation import evaluate as evaluate_api
+    from dask_infer.evaluation import write_report
+    from dask_infer.io.stores import normalise_location, store_exists
+
+    if output is not None and normalise_location(output) == normalise_location(input_):
+        raise DaskInferError(f"output {output!r} is the input; choose another store for the report")
+    report = evaluate_api(
+        input_,
+        model=model,
+        weights=weights,
+        compress=compress,
+        stages=stages,
+        balance=balance,
+        n_images=n_images,
+        calibration_images=calibration_images,
+        batch_size=batch_size,
+        variable=variable,
+    )
+    click.echo(report.format())
+    if output is not None:
+        if not store_exists(output):
+            import zarr
+
+            zarr.open_group(output, mode="w")
+        write_report(report, output)
+        click.echo(f"report written to the attrs of {output} (compression_evaluation)")
 
 
 @main.command()

@@ -24,6 +24,7 @@ from dask_infer.io.outputs import quiet_zarr
 from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
 from dask_infer.partition.measure import count_flops, serialized_size, time_call
 from dask_infer.partition.models import build_model
+from dask_infer.partition.quantize import check_int8_device, int8_backend
 from dask_infer.workflows.preprocess import Preprocess
 
 __all__ = ["REPORT_ATTR", "EvaluationReport", "StageReport", "evaluate", "read_report", "write_report"]
@@ -252,7 +253,12 @@ def evaluate(
     ):
         _positive(name, value)
     plan.validate(stages)
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise DaskInferError(f"device={device!r} is not one of cpu, cuda")
     dev = torch.device(device)
+    if any(plan.recipe_for(i).quantize == "int8" for i in range(stages)):
+        check_int8_device(dev)
+        int8_backend()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DaskInferError("device='cuda' but this machine has no CUDA GPU; use device='cpu'")
     images = open_images(input, variable=variable)

@@ -152,3 +152,36 @@ def test_sample_and_ingest_commands(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "2 images of 16x16 in 2 classes" in proc.stdout
     proc = _cli("ingest", str(tmp_path / "nope"), str(tmp_path / "j.zarr"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_partition_and_evaluate_commands(small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+    proc = _cli("partition", "--model", "resnet18", "--stages", "3", "--balance", "flops", "--size", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "resnet18 in 3 stages, balanced by flops" in proc.stdout and "imbalance" in proc.stdout
+    proc = _cli("partition", "--model", "resnet18", "--stages", "99")
+    assert (
+        proc.returncode == 2 and proc.stderr.startswith("error: stages=99") and "Traceback" not in proc.stderr
+    )
+    report = tmp_path / "report.zarr"
+    proc = _cli(
+        "evaluate",
+        "--input",
+        str(small_dataset),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(small_weights),
+        "--compress",
+        "bf16",
+        "--images",
+        "32",
+        "--output",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "top-1 agreement" in proc.stdout
+    from dask_infer.evaluation import read_report
+
+    assert read_report(str(report)).to_dict()["compress"] is not None
+    proc = _cli("evaluate", "--input", str(small_dataset), "--model", "resnet18", "--compress", "prune=1.5")
+    assert proc.returncode == 2 and "prune" in proc.stderr and "Traceback" not in proc.stderr

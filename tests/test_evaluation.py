@@ -76,3 +76,5 @@ def test_plan_errors_before_reading_anything(tmp_path: Path) -> None:
         evaluate(missing, model="resnet18", compress="0:int8,2:bf16", stages=2)
     with pytest.raises(CompressionError, match="unknown recipe term"):
         evaluate(missing, model="resnet18", compress="int4")
+    with pytest.raises(CompressionError, match="int8 runs on CPU only"):
+        evaluate(missing, model="resnet18", compress="1:int8", stages=2, device="cuda")

@@ -9,7 +9,7 @@ from distributed import Client, LocalCluster
 
 from dask_infer.errors import DaskInferError
 
-__all__ = ["ClusterChoice", "choose_local_cluster", "cuda_device_count", "make_client"]
+__all__ = ["ClusterChoice", "choose_local_cluster", "cuda_device_count", "device_memory", "make_client"]
 
 
 def cuda_device_count() -> int:
@@ -20,6 +20,20 @@ def cuda_device_count() -> int:
         return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
     except Exception:
         return 0
+
+
+def device_memory(device: str = "auto") -> int | None:
+    """Total bytes of this process's CUDA device, ``None`` without one (run on each worker)."""
+    if device == "cpu":
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
-"""The task graph: read -> infer -> write, one of each per chunk of images.
+"""The task graph: read -> infer -> write per chunk, or read -> stage 0 .. S-1 -> write.
 
-Reads and writes run in the workers' ordinary threads; infer tasks are annotated
+Reads and writes run in the workers' ordinary threads; model tasks are annotated
 to run in the runtime's one-thread compute executor, so decoding and writing
 overlap the model. Priorities make a worker finish chunks it holds before it
 starts reading new ones, which keeps memory bounded for datasets of any size.
+
+Pipelined placements pin each stage's tasks to its worker group with worker
+restrictions (``workers=``, no other workers allowed). Restrictions need nothing
+from how the workers were started, so they work on any existing cluster, and work
+stealing honours them: idle workers of the same group still steal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 from dask.base import tokenize
@@ -16,9 +23,10 @@ from distributed import Client, Future
 
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.io.outputs import OutputTarget, write_chunk
-from dask_infer.workflows.runtime import compute_executor, infer_chunk
+from dask_infer.workflows.plan import Placement
+from dask_infer.workflows.runtime import compute_executor, infer_chunk, run_stage
 
-__all__ = ["ChunkPlan", "plan_chunks", "submit_chunks"]
+__all__ = ["ChunkPlan", "plan_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
 
 _READ, _INFER, _WRITE = 0, 1, 2
 
@@ -55,11 +63,13 @@ def submit_chunks(
     chunks: ChunkPlan,
     *,
     label: str,
+    workers: Sequence[str] | None = None,
 ) -> list[Future]:
     """Submit every chunk's read, infer and write tasks; return the write futures.
 
     Only the write futures are returned, so the scheduler releases each chunk's
-    images and logits as soon as they are written.
+    images and logits as soon as they are written. ``workers`` restricts the infer
+    tasks (to the workers holding a device); ``None`` lets every worker run them.
     """
     token = tokenize(source, target, runtime, chunks)
     starts = [b[0] for b in chunks.bounds]
@@ -80,6 +90,7 @@ def submit_chunks(
             reads,
             key=[f"{label}-infer-{token}-{i}" for i in range(n)],
             priority=_INFER,
+            workers=list(workers) if workers else None,
         )
     return client.map(
         write_chunk,
@@ -90,3 +101,78 @@ def submit_chunks(
         key=[f"write-{token}-{i}" for i in range(n)],
         priority=_WRITE,
     )
+
+
+def stage_prefix(label: str, stage: int) -> str:
+    """Task-name prefix of stage ``stage`` as the dashboard groups it: ``resnet50_stage_2``.
+
+    Dask groups tasks by the key's leading words and stops at the first word that is
+    not alphabetic, so ``resnet50-stage-2-...`` would show every stage as
+    ``resnet50-stage``; underscores keep the stage number in the group's name.
+    """
+    return f"{label}_stage_{stage}"
+
+
+def submit_pipeline(
+    client: Client,
+    source: ImageSource,
+    target: OutputTarget,
+    runtime: str,
+    chunks: ChunkPlan,
+    placement: Placement,
+    *,
+    label: str,
+    indices: Sequence[int] | None = None,
+) -> list[Future]:
+    """Submit read, one task per stage, and write for the chunks ``indices``; return the write futures.
+
+    Chunk ``i`` goes to replica ``i % replicas``. Its read runs on that replica's
+    stage-0 workers, so images never travel, and stage ``k`` only on the replica's
+    stage-``k`` workers. Later stages outrank earlier ones and reads, so a worker
+    passes chunks on before it starts new ones: many chunks are in flight and the
+    pipeline fills once per run.
+    """
+    token = tokenize(source, target, runtime, chunks, placement)
+    order = list(range(len(chunks.bounds))) if indices is None else list(indices)
+    stages = placement.num_stages
+    writes: dict[int, Future] = {}
+    for replica in range(placement.replicas):
+        mine = [i for i in order if i % placement.replicas == replica]
+        if not mine:
+            continue
+        starts = [chunks.bounds[i][0] for i in mine]
+        stops = [chunks.bounds[i][1] for i in mine]
+        n = len(mine)
+        data: list[Future[Any]] = client.map(
+            read_chunk,
+            [source] * n,
+            starts,
+            stops,
+            key=[f"read-{token}-{i}" for i in mine],
+            priority=_READ,
+            workers=list(placement.stage_workers(0, replica)),
+            allow_other_workers=False,
+        )
+        for k in range(stages):
+            with dask.annotate(executor=compute_executor(runtime)):
+                data = client.map(
+                    run_stage,
+                    [runtime] * n,
+                    [k] * n,
+                    data,
+                    key=[f"{stage_prefix(label, k)}-{token}-{i}" for i in mine],
+                    priority=_READ + 1 + k,
+                    workers=list(placement.stage_workers(k, replica)),
+                    allow_other_workers=False,
+                )
+        done = client.map(
+            write_chunk,
+            [target] * n,
+            starts,
+            stops,
+            data,
+            key=[f"write-{token}-{i}" for i in mine],
+            priority=_READ + 1 + stages,
+        )
+        writes.update(zip(mine, done, strict=True))
+    return [writes[i] for i in order]

@@ -108,6 +108,15 @@ class Placement:
                     held.setdefault(w, set()).add(k)
         return {w: tuple(sorted(ks)) for w, ks in sorted(held.items())}
 
+    def regrouped(self, times: Sequence[float]) -> Placement:
+        """The same workers per replica, shared among the stages again by new stage ``times``."""
+        if not self.pipelined:
+            return self
+        groups = tuple(
+            tuple(_split([w for group in replica for w in group], times)) for replica in self.groups
+        )
+        return Placement(self.mode, groups, self.reason)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict."""
         return {
@@ -202,11 +211,12 @@ def _check_memory(
         need = sum(needs[k] for k in stages)
         if worker.memory_bytes and need > worker.memory_bytes:
             what = "the whole model" if len(stages) == len(needs) else f"stage(s) {list(stages)}"
+            split = "more --stages" if placement.pipelined else "--stages with --placement pipeline"
             raise PlacementError(
                 f"{placement.mode} placement puts {what} on {address}, which needs {_size(need)} "
                 f"(weights plus activations for batch {batch_size}) but that worker has "
-                f"{_size(worker.memory_bytes)} ({worker.memory_kind}); use more --stages, "
-                "placement pipeline, a smaller --batch-size, or workers with more memory"
+                f"{_size(worker.memory_bytes)} ({worker.memory_kind}); use {split}, "
+                "a smaller --batch-size, or workers with more memory"
             )
 
 

@@ -33,6 +33,9 @@ class Rebalance:
     measured_before: tuple[float, ...]
     cuts_after: tuple[str, ...]
     predicted_after: tuple[float, ...]
+    chunks_measured: int = 0
+    placement_before: dict[str, Any] | None = None
+    placement_after: dict[str, Any] | None = None
     measured_after: tuple[float, ...] = ()
 
     @property
@@ -45,10 +48,12 @@ class Rebalance:
         return {
             "threshold": self.threshold,
             "recut": self.recut,
+            "chunks_measured": self.chunks_measured,
             "before": {
                 "cut_points": list(self.cuts_before),
                 "stage_seconds_per_image": list(self.measured_before),
                 "imbalance": imbalance(self.measured_before),
+                "placement": self.placement_before,
             },
             "after": {
                 "cut_points": list(self.cuts_after),
@@ -56,11 +61,13 @@ class Rebalance:
                 "predicted_imbalance": imbalance(self.predicted_after),
                 "stage_seconds_per_image": list(self.measured_after),
                 "imbalance": imbalance(self.measured_after) if self.measured_after else None,
+                "placement": self.placement_after,
             },
         }
 
     def describe(self) -> str:
         """Before and after, two lines."""
+
         def times(ts: Sequence[float]) -> str:
             return ", ".join(f"{t * 1e3:.2f}" for t in ts) + " ms/image"
 

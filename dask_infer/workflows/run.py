@@ -6,10 +6,10 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from distributed import Client, as_completed
+from distributed import Client
 from tqdm.auto import tqdm
 
 from dask_infer._version import __version__
@@ -18,8 +18,19 @@ from dask_infer.errors import DaskInferError
 from dask_infer.io.images import ImageSource, describe_source, image_coords
 from dask_infer.io.outputs import check_output_location, create_output, finalize_output
 from dask_infer.partition.models import LoadedModel, build_model
-from dask_infer.workflows.cluster import cuda_device_count, make_client
-from dask_infer.workflows.graph import plan_chunks, submit_chunks
+from dask_infer.partition.plan import StagePlan
+from dask_infer.workflows.cluster import cuda_device_count, device_memory, make_client
+from dask_infer.workflows.graph import ChunkPlan, plan_chunks, submit_chunks, submit_pipeline
+from dask_infer.workflows.monitor import (
+    format_stages,
+    gpu_summary,
+    maybe_performance_report,
+    stage_summary,
+    track,
+    write_summary,
+)
+from dask_infer.workflows.plan import Placement, plan_placement, workers_from_scheduler
+from dask_infer.workflows.rebalance import Rebalance, imbalance, rebalanced_cuts
 from dask_infer.workflows.runtime import ModelRuntime, RuntimeSpec
 
 __all__ = ["RunSummary", "run_config"]
@@ -41,6 +52,11 @@ class RunSummary:
     model_loads: int
     cluster: str
     dashboard: str | None
+    placement: dict[str, Any] = field(default_factory=dict)
+    loaded_stages: dict[str, list[int]] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    gpus: dict[str, Any] = field(default_factory=dict)
+    rebalance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON and output attrs."""
@@ -69,6 +85,8 @@ def _runtime_spec(
     torch_threads: int | None,
     cuts: tuple[str, ...],
     source: ImageSource,
+    placement: Placement,
+    chunk_size: int,
 ) -> RuntimeSpec:
     return RuntimeSpec(
         model=loaded.name,
@@ -86,6 +104,8 @@ def _runtime_spec(
         compress=config.compress,
         calibration=source,
         calibration_images=config.calibration_images,
+        stage_map=tuple(placement.stages_on().items()),
+        warmup_images=chunk_size,
     )
 
 
@@ -114,7 +134,7 @@ def _check_compression(
 
 def _stage_cuts(
     config: RunConfig, loaded: LoadedModel, say: Callable[[str], None]
-) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+) -> tuple[tuple[str, ...], StagePlan | None]:
     if config.stages == 1:
         return (), None
     from dask_infer.partition import format_plan, partition_model
@@ -127,7 +147,134 @@ def _stage_cuts(
         name=loaded.name,
     )
     say(format_plan(plan))
-    return tuple(plan.cut_points), plan.to_dict()
+    return tuple(plan.cut_points), plan
+
+
+def _placement(
+    config: RunConfig, client: Client, plan: StagePlan | None, loaded: LoadedModel, gpu: bool
+) -> Placement:
+    """The placement for this cluster, checked against its workers' memory before work starts."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
+    memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
+    return plan_placement(
+        config.placement,
+        plan,
+        workers_from_scheduler(info, memory),
+        replicas=config.replicas,
+        batch_size=config.batch_size or (256 if gpu else 32),
+        model=loaded.name,
+    )
+
+
+def _runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
+    return client.run(lambda dask_worker: dask_worker.plugins[name].stats())
+
+
+def _seconds_per_image(stats: dict[str, dict[str, Any]], stages: int) -> tuple[float, ...]:
+    return tuple(row["seconds_per_image"] or 0.0 for row in stage_summary(stats, 1.0, stages))
+
+
+@dataclass
+class _Execution:
+    """What a run has registered and decided so far: it changes when the stages are re-cut."""
+
+    spec: RuntimeSpec
+    placement: Placement
+    active: list[str] = field(default_factory=list)
+    loads: int = 0
+    rebalance: Rebalance | None = None
+    last_start: float = 0.0
+
+    def register(self, client: Client) -> str:
+        """Register a runtime for the current spec; it loads on the workers before this returns."""
+        name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
+        client.register_plugin(ModelRuntime(self.spec, name), name=name)
+        self.active.append(name)
+        self.loads += sum(s["loads"] for s in _runtime_stats(client, name).values())
+        return name
+
+    def release(self, client: Client, name: str) -> None:
+        """Unregister a runtime, which frees its stages on every worker."""
+        self.active.remove(name)
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)
+
+
+def _first_wave(config: RunConfig, placement: Placement, chunks: ChunkPlan) -> int:
+    """Chunks to measure stage times on before deciding to re-cut; 0 to not re-cut."""
+    if config.rebalance is None or not placement.pipelined or placement.num_stages < 2:
+        return 0
+    wave = placement.replicas * max(4, placement.num_stages + 1)
+    return wave if len(chunks.bounds) >= 3 * wave else 0
+
+
+def _execute(
+    client: Client,
+    config: RunConfig,
+    loaded: LoadedModel,
+    source: ImageSource,
+    output: Any,
+    chunks: ChunkPlan,
+    run: _Execution,
+    on_done: Callable[[int], None],
+    say: Callable[[str], None],
+) -> None:
+    """Submit the chunks, re-cutting the stages after a first wave where they are unbalanced."""
+
+    def submit(indices: list[int] | None) -> None:
+        placement, name = run.placement, run.active[-1]
+        if placement.pipelined:
+            futures = submit_pipeline(
+                client, source, output, name, chunks, placement, label=loaded.name, indices=indices
+            )
+        else:
+            everywhere = len(placement.workers) == len(client.scheduler_info(n_workers=-1)["workers"])
+            futures = submit_chunks(
+                client,
+                source,
+                output,
+                name,
+                chunks,
+                label=loaded.name,
+                workers=None if everywhere else placement.workers,
+            )
+        track(futures, progress=config.progress, on_done=on_done)
+
+    wave = _first_wave(config, run.placement, chunks)
+    run.last_start = time.perf_counter()
+    if not wave:
+        submit(None)
+        return
+    submit(list(range(wave)))
+    before = run.placement
+    measured = _seconds_per_image(_runtime_stats(client, run.active[-1]), before.num_stages)
+    # What limits throughput is a stage's time per image over the workers that share it.
+    effective = [t / len(before.stage_workers(k)) for k, t in enumerate(measured)]
+    assert config.rebalance is not None
+    cuts = run.spec.cut_points
+    new_cuts, predicted = cuts, measured
+    if imbalance(effective) > config.rebalance:
+        size = loaded.input_size
+        new_cuts, predicted = rebalanced_cuts(
+            loaded.module, cuts, measured, sample=(1, 3, size, size), label=loaded.name
+        )
+    after = before.regrouped(predicted) if new_cuts != cuts else before
+    run.rebalance = Rebalance(
+        config.rebalance, cuts, measured, new_cuts, predicted, wave, before.to_dict(), after.to_dict()
+    )
+    say(run.rebalance.describe())
+    if run.rebalance.recut:
+        old = run.active[-1]
+        run.spec = replace(run.spec, cut_points=new_cuts, stage_map=tuple(after.stages_on().items()))
+        run.placement = after
+        run.register(client)
+        run.release(client, old)
+        if after.groups != before.groups:
+            say(after.describe())
+    run.last_start = time.perf_counter()
+    submit(list(range(wave, len(chunks.bounds))))
 
 
 def run_config(
@@ -168,22 +315,30 @@ def run_config(
     own_cluster = client is None
     choice = None
     if client is None:
+        n_workers = config.n_workers
+        if n_workers is None and config.scheduler is None and config.placement in ("pipeline", "hybrid"):
+            n_workers = config.stages * (config.replicas or 1)
         client, choice = make_client(
             scheduler=config.scheduler,
             device=config.device,
-            n_workers=config.n_workers,
+            n_workers=n_workers,
             threads_per_worker=config.threads_per_worker,
         )
-    name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
+    run: _Execution | None = None
     try:
         say(f"dashboard: {client.dashboard_link}")
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        if not workers:
-            raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
         gpu = cuda_device_count() > 0 and config.device != "cpu"
+        placement = _placement(config, client, plan, loaded, gpu)
+        say(placement.describe())
+        workers = client.scheduler_info(n_workers=-1)["workers"]
         target = config.chunk_size or (512 if gpu else 64)
-        chunks = plan_chunks(source.n_images, source.storage_chunk, target=target, min_tasks=2 * len(workers))
-        spec = _runtime_spec(config, loaded, choice.torch_threads if choice else None, cuts, source)
+        in_flight = 8 * placement.num_stages * placement.replicas if placement.pipelined else 0
+        chunks = plan_chunks(
+            source.n_images, source.storage_chunk, target=target, min_tasks=max(2 * len(workers), in_flight)
+        )
+        spec = _runtime_spec(
+            config, loaded, choice.torch_threads if choice else None, cuts, source, placement, chunks.size
+        )
         output = create_output(
             config.output,
             n_images=source.n_images,
@@ -197,17 +352,23 @@ def run_config(
             overwrite=config.overwrite,
             storage_options=config.storage_options,
         )
-        say(f"loading {loaded.name} on {len(workers)} worker(s)")
-        client.register_plugin(ModelRuntime(spec, name), name=name)
-        start = time.perf_counter()
-        futures = submit_chunks(client, source, output, name, chunks, label=loaded.name)
-        with tqdm(
-            total=source.n_images, unit="img", disable=not config.progress, desc=loaded.name, leave=True
-        ) as bar:
-            for future in as_completed(futures):
-                bar.update(future.result())
-        seconds = time.perf_counter() - start
-        stats = client.run(lambda dask_worker: dask_worker.plugins[name].stats())
+        say(f"loading {loaded.name} on {len(placement.workers)} worker(s)")
+        run = _Execution(spec, placement)
+        with maybe_performance_report(client, config.report):
+            run.register(client)
+            start = time.perf_counter()
+            with tqdm(
+                total=source.n_images, unit="img", disable=not config.progress, desc=loaded.name, leave=True
+            ) as bar:
+                _execute(client, config, loaded, source, output, chunks, run, bar.update, say)
+            seconds = time.perf_counter() - start
+        placement = run.placement
+        stats = _runtime_stats(client, run.active[-1])
+        stage_rows = stage_summary(stats, time.perf_counter() - run.last_start, placement.num_stages)
+        if run.rebalance is not None and run.rebalance.recut:
+            run.rebalance = replace(
+                run.rebalance, measured_after=_seconds_per_image(stats, placement.num_stages)
+            )
         summary = RunSummary(
             images=source.n_images,
             seconds=seconds,
@@ -218,9 +379,14 @@ def run_config(
             chunks=len(chunks.bounds),
             chunk_size=chunks.size,
             workers=len(workers),
-            model_loads=sum(s["loads"] for s in stats.values()),
+            model_loads=run.loads,
             cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
             dashboard=client.dashboard_link,
+            placement=placement.to_dict(),
+            loaded_stages={address: s["held_stages"] for address, s in sorted(stats.items())},
+            stages=stage_rows,
+            gpus=gpu_summary(stats),
+            rebalance=run.rebalance.to_dict() if run.rebalance else None,
         )
         finalize_output(
             output,
@@ -236,18 +402,25 @@ def run_config(
                 "source": config.input,
                 "source_variable": source.variable,
                 "config": config.to_dict(),
-                "stage_plan": plan or {},
+                "stage_plan": plan.to_dict() if plan else {},
+                "placement": placement.to_dict(),
+                "rebalance": summary.rebalance or {},
                 "compression": compression or {},
                 "run_summary": summary.to_dict(),
             },
         )
+        if config.summary:
+            write_summary(config.summary, summary.to_dict())
     finally:
-        with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(name)
+        if run is not None:
+            for name in list(run.active):
+                run.release(client, name)
         if own_cluster:
             cluster = client.cluster
             client.close()
             if cluster is not None:
                 cluster.close()
     say(summary.format())
+    if any(row["images"] for row in summary.stages):
+        say(format_stages(summary.stages))
     return summary

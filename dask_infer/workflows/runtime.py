@@ -1,7 +1,8 @@
-"""Per-worker runtime: a WorkerPlugin that loads the model once and runs every chunk.
+"""Per-worker runtime: a WorkerPlugin that loads its stages once and runs every chunk.
 
 Tasks carry only the plugin's name; the model, device and compute thread live on
-the worker for the whole run.
+the worker for the whole run. Under a pipeline placement each worker loads only the
+stages placed on it and runs one stage per task, passing activations on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import nn
 
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.partition.models import build_model
+from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.preprocess import Preprocess
 
-__all__ = ["ModelRuntime", "RuntimeSpec", "compute_executor", "infer_chunk"]
+__all__ = ["Activation", "ModelRuntime", "RuntimeSpec", "compute_executor", "infer_chunk", "run_stage"]
 
 
 def compute_executor(runtime: str) -> str:
@@ -51,6 +53,47 @@ class RuntimeSpec:
     compress: str | None = None
     calibration: ImageSource | None = None
     calibration_images: int = 64
+    stage_map: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Worker address -> the stages it holds; empty: every worker holds every stage."""
+    warmup_images: int = 0
+    """Images of a blank batch run through the stages at load, so first-call costs stay out of timings."""
+
+    @property
+    def num_stages(self) -> int:
+        """Stages the model is cut into."""
+        return len(self.cut_points) + 1
+
+    def stages_for(self, address: str | None) -> tuple[int, ...]:
+        """The stage indices the worker at ``address`` loads."""
+        if not self.stage_map:
+            return tuple(range(self.num_stages))
+        return dict(self.stage_map).get(address or "", ())
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A tensor passed from one stage's task to the next, as raw bytes and a dtype name.
+
+    numpy has no bfloat16, and distributed serialises tensors through numpy, so the
+    bytes travel under an integer view of the same width.
+    """
+
+    data: np.ndarray
+    dtype: str
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> Activation:
+        """Copy ``tensor`` to host memory, contiguous."""
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            return cls(t.view(torch.int16).numpy(), "bfloat16")
+        return cls(t.numpy(), str(t.dtype).removeprefix("torch."))
+
+    def to_tensor(self) -> torch.Tensor:
+        """The tensor again (host memory)."""
+        data = self.data if self.data.flags.writeable else self.data.copy()
+        t = torch.from_numpy(data)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
 
 def _pick_device(wanted: str) -> torch.device:
@@ -79,8 +122,11 @@ class ModelRuntime(WorkerPlugin):
         self.chunks = 0
         self.images = 0
         self.busy_seconds = 0.0
+        self.address: str | None = None
+        self._stage_stats: dict[int, list[float]] = {}
         self._lock = threading.Lock()
-        self._stages: list[nn.Module] = []
+        self._stages: dict[int, nn.Module] = {}
+        self._gpu = GpuSampler()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "name": self.name}
@@ -93,7 +139,7 @@ class ModelRuntime(WorkerPlugin):
         if self.spec.torch_threads is None and self.spec.device != "cuda":
             # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
             torch.set_num_threads(max(1, worker.state.nthreads))
-        self.load()
+        self.load(worker.address)
         name = compute_executor(self.name)
         worker.executors[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
 
@@ -102,32 +148,54 @@ class ModelRuntime(WorkerPlugin):
         executor = worker.executors.pop(compute_executor(self.name), None)
         if executor is not None:
             executor.shutdown(wait=False)
-        self._stages = []
+        self._stages = {}
+        self._gpu.stop()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def load(self) -> None:
-        """Build model, stages and preprocessing on this process's device."""
+    def load(self, address: str | None = None) -> None:
+        """Build the stages placed on the worker at ``address`` (all without a stage map)."""
         spec = self.spec
+        self.address = address
         if spec.torch_threads is not None:
             torch.set_num_threads(spec.torch_threads)
         self.device = _pick_device(spec.device)
+        self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
+        self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
+        held = spec.stages_for(address)
+        if not held:
+            return
         loaded = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes)
         module = loaded.module
         if spec.cut_points:
             from dask_infer.partition import split_model
 
-            stages = list(split_model(module, list(spec.cut_points)))
+            stages = list(split_model(module, list(spec.cut_points), copy_model=False))
         else:
             stages = [module]
-        self._stages = [s.to(self.device).eval() for s in stages]
-        self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
-        self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
+        if spec.warmup_images and spec.compress is None and self.device.type == "cpu":
+            self._warm_up(stages, max(held))
+        if spec.compress is not None:
+            # int8 calibrates stage k on the outputs of stages < k, so all are built to compress.
+            self._stages = {i: s.to(self.device).eval() for i, s in enumerate(stages)}
+            self._compress()
+        else:
+            self._stages = {i: stages[i].to(self.device).eval() for i in held}
+        self._stages = {i: self._stages[i] for i in held}
+        self._stage_stats.clear()  # compile warm-up is not part of the run
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
-        if spec.compress is not None:
-            self._compress()
+            self._gpu.start()
         self.loads += 1
+
+    @torch.inference_mode()
+    def _warm_up(self, stages: list[nn.Module], last: int) -> None:
+        """Run a blank batch through stages 0..``last``: the later stages need their real input shapes."""
+        size = self.spec.input_size
+        n = min(self.spec.warmup_images, self.batch_size)
+        x = self.preprocess(torch.zeros((n, size, size, 3), dtype=torch.uint8))
+        for stage in stages[: last + 1]:
+            x = stage.eval()(x)
 
     def _compress(self) -> None:
         """Apply the compression plan; calibrate on the input's first images; warm up compiles."""
@@ -142,19 +210,33 @@ class ModelRuntime(WorkerPlugin):
             images = read_chunk(spec.calibration, 0, count, pooled=False)
             with torch.inference_mode():
                 calibration = self.preprocess(torch.from_numpy(images).to(self.device))
-        self._stages = [
-            s.eval() for s in compress_stages(self._stages, plan, calibration=calibration, device=self.device)
-        ]
+        ordered = [self._stages[i] for i in range(len(self._stages))]
+        compressed = compress_stages(ordered, plan, calibration=calibration, device=self.device)
+        self._stages = {i: s.eval() for i, s in enumerate(compressed)}
         if any(plan.recipe_for(i).compile for i in range(len(self._stages))):
             size = spec.input_size
             warm = np.zeros((self.batch_size, size, size, 3), dtype=np.uint8)
             self.forward(warm)
 
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-stage times need no device sync on the CPU; on a GPU only the chunk total is kept.
+        timed = self.device.type == "cpu"
+        start = time.perf_counter()
         x = self.preprocess(x)
-        for stage in self._stages:
-            x = stage(x)
+        for k in range(self.spec.num_stages):
+            x = self._stages[k](x)
+            if timed:
+                now = time.perf_counter()
+                self._add_stage_time(k, now - start, 0)
+                start = now
         return x
+
+    def _add_stage_time(self, stage: int, seconds: float, images: int) -> None:
+        with self._lock:
+            entry = self._stage_stats.setdefault(stage, [0, 0, 0.0])
+            entry[0] += 1 if images else 0
+            entry[1] += images
+            entry[2] += seconds
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
@@ -203,7 +285,61 @@ class ModelRuntime(WorkerPlugin):
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every requested output for one chunk, as numpy arrays keyed by variable name."""
         start = time.perf_counter()
-        logits = self.forward(images)
+        if len(self._stages) != self.spec.num_stages:
+            raise RuntimeError(
+                f"worker {self.address} holds stages {sorted(self._stages)} of {self.spec.num_stages}; "
+                "a whole-model task needs all of them (data-parallel placement)"
+            )
+        result = self._outputs(self.forward(images))
+        if self.device.type == "cpu":
+            for k in range(self.spec.num_stages):
+                self._add_stage_time(k, 0.0, images.shape[0])
+        with self._lock:
+            self.chunks += 1
+            self.images += images.shape[0]
+            self.busy_seconds += time.perf_counter() - start
+        return result
+
+    @torch.inference_mode()
+    def run_stage(self, stage: int, data: np.ndarray | Activation) -> Activation | dict[str, np.ndarray]:
+        """Run stage ``stage`` on one chunk: images for stage 0, the previous stage's activation after.
+
+        Batches are the same as a whole-model task's, so every placement computes the
+        same numbers. The last stage returns the outputs dict; the others an
+        :class:`Activation` for the next stage's task.
+        """
+        module = self._stages.get(stage)
+        if module is None:
+            raise RuntimeError(
+                f"stage {stage} is not loaded on worker {self.address}, which holds stages "
+                f"{sorted(self._stages)}; its task was placed on the wrong worker"
+            )
+        start = time.perf_counter()
+        if isinstance(data, Activation):
+            host = data.to_tensor()
+        else:
+            host = torch.from_numpy(data if data.flags.writeable else data.copy())
+        last = stage == self.spec.num_stages - 1
+        parts = []
+        for i in range(0, len(host), self.batch_size):
+            x = host[i : i + self.batch_size].to(self.device)
+            if stage == 0:
+                x = self.preprocess(x)
+            y = module(x)
+            parts.append(y.float() if last else y)
+        out = torch.cat(parts)
+        result: Activation | dict[str, np.ndarray] = (
+            self._outputs(out.to("cpu")) if last else Activation.from_tensor(out)
+        )
+        seconds = time.perf_counter() - start
+        self._add_stage_time(stage, seconds, len(host))
+        with self._lock:
+            self.chunks += 1 if last else 0
+            self.images += len(host) if last else 0
+            self.busy_seconds += seconds
+        return result
+
+    def _outputs(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
         if "logits" in self.spec.outputs:
             result["logits"] = logits.numpy()
@@ -215,19 +351,23 @@ class ModelRuntime(WorkerPlugin):
                 top = torch.topk(probs, k=self.spec.top_k, dim=1)
                 result["top_k_class"] = top.indices.numpy().astype(np.int64)
                 result["top_k_probability"] = top.values.numpy()
-        with self._lock:
-            self.chunks += 1
-            self.images += images.shape[0]
-            self.busy_seconds += time.perf_counter() - start
         return result
 
     def stats(self) -> dict[str, Any]:
-        """Loads, chunks, images and busy seconds on this worker so far."""
+        """Loads, chunks, images, busy seconds, per-stage figures and GPU samples on this worker."""
+        with self._lock:
+            stages = {
+                k: {"chunks": int(c), "images": int(n), "busy_s": float(b)}
+                for k, (c, n, b) in sorted(self._stage_stats.items())
+            }
         return {
             "loads": self.loads,
+            "held_stages": sorted(self._stages),
             "chunks": self.chunks,
             "images": self.images,
             "busy_s": self.busy_seconds,
+            "stages": stages,
+            "gpu": self._gpu.stats(),
         }
 
 
@@ -235,3 +375,9 @@ def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
     """Task body: run the worker's runtime named ``runtime`` on one chunk."""
     plugin = get_worker().plugins[runtime]
     return plugin.infer(images)  # type: ignore[attr-defined]
+
+
+def run_stage(runtime: str, stage: int, data: np.ndarray | Activation) -> Activation | dict[str, np.ndarray]:
+    """Task body: run stage ``stage`` of the worker's runtime named ``runtime`` on one chunk."""
+    plugin = get_worker().plugins[runtime]
+    return plugin.run_stage(stage, data)  # type: ignore[attr-defined]

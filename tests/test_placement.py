@@ -1,0 +1,220 @@
+"""Placements on a real cluster whose workers carry stand-in GPU resources.
+
+Four single-threaded worker processes, each labelled ``GPU: 1`` as a dask-cuda worker
+would be, so data-parallel, pipeline and hybrid placements run here without a GPU.
+Where tasks ran is read from the scheduler's own transition records.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from dask.utils import key_split
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import dask_infer
+from dask_infer.io.dataset import write_image_dataset
+from dask_infer.workflows.plan import PlacementError
+from tests.conftest import random_images
+from tests.reference import assert_close_logits, reference_logits
+
+
+class _WhereTasksRan(SchedulerPlugin):
+    """Records (key, worker) whenever a task's result lands in a worker's memory."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str]] = []
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if finish != "memory":
+            return
+        worker = kwargs.get("worker")
+        if worker is None:
+            ts = self.scheduler.tasks.get(key)
+            worker = next(iter(ts.who_has)).address if ts is not None and ts.who_has else None
+        self.records.append((str(key), str(worker)))
+
+
+@pytest.fixture(scope="module")
+def gpu_client() -> Iterator[Client]:
+    with (
+        LocalCluster(
+            n_workers=4,
+            threads_per_worker=1,
+            resources={"GPU": 1},
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(_WhereTasksRan(), name="where-tasks-ran")
+        yield client
+
+
+def _records(client: Client) -> list[tuple[str, str]]:
+    records = client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins["where-tasks-ran"].records
+    )
+    return [tuple(r) for r in records]  # type: ignore[misc]
+
+
+def _run(client: Client, src: Path, out: Path, weights: Path, **kw: Any) -> dask_infer.RunSummary:
+    return dask_infer.run(
+        str(src),
+        str(out),
+        model="resnet18",
+        weights=str(weights),
+        client=client,
+        progress=False,
+        echo=None,
+        **kw,
+    )
+
+
+def _stage_tasks(records: list[tuple[str, str]], stage: int, seen: int) -> list[tuple[int, str]]:
+    """(chunk index, worker) of stage ``stage``'s tasks among the records after ``seen``."""
+    prefix = f"resnet18_stage_{stage}"
+    return [(int(k.rsplit("-", 1)[1]), w) for k, w in records[seen:] if key_split(k) == prefix]
+
+
+def _assert_stages_ran_on_their_workers(
+    records: list[tuple[str, str]], seen: int, placement: dict[str, Any], chunks: range
+) -> None:
+    groups = placement["groups"]
+    for k in range(placement["stages"]):
+        ran = [(i, w) for i, w in _stage_tasks(records, k, seen) if i in chunks]
+        assert len(ran) == len(chunks), f"stage {k}: {len(ran)} tasks for {len(chunks)} chunks"
+        for i, worker in ran:
+            allowed = groups[i % len(groups)][k]
+            assert worker in allowed, f"stage {k} of chunk {i} ran on {worker}, not on {allowed}"
+
+
+def test_every_placement_gives_the_whole_models_predictions(
+    gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    whole = _run(gpu_client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
+    want = xr.open_zarr(tmp_path / "whole.zarr")["logits"].values
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    assert_close_logits(want, reference_logits(images, "resnet18", str(small_weights)))
+    assert whole.placement["mode"] == "data" and whole.model_loads == 4
+
+    auto = _run(gpu_client, small_dataset, tmp_path / "auto.zarr", small_weights, chunk_size=8, stages=2)
+    assert auto.placement["mode"] == "data" and "no activations move" in auto.placement["reason"]
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "auto.zarr")["logits"].values, want)
+
+    for mode, extra in [("pipeline", {}), ("hybrid", {"replicas": 2})]:
+        seen = len(_records(gpu_client))
+        report, summary_file = tmp_path / f"{mode}.html", tmp_path / f"{mode}.json"
+        summary = _run(
+            gpu_client,
+            small_dataset,
+            tmp_path / f"{mode}.zarr",
+            small_weights,
+            chunk_size=8,
+            stages=2,
+            placement=mode,
+            rebalance=False,
+            report=str(report),
+            summary=str(summary_file),
+            **extra,
+        )
+        got = xr.open_zarr(tmp_path / f"{mode}.zarr")
+        np.testing.assert_array_equal(got["logits"].values, want)
+        np.testing.assert_array_equal(
+            got["top_k_class"].values, xr.open_zarr(tmp_path / "whole.zarr")["top_k_class"].values
+        )
+        placement = summary.placement
+        assert placement["mode"] == mode and placement["replicas"] == (2 if mode == "hybrid" else 1)
+        _assert_stages_ran_on_their_workers(_records(gpu_client), seen, placement, range(summary.chunks))
+        # each worker loaded exactly the stages placed on it
+        held: dict[str, list[int]] = {}
+        for replica in placement["groups"]:
+            for k, group in enumerate(replica):
+                for w in group:
+                    held.setdefault(w, []).append(k)
+        assert summary.loaded_stages == held and summary.model_loads == 4
+        assert [s["images"] for s in summary.stages] == [200, 200]
+        assert all(s["busy_s"] > 0 and s["images_per_s_busy"] > 0 for s in summary.stages)
+        assert json.loads(summary_file.read_text())["placement"]["groups"] == placement["groups"]
+        assert "resnet18_stage_1" in report.read_text() and summary.gpus == {}
+        assert json.loads(got.attrs["placement"])["mode"] == mode
+
+
+def test_rebalance_recuts_an_unbalanced_pipeline(
+    gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """Balancing by parameters puts most of ResNet-18's time in stage 0; the run re-cuts it."""
+    src = tmp_path / "fine.zarr"
+    write_image_dataset(str(src), random_images(200, seed=7), chunk=4)
+    _run(gpu_client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
+    seen = len(_records(gpu_client))
+    lines: list[str] = []
+    summary = dask_infer.run(
+        str(src),
+        str(tmp_path / "hybrid.zarr"),
+        model="resnet18",
+        weights=str(small_weights),
+        client=gpu_client,
+        progress=False,
+        echo=lines.append,
+        chunk_size=4,
+        stages=2,
+        balance="params",
+        placement="hybrid",
+        rebalance=1.25,
+    )
+    rebalance = summary.rebalance
+    assert rebalance is not None and rebalance["recut"], rebalance["before"]
+    before, after = rebalance["before"], rebalance["after"]
+    assert before["imbalance"] > 1.25 and before["cut_points"] != after["cut_points"]
+    assert after["predicted_imbalance"] < before["imbalance"]
+    assert any(line.startswith("rebalance:") and "re-cut at" in line for line in lines)
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "hybrid.zarr")["logits"].values,
+        xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
+    )
+    wave = rebalance["chunks_measured"]
+    records = _records(gpu_client)
+    _assert_stages_ran_on_their_workers(records, seen, before["placement"], range(wave))
+    _assert_stages_ran_on_their_workers(records, seen, after["placement"], range(wave, summary.chunks))
+    plan = json.loads(xr.open_zarr(tmp_path / "hybrid.zarr").attrs["rebalance"])
+    assert plan["after"]["cut_points"] == after["cut_points"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"stages": 5, "placement": "pipeline"},
+            r"pipeline needs 5 GPU-labelled workers \(1 per stage\) but the cluster has 4; use --stages 4",
+        ),
+        (
+            {"stages": 2, "placement": "hybrid", "replicas": 3},
+            r"hybrid needs 6 GPU-labelled workers \(3 replicas x 2 stages\) but the cluster has 4",
+        ),
+        (
+            {"stages": 2, "placement": "data", "batch_size": 10**7},
+            r"puts the whole model on tcp://.*, which needs .* GiB .*for batch 10000000.* \(memory_limit\)",
+        ),
+    ],
+)
+def test_placements_that_cannot_work_fail_before_work(
+    gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path, kwargs: dict, match: str
+) -> None:
+    seen = len(_records(gpu_client))
+    with pytest.raises(PlacementError, match=match):
+        _run(gpu_client, small_dataset, tmp_path / "o.zarr", small_weights, **kwargs)
+    assert not (tmp_path / "o.zarr").exists()
+    assert _records(gpu_client)[seen:] == []
