@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(BIN)/dask-infer demo --output demo-output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" tests
+	$(BIN)/python -m pytest -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check dask_infer tests benchmarks

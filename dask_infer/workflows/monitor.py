@@ -128,17 +128,20 @@ def stage_summary(
     Returns
     -------
     list of dict
-        One per stage: workers, images, busy seconds (summed), mean busy fraction of its
-        workers over the run, images/s while busy and images/s over the run.
+        One per stage: workers, images, busy seconds (wall time, summed), work seconds
+        (CPU time on a CPU, which other processes on the same cores do not inflate),
+        mean busy fraction of its workers over the run, seconds per image (busy and
+        work), images/s while busy and images/s over the run.
     """
     out = []
     for k in range(num_stages):
-        busy = images = 0.0
+        busy = work = images = 0.0
         workers = []
         for address, s in stats.items():
             stage = s.get("stages", {}).get(k)
             if stage and stage["images"]:
                 busy += stage["busy_s"]
+                work += stage.get("work_s", stage["busy_s"])
                 images += stage["images"]
                 workers.append(address)
         out.append(
@@ -147,8 +150,10 @@ def stage_summary(
                 "workers": sorted(workers),
                 "images": int(images),
                 "busy_s": busy,
+                "work_s": work,
                 "busy_fraction": busy / (seconds * len(workers)) if workers and seconds > 0 else 0.0,
                 "seconds_per_image": busy / images if images else None,
+                "work_seconds_per_image": work / images if images else None,
                 "images_per_s_busy": images / busy if busy > 0 else None,
                 "images_per_s": images / seconds if seconds > 0 else None,
             }

@@ -173,7 +173,7 @@ def _runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
 
 
 def _seconds_per_image(stats: dict[str, dict[str, Any]], stages: int) -> tuple[float, ...]:
-    return tuple(row["seconds_per_image"] or 0.0 for row in stage_summary(stats, 1.0, stages))
+    return tuple(row["work_seconds_per_image"] or 0.0 for row in stage_summary(stats, 1.0, stages))
 
 
 @dataclass

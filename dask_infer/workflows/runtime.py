@@ -221,22 +221,35 @@ class ModelRuntime(WorkerPlugin):
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         # Per-stage times need no device sync on the CPU; on a GPU only the chunk total is kept.
         timed = self.device.type == "cpu"
-        start = time.perf_counter()
+        start, work = time.perf_counter(), self._work_clock()
         x = self.preprocess(x)
         for k in range(self.spec.num_stages):
             x = self._stages[k](x)
             if timed:
-                now = time.perf_counter()
-                self._add_stage_time(k, now - start, 0)
-                start = now
+                now, now_work = time.perf_counter(), self._work_clock()
+                self._add_stage_time(k, now - start, 0, now_work - work)
+                start, work = now, now_work
         return x
 
-    def _add_stage_time(self, stage: int, seconds: float, images: int) -> None:
+    def _work_clock(self) -> float:
+        """Seconds of work done, unaffected by other processes sharing the cores.
+
+        On a GPU that is wall time (the device is this worker's own). On the CPU it is
+        CPU time: of this thread when torch computes in it alone, else of the process.
+        Wall time there counts waiting for a core, which would make whichever stage
+        shares its cores with busier neighbours look slow.
+        """
+        if self.device.type != "cpu":
+            return time.perf_counter()
+        return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+    def _add_stage_time(self, stage: int, seconds: float, images: int, work: float) -> None:
         with self._lock:
-            entry = self._stage_stats.setdefault(stage, [0, 0, 0.0])
+            entry = self._stage_stats.setdefault(stage, [0, 0, 0.0, 0.0])
             entry[0] += 1 if images else 0
             entry[1] += images
             entry[2] += seconds
+            entry[3] += work
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
@@ -293,7 +306,7 @@ class ModelRuntime(WorkerPlugin):
         result = self._outputs(self.forward(images))
         if self.device.type == "cpu":
             for k in range(self.spec.num_stages):
-                self._add_stage_time(k, 0.0, images.shape[0])
+                self._add_stage_time(k, 0.0, images.shape[0], 0.0)
         with self._lock:
             self.chunks += 1
             self.images += images.shape[0]
@@ -314,7 +327,7 @@ class ModelRuntime(WorkerPlugin):
                 f"stage {stage} is not loaded on worker {self.address}, which holds stages "
                 f"{sorted(self._stages)}; its task was placed on the wrong worker"
             )
-        start = time.perf_counter()
+        start, work = time.perf_counter(), self._work_clock()
         if isinstance(data, Activation):
             host = data.to_tensor()
         else:
@@ -332,7 +345,7 @@ class ModelRuntime(WorkerPlugin):
             self._outputs(out.to("cpu")) if last else Activation.from_tensor(out)
         )
         seconds = time.perf_counter() - start
-        self._add_stage_time(stage, seconds, len(host))
+        self._add_stage_time(stage, seconds, len(host), self._work_clock() - work)
         with self._lock:
             self.chunks += 1 if last else 0
             self.images += len(host) if last else 0
@@ -357,8 +370,8 @@ class ModelRuntime(WorkerPlugin):
         """Loads, chunks, images, busy seconds, per-stage figures and GPU samples on this worker."""
         with self._lock:
             stages = {
-                k: {"chunks": int(c), "images": int(n), "busy_s": float(b)}
-                for k, (c, n, b) in sorted(self._stage_stats.items())
+                k: {"chunks": int(c), "images": int(n), "busy_s": float(b), "work_s": float(w)}
+                for k, (c, n, b, w) in sorted(self._stage_stats.items())
             }
         return {
             "loads": self.loads,
