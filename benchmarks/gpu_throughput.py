@@ -47,7 +47,9 @@ def make_dataset(path: str, images: int, size: int, chunk: int, codec: str) -> N
     data = np.concatenate([base] * (-(-images // len(base))))[:images]
     if codec == "none":
         group = zarr.open_group(path, mode="w")
-        arr = group.create_array("images", shape=data.shape, chunks=(chunk, size, size, 3), dtype="uint8", compressors=None)
+        arr = group.create_array(
+            "images", shape=data.shape, chunks=(chunk, size, size, 3), dtype="uint8", compressors=None
+        )
         arr[:] = data
     else:
         write_image_dataset(path, data, chunk=chunk)
@@ -67,7 +69,16 @@ def timed(fn: Callable[[], int], repeats: int) -> float:
     return max(rates)
 
 
-def model_alone(model: torch.nn.Module, prep: Preprocess, device: torch.device, batch: int, size: int, steps: int, dtype: torch.dtype, channels_last: bool) -> Callable[[], int]:
+def model_alone(
+    model: torch.nn.Module,
+    prep: Preprocess,
+    device: torch.device,
+    batch: int,
+    size: int,
+    steps: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> Callable[[], int]:
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
 
     def go() -> int:
@@ -93,7 +104,15 @@ def decode_only(path: str, threads: int) -> Callable[[], int]:
     return go
 
 
-def plain_loop(path: str, model: torch.nn.Module, prep: Preprocess, device: torch.device, batch: int, dtype: torch.dtype, channels_last: bool) -> Callable[[], int]:
+def plain_loop(
+    path: str,
+    model: torch.nn.Module,
+    prep: Preprocess,
+    device: torch.device,
+    batch: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> Callable[[], int]:
     """What a careful user writes: a prefetch thread reads chunks, the main thread infers."""
     arr = zarr.open_group(path, mode="r")["images"]
     step = arr.chunks[0]
@@ -145,8 +164,15 @@ def main() -> None:
         recipe += "+compile"
     work = Path(tempfile.mkdtemp(prefix="dask-infer-gpu-bench-"))
     result: dict[str, object] = {
-        "card": card(), "torch": torch.__version__, "model": args.model, "images": args.images,
-        "size": args.size, "chunk": args.chunk, "batch": args.batch, "dtype": str(dtype), "recipe": recipe,
+        "card": card(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "images": args.images,
+        "size": args.size,
+        "chunk": args.chunk,
+        "batch": args.batch,
+        "dtype": str(dtype),
+        "recipe": recipe,
     }
     try:
         loaded = build_model(args.model)
@@ -163,7 +189,9 @@ def main() -> None:
         result["model_alone_eager_images_per_s"] = timed(eager, args.repeats)
         if args.compile:
             compiled_model = torch.compile(model)
-            compiled = model_alone(compiled_model, prep, device, args.batch, loaded.input_size, steps, dtype, channels_last)
+            compiled = model_alone(
+                compiled_model, prep, device, args.batch, loaded.input_size, steps, dtype, channels_last
+            )
             compiled()
             result["model_alone_compiled_images_per_s"] = timed(compiled, args.repeats)
         for codec in ("zstd", "none"):
@@ -176,8 +204,15 @@ def main() -> None:
         runs = []
         for r in range(args.repeats):
             summary = dask_infer.run(
-                zstd, str(work / f"out-{r}.zarr"), model=args.model, weights=weights, compress=recipe,
-                batch_size=args.batch, chunk_size=args.chunk, progress=False, echo=None,
+                zstd,
+                str(work / f"out-{r}.zarr"),
+                model=args.model,
+                weights=weights,
+                compress=recipe,
+                batch_size=args.batch,
+                chunk_size=args.chunk,
+                progress=False,
+                echo=None,
             )
             runs.append(summary.images_per_second)
         result["dask_infer_images_per_s"] = max(runs)

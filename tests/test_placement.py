@@ -185,10 +185,11 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
         xr.open_zarr(tmp_path / "hybrid.zarr")["logits"].values,
         xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
     )
-    wave = rebalance["chunks_measured"]
+    switch = rebalance["chunks_before"]
+    assert 0 < rebalance["chunks_measured"] < switch < summary.chunks
     records = _records(gpu_client)
-    _assert_stages_ran_on_their_workers(records, seen, before["placement"], range(wave))
-    _assert_stages_ran_on_their_workers(records, seen, after["placement"], range(wave, summary.chunks))
+    _assert_stages_ran_on_their_workers(records, seen, before["placement"], range(switch))
+    _assert_stages_ran_on_their_workers(records, seen, after["placement"], range(switch, summary.chunks))
     plan = json.loads(xr.open_zarr(tmp_path / "hybrid.zarr").attrs["rebalance"])
     assert plan["after"]["cut_points"] == after["cut_points"]
 
@@ -218,3 +219,79 @@ def test_placements_that_cannot_work_fail_before_work(
         _run(gpu_client, small_dataset, tmp_path / "o.zarr", small_weights, **kwargs)
     assert not (tmp_path / "o.zarr").exists()
     assert _records(gpu_client)[seen:] == []
+
+
+def test_cli_placement_options(
+    gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from dask_infer.cli import main
+
+    address = gpu_client.scheduler_info()["address"]
+    args = ["run", "--input", str(small_dataset), "--model", "resnet18", "--weights", str(small_weights)]
+    args += ["--scheduler", address, "--no-progress", "--stages", "2"]
+    bad = CliRunner().invoke(
+        main, [*args, "--output", str(tmp_path / "bad.zarr"), "--placement", "hybrid", "--replicas", "3"]
+    )
+    assert bad.exit_code == 2 and "hybrid needs 6 GPU-labelled workers" in bad.output
+    good = CliRunner().invoke(
+        main,
+        [
+            *args,
+            "--output",
+            str(tmp_path / "o.zarr"),
+            "--placement",
+            "pipeline",
+            "--no-rebalance",
+            "--summary",
+            str(tmp_path / "s.json"),
+        ],
+    )
+    assert good.exit_code == 0, good.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["placement"]["mode"] == "pipeline" and summary["rebalance"] is None
+    assert "placement: pipeline" in good.output and "stage 1:" in good.output
+
+
+class _ChunksInFlight(SchedulerPlugin):
+    """Peak number of chunks the scheduler knows to have been read but not yet written."""
+
+    def __init__(self) -> None:
+        self.reads: set[str] = set()
+        self.written = 0
+        self.peak = 0
+
+    def transition(self, key, start, finish, *args, **kwargs):  # type: ignore[no-untyped-def]
+        name = str(key)
+        if name.startswith("read-"):
+            self.reads.add(name)
+        elif name.startswith("write-") and finish == "memory":
+            self.written += 1
+        self.peak = max(self.peak, len(self.reads) - self.written)
+
+
+def test_a_pipeline_keeps_a_bounded_window_of_chunks_in_flight(
+    gpu_client: Client, small_weights: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "long.zarr"
+    write_image_dataset(str(src), random_images(240, seed=8), chunk=2)
+    gpu_client.register_plugin(_ChunksInFlight(), name="chunks-in-flight")
+    try:
+        summary = _run(
+            gpu_client,
+            src,
+            tmp_path / "o.zarr",
+            small_weights,
+            chunk_size=2,
+            stages=2,
+            placement="pipeline",
+            rebalance=False,
+        )
+        peak = gpu_client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins["chunks-in-flight"].peak
+        )
+    finally:
+        gpu_client.unregister_scheduler_plugin("chunks-in-flight")
+    assert summary.chunks == 120
+    assert 2 <= peak <= 8, f"{peak} chunks in flight"

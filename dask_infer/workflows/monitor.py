@@ -20,6 +20,7 @@ from distributed import Client, Future, as_completed
 
 __all__ = [
     "GpuSampler",
+    "format_stages",
     "gpu_summary",
     "in_notebook",
     "maybe_performance_report",
@@ -193,19 +194,28 @@ def track(
     *,
     progress: bool,
     on_done: Callable[[int], None],
+    refill: Callable[[], list[Future]] | None = None,
 ) -> None:
     """Wait for ``futures``, calling ``on_done(result)`` for each as it finishes.
 
+    ``refill``, when given, is called after each finished future and returns futures
+    to wait for as well (the next chunks of a pipeline fed in a window).
+
     In a Jupyter kernel with ``progress`` set, ``distributed.progress`` also draws its
-    per-task-group widget (read, each stage, write); without ipywidgets it is skipped.
+    per-task-group widget (read, each stage, write) for the futures known at the start;
+    without ipywidgets it is skipped.
     """
     if progress and in_notebook():
         with contextlib.suppress(ImportError):
             from distributed import progress as dask_progress
 
             dask_progress(futures, notebook=True)
-    for future in as_completed(futures):
+    waiting = as_completed(futures)
+    for future in waiting:
         on_done(future.result())
+        if refill is not None:
+            for more in refill():
+                waiting.add(more)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ class Rebalance:
     cuts_after: tuple[str, ...]
     predicted_after: tuple[float, ...]
     chunks_measured: int = 0
+    chunks_before: int = 0
     placement_before: dict[str, Any] | None = None
     placement_after: dict[str, Any] | None = None
     measured_after: tuple[float, ...] = ()
@@ -49,6 +50,7 @@ class Rebalance:
             "threshold": self.threshold,
             "recut": self.recut,
             "chunks_measured": self.chunks_measured,
+            "chunks_before": self.chunks_before,
             "before": {
                 "cut_points": list(self.cuts_before),
                 "stage_seconds_per_image": list(self.measured_before),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from distributed import Client
+from distributed import Client, Future
 from tqdm.auto import tqdm
 
 from dask_infer._version import __version__
@@ -17,6 +17,7 @@ from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
 from dask_infer.io.images import ImageSource, describe_source, image_coords
 from dask_infer.io.outputs import check_output_location, create_output, finalize_output
+from dask_infer.partition import format_plan
 from dask_infer.partition.models import LoadedModel, build_model
 from dask_infer.partition.plan import StagePlan
 from dask_infer.workflows.cluster import cuda_device_count, device_memory, make_client
@@ -168,6 +169,67 @@ def _placement(
     )
 
 
+def _partition_here(
+    model: str,
+    weights: str | None,
+    num_classes: int,
+    stages: int,
+    sample: tuple[int, ...],
+    threads: int | None,
+) -> dict[str, Any]:
+    """Task body: partition the model by time as this worker runs it."""
+    import torch
+
+    from dask_infer.partition import partition_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    module = build_model(model, weights=weights, num_classes=num_classes).module
+    return partition_model(
+        module, stages, balance="time", sample=sample, name=model, repeats=3
+    ).plan.to_dict()
+
+
+def _profile_on_worker(
+    client: Client,
+    loaded: LoadedModel,
+    worker: str,
+    plan: StagePlan,
+    batch: int,
+    torch_threads: int | None,
+) -> StagePlan:
+    """The time-balanced plan measured on a stage worker, with its torch threads and the run's batch.
+
+    Stage times depend on the threads and batch size they run with (early layers use
+    threads better than late ones), so a profile taken here, with all of this
+    machine's threads and batch 1, can cut a pipeline of one-thread workers far from
+    balance.
+    """
+    nthreads = client.scheduler_info(n_workers=-1)["workers"][worker]["nthreads"]
+    size = loaded.input_size
+    future = client.submit(
+        _partition_here,
+        loaded.name,
+        loaded.weights,
+        loaded.num_classes,
+        plan.num_stages,
+        (batch, 3, size, size),
+        torch_threads or max(1, nthreads),
+        workers=[worker],
+        pure=False,
+        key=f"{loaded.name}-profile-{uuid.uuid4().hex[:8]}",
+    )
+    return StagePlan.from_dict(future.result())
+
+
+def _recut_here(
+    spec: RuntimeSpec, measured: tuple[float, ...], sample: tuple[int, ...]
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Task body: cut points balanced by ``measured``, profiled as this worker runs the model."""
+    module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
+    return rebalanced_cuts(module, spec.cut_points, measured, sample=sample, label=spec.model)
+
+
 def _runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
     return client.run(lambda dask_worker: dask_worker.plugins[name].stats())
 
@@ -202,6 +264,11 @@ class _Execution:
             client.unregister_worker_plugin(name)
 
 
+def _window(placement: Placement) -> int:
+    """Chunks a pipeline keeps in flight: enough that every stage always has one waiting."""
+    return 2 * placement.replicas * max(4, placement.num_stages + 1)
+
+
 def _first_wave(config: RunConfig, placement: Placement, chunks: ChunkPlan) -> int:
     """Chunks to measure stage times on before deciding to re-cut; 0 to not re-cut."""
     if config.rebalance is None or not placement.pipelined or placement.num_stages < 2:
@@ -223,7 +290,7 @@ def _execute(
 ) -> None:
     """Submit the chunks, re-cutting the stages after a first wave where they are unbalanced."""
 
-    def submit(indices: list[int] | None) -> None:
+    def submit(indices: list[int] | None) -> list[Future]:
         placement, name = run.placement, run.active[-1]
         if placement.pipelined:
             futures = submit_pipeline(
@@ -240,14 +307,33 @@ def _execute(
                 label=loaded.name,
                 workers=None if everywhere else placement.workers,
             )
-        track(futures, progress=config.progress, on_done=on_done)
+        return futures
+
+    pending: list[int] = []
+
+    def refill() -> list[Future]:
+        # One more chunk for each one written keeps the chunks in flight, and so the
+        # activations held between stages, bounded however long the dataset.
+        return submit([pending.pop(0)]) if pending else []
 
     wave = _first_wave(config, run.placement, chunks)
     run.last_start = time.perf_counter()
-    if not wave:
-        submit(None)
+    if not run.placement.pipelined:
+        track(submit(None), progress=config.progress, on_done=on_done)
         return
-    submit(list(range(wave)))
+    window = _window(run.placement)
+    if not wave:
+        pending.extend(range(window, len(chunks.bounds)))
+        track(
+            submit(list(range(min(window, len(chunks.bounds))))),
+            progress=config.progress,
+            on_done=on_done,
+            refill=refill,
+        )
+        return
+    # A second wave keeps the pipeline full while the first is measured and the new cut loads.
+    first, second = submit(list(range(wave))), submit(list(range(wave, 2 * wave)))
+    track(first, progress=config.progress, on_done=on_done)
     before = run.placement
     measured = _seconds_per_image(_runtime_stats(client, run.active[-1]), before.num_stages)
     # What limits throughput is a stage's time per image over the workers that share it.
@@ -256,25 +342,42 @@ def _execute(
     cuts = run.spec.cut_points
     new_cuts, predicted = cuts, measured
     if imbalance(effective) > config.rebalance:
-        size = loaded.input_size
-        new_cuts, predicted = rebalanced_cuts(
-            loaded.module, cuts, measured, sample=(1, 3, size, size), label=loaded.name
+        batch = min(run.spec.batch_size or 32, chunks.size)
+        future = client.submit(
+            _recut_here,
+            run.spec,
+            measured,
+            (batch, 3, loaded.input_size, loaded.input_size),
+            workers=list(before.stage_workers(0)),
+            pure=False,
+            key=f"{loaded.name}-recut-{uuid.uuid4().hex[:8]}",
         )
+        new_cuts, predicted = future.result()
     after = before.regrouped(predicted) if new_cuts != cuts else before
     run.rebalance = Rebalance(
-        config.rebalance, cuts, measured, new_cuts, predicted, wave, before.to_dict(), after.to_dict()
+        config.rebalance,
+        cuts,
+        measured,
+        new_cuts,
+        predicted,
+        chunks_measured=wave,
+        chunks_before=2 * wave if new_cuts != cuts else len(chunks.bounds),
+        placement_before=before.to_dict(),
+        placement_after=after.to_dict(),
     )
     say(run.rebalance.describe())
     if run.rebalance.recut:
-        old = run.active[-1]
+        # The old runtime stays until the second wave, already on its way, has run through it.
         run.spec = replace(run.spec, cut_points=new_cuts, stage_map=tuple(after.stages_on().items()))
         run.placement = after
         run.register(client)
-        run.release(client, old)
         if after.groups != before.groups:
             say(after.describe())
-    run.last_start = time.perf_counter()
-    submit(list(range(wave, len(chunks.bounds))))
+        run.last_start = time.perf_counter()
+    start = min(2 * wave + max(0, window - wave), len(chunks.bounds))
+    rest = submit(list(range(2 * wave, start)))
+    pending.extend(range(start, len(chunks.bounds)))
+    track(second + rest, progress=config.progress, on_done=on_done, refill=refill)
 
 
 def run_config(
@@ -329,13 +432,26 @@ def run_config(
         say(f"dashboard: {client.dashboard_link}")
         gpu = cuda_device_count() > 0 and config.device != "cpu"
         placement = _placement(config, client, plan, loaded, gpu)
-        say(placement.describe())
         workers = client.scheduler_info(n_workers=-1)["workers"]
         target = config.chunk_size or (512 if gpu else 64)
         in_flight = 8 * placement.num_stages * placement.replicas if placement.pipelined else 0
         chunks = plan_chunks(
             source.n_images, source.storage_chunk, target=target, min_tasks=max(2 * len(workers), in_flight)
         )
+        if plan is not None and placement.pipelined and config.balance == "time" and not gpu:
+            plan = _profile_on_worker(
+                client,
+                loaded,
+                placement.stage_workers(0)[0],
+                plan,
+                min(config.batch_size or 32, chunks.size),
+                choice.torch_threads if choice else None,
+            )
+            cuts = tuple(plan.cut_points)
+            say("re-profiled on " + placement.stage_workers(0)[0] + ":\n" + format_plan(plan))
+            placement = _placement(config, client, plan, loaded, gpu)
+            compression = _check_compression(config, loaded, cuts)
+        say(placement.describe())
         spec = _runtime_spec(
             config, loaded, choice.torch_threads if choice else None, cuts, source, placement, chunks.size
         )

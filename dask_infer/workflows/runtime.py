@@ -7,6 +7,7 @@ stages placed on it and runs one stage per task, passing activations on.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,12 +135,16 @@ class ModelRuntime(WorkerPlugin):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["spec"], state["name"])  # type: ignore[misc]
 
-    def setup(self, worker: Any) -> None:
-        """Build the model on this worker and give it a one-thread compute executor."""
+    async def setup(self, worker: Any) -> None:
+        """Build this worker's stages and give it a one-thread compute executor.
+
+        Loading runs in a thread, so the worker keeps running the tasks it has (those of
+        a runtime being replaced by a re-cut) and answering the scheduler meanwhile.
+        """
         if self.spec.torch_threads is None and self.spec.device != "cuda":
             # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
             torch.set_num_threads(max(1, worker.state.nthreads))
-        self.load(worker.address)
+        await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address)
         name = compute_executor(self.name)
         worker.executors[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
 

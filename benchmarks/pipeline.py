@@ -1,0 +1,174 @@
+"""Pipeline placement against the whole model on one worker and against data-parallel, in one run.
+
+fp32 on the CPU, the same model, weights and Zarr dataset for all three:
+
+- whole: the whole model on 1 single-threaded worker;
+- pipeline: 2 stages, each on its own single-threaded worker, activations passed between them;
+- data: the whole model on each of 2 single-threaded workers.
+
+Every worker computes with one torch thread. Throughput counts from the first task to
+the last write, after the workers have loaded their stages. The three runs must give
+identical logits, which is checked. The three take turns ``--repeats`` times and each
+keeps its best run: on a shared machine, other load only ever slows a run down.
+
+    python benchmarks/pipeline.py [--model resnet50] [--images 128] [--chunk 2] [--repeats 2] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from distributed import Client, LocalCluster
+
+import dask_infer
+from dask_infer.io.dataset import write_image_dataset
+from dask_infer.partition.models import build_model
+
+
+def _run(
+    name: str, workers: int, images: str, output: str, weights: str, args: argparse.Namespace, **kw: Any
+) -> dict[str, Any]:
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        summary = dask_infer.run(
+            images,
+            output,
+            model=args.model,
+            weights=weights,
+            client=client,
+            chunk_size=args.chunk,
+            batch_size=args.chunk,
+            progress=False,
+            echo=None,
+            **kw,
+        )
+        threads = client.run(torch.get_num_threads)
+    assert set(threads.values()) == {1}, f"{name}: torch threads per worker {threads}"
+    row = {
+        "run": name,
+        "workers": workers,
+        "images_per_s": summary.images_per_second,
+        "seconds": summary.seconds,
+        "placement": summary.placement["mode"],
+        "stages": [
+            {k: s[k] for k in ("stage", "busy_s", "work_s", "busy_fraction", "images_per_s_busy")}
+            for s in summary.stages
+        ],
+        "rebalance": summary.rebalance,
+    }
+    print(
+        f"{name:>9}: {summary.images_per_second:6.2f} images/s ({summary.seconds:.1f} s, {workers} worker(s))"
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--chunk", type=int, default=2, help="images per task and per forward pass")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the three runs; the best is kept")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dask-infer-pipeline-"))
+    try:
+        images = str(work / "images.zarr")
+        pixels = np.random.default_rng(0).integers(0, 256, (args.images, args.size, args.size, 3), np.uint8)
+        write_image_dataset(images, pixels, chunk=args.chunk)
+        weights = str(work / f"{args.model}.pt")
+        loaded = build_model(args.model, seed=0)
+        torch.save(
+            {
+                "state_dict": loaded.module.state_dict(),
+                "meta": {"model": args.model, "input_size": args.size},
+            },
+            weights,
+        )
+        every: list[dict[str, Any]] = []
+        names = ("whole", "pipeline", "data")
+        for _ in range(args.repeats):
+            every.append(_run("whole", 1, images, str(work / "whole.zarr"), weights, args, overwrite=True))
+            every.append(
+                _run(
+                    "pipeline",
+                    2,
+                    images,
+                    str(work / "pipeline.zarr"),
+                    weights,
+                    args,
+                    stages=2,
+                    placement="pipeline",
+                    overwrite=True,
+                )
+            )
+            every.append(
+                _run(
+                    "data",
+                    2,
+                    images,
+                    str(work / "data.zarr"),
+                    weights,
+                    args,
+                    placement="data",
+                    overwrite=True,
+                )
+            )
+            logits = {name: xr.open_zarr(str(work / f"{name}.zarr"))["logits"].values for name in names}
+            for name in ("pipeline", "data"):
+                np.testing.assert_array_equal(logits[name], logits["whole"])
+        runs = [
+            max((r for r in every if r["run"] == name), key=lambda r: r["images_per_s"]) for name in names
+        ]
+        speed = {r["run"]: r["images_per_s"] for r in runs}
+        ratios = {
+            "pipeline_over_whole": speed["pipeline"] / speed["whole"],
+            "pipeline_over_data": speed["pipeline"] / speed["data"],
+            "data_over_whole": speed["data"] / speed["whole"],
+        }
+        print(
+            f"pipeline / whole: {ratios['pipeline_over_whole']:.2f}x   "
+            f"pipeline / data-parallel: {ratios['pipeline_over_data']:.2f}x   "
+            f"data-parallel / whole: {ratios['data_over_whole']:.2f}x   "
+            f"(best of {args.repeats}; logits identical)"
+        )
+        result = {
+            "model": args.model,
+            "images": args.images,
+            "size": args.size,
+            "chunk": args.chunk,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+                "load_average_1m": os.getloadavg()[0],
+                "torch": torch.__version__,
+            },
+            "repeats": args.repeats,
+            "runs": runs,
+            "all_runs": [{k: r[k] for k in ("run", "images_per_s", "seconds")} for r in every],
+            "ratios": ratios,
+        }
+        print(json.dumps(result, indent=2, default=str))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
