@@ -50,3 +50,13 @@ def test_chunks_are_whole_storage_chunks_and_cover_every_image() -> None:
     assert small.size == 32 and len(small.bounds) == 4
     huge = plan_chunks(10_000, 5000, target=64)
     assert huge.size == 64
+
+
+def test_chunk_target_follows_model_cost_and_image_size() -> None:
+    from dask_infer.workflows.graph import chunk_target
+
+    rgb224 = 224 * 224 * 3
+    assert chunk_target(8.2e9, rgb224, gpu=True) == 304  # ResNet-50 on a GPU: ~50 ms a task
+    assert chunk_target(8.2e9, rgb224, gpu=False) == 16  # floor: batches stay efficient
+    assert chunk_target(1e6, rgb224, gpu=False) == (256 << 20) // rgb224  # capped by memory
+    assert chunk_target(1e6, 32 * 32, gpu=False) == 4096

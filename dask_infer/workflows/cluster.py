@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import dask
 from distributed import Client, LocalCluster
 
 from dask_infer.errors import DaskInferError
@@ -66,10 +67,24 @@ def choose_local_cluster(
         raise DaskInferError("device='cuda' but no CUDA device is visible; use --device cpu")
     cores = os.cpu_count() or 1
     if gpus:
-        return ClusterChoice("LocalCUDACluster", n_workers or gpus, threads_per_worker or 4, None)
+        # decoding feeds the GPU: give each worker its share of cores for I/O threads
+        io_threads = threads_per_worker or max(4, min(16, cores // gpus))
+        return ClusterChoice("LocalCUDACluster", n_workers or gpus, io_threads, None)
     workers = n_workers or 1
     torch_threads = max(1, cores // workers)
     return ClusterChoice("LocalCluster", workers, threads_per_worker or 3, torch_threads)
+
+
+def _worker_environ() -> dict[str, object]:
+    """Distributed's worker environment without its fixed ``MALLOC_TRIM_THRESHOLD_``.
+
+    A fixed trim threshold also fixes glibc's mmap threshold, so every large activation
+    buffer becomes a fresh mmap with page faults on first touch; torch's CPU allocator
+    relies on the dynamic threshold to reuse them.
+    """
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
 
 
 def make_client(
@@ -90,21 +105,26 @@ def make_client(
         except (OSError, TimeoutError) as exc:
             raise DaskInferError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from exc
     choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ()}):
+        cluster = _start_cluster(choice)
+    return Client(cluster), choice
+
+
+def _start_cluster(choice: ClusterChoice) -> LocalCluster:
     if choice.kind == "LocalCUDACluster":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(
+        return LocalCUDACluster(
             n_workers=choice.n_workers,
             threads_per_worker=choice.threads_per_worker,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:8787",
         )
-    else:
-        cluster = LocalCluster(
-            n_workers=choice.n_workers,
-            threads_per_worker=choice.threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787",
-        )
-    return Client(cluster), choice
+    cluster = LocalCluster(
+        n_workers=choice.n_workers,
+        threads_per_worker=choice.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:8787",
+    )
+    return cluster

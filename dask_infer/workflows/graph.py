@@ -26,7 +26,7 @@ from dask_infer.io.outputs import OutputTarget, write_chunk
 from dask_infer.workflows.plan import Placement
 from dask_infer.workflows.runtime import compute_executor, infer_chunk, run_stage
 
-__all__ = ["ChunkPlan", "plan_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
+__all__ = ["ChunkPlan", "chunk_target", "plan_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
 
 _READ, _INFER, _WRITE = 0, 1, 2
 
@@ -37,6 +37,35 @@ class ChunkPlan:
 
     size: int
     bounds: tuple[tuple[int, int], ...]
+
+
+_RATE_GPU = 5e13
+_RATE_CPU = 5e10
+_TASK_SECONDS_GPU = 0.05
+_TASK_SECONDS_CPU = 2.0
+_MAX_CHUNK_BYTES = 256 << 20
+
+
+def chunk_target(flops_per_image: float, bytes_per_image: int, *, gpu: bool) -> int:
+    """Images per task, from the model's cost and the images' size.
+
+    A task should compute for tens of milliseconds on a GPU and a couple of seconds on a
+    CPU worker (rates assumed: 50 TFLOP/s and 50 GFLOP/s), far above Dask's 0.2-1 ms
+    per-task overhead, while its decoded images stay under 256 MiB.
+
+    Parameters
+    ----------
+    flops_per_image
+        FLOPs of one forward pass of one image.
+    bytes_per_image
+        Decoded bytes of one image.
+    gpu
+        Whether the model runs on a GPU.
+    """
+    rate, seconds = (_RATE_GPU, _TASK_SECONDS_GPU) if gpu else (_RATE_CPU, _TASK_SECONDS_CPU)
+    images = seconds * rate / max(flops_per_image, 1.0)
+    cap = max(1, _MAX_CHUNK_BYTES // max(bytes_per_image, 1))
+    return int(min(max(images, 16), 4096, cap))
 
 
 def plan_chunks(n_images: int, storage_chunk: int, *, target: int, min_tasks: int = 1) -> ChunkPlan:

@@ -380,6 +380,20 @@ def _execute(
     track(second + rest, progress=config.progress, on_done=on_done, refill=refill)
 
 
+def _chunk_target(loaded: LoadedModel, source: ImageSource, gpu: bool) -> int:
+    """Images per task from the model's FLOPs per image and the decoded image size."""
+    import torch
+
+    from dask_infer.partition.measure import count_flops
+    from dask_infer.workflows.graph import chunk_target
+
+    sample = torch.zeros(1, 3, loaded.input_size, loaded.input_size)
+    flops = count_flops(loaded.module, sample)
+    height, width, channels = source.image_shape
+    itemsize = 1 if source.dtype == "uint8" else 2 if source.dtype in ("uint16", "float16") else 4
+    return chunk_target(flops, height * width * channels * itemsize, gpu=gpu)
+
+
 def run_config(
     config: RunConfig,
     *,
@@ -433,7 +447,7 @@ def run_config(
         gpu = cuda_device_count() > 0 and config.device != "cpu"
         placement = _placement(config, client, plan, loaded, gpu)
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        target = config.chunk_size or (512 if gpu else 64)
+        target = config.chunk_size or _chunk_target(loaded, source, gpu)
         in_flight = 8 * placement.num_stages * placement.replicas if placement.pipelined else 0
         chunks = plan_chunks(
             source.n_images, source.storage_chunk, target=target, min_tasks=max(2 * len(workers), in_flight)
