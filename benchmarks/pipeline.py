@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import torch
 import xarray as xr
@@ -33,12 +34,14 @@ from distributed import Client, LocalCluster
 import dask_infer
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.partition.models import build_model
+from dask_infer.workflows.cluster import worker_environ
 
 
 def _run(
     name: str, workers: int, images: str, output: str, weights: str, args: argparse.Namespace, **kw: Any
 ) -> dict[str, Any]:
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}),
         LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
         ) as cluster,

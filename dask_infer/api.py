@@ -77,7 +77,7 @@ def run(
         (the default: data-parallel when the model fits one worker, else pipelined).
     rebalance
         Re-cut a pipeline after its first chunks when the slowest stage takes more than
-        this factor of the mean (default 1.25); ``False`` never re-cuts.
+        this factor of the mean (default 1.1); ``False`` never re-cuts.
     report, summary
         Write a ``distributed.performance_report`` HTML file, and the run summary as JSON.
     compress, calibration_images

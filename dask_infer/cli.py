@@ -74,7 +74,7 @@ def main() -> None:
 @click.option(
     "--rebalance",
     type=float,
-    help="Re-cut a pipeline after its first chunks when max/mean stage time exceeds this  [default: 1.25]",
+    help="Re-cut a pipeline after its first chunks when max/mean stage time exceeds this  [default: 1.1]",
 )
 @click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")
 @click.option("--report", type=click.Path(), help="Write a Dask performance report (HTML) here.")

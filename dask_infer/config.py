@@ -106,7 +106,7 @@ class RunConfig:
     balance: str = "time"
     placement: str = "auto"
     replicas: int | None = None
-    rebalance: float | None = 1.25
+    rebalance: float | None = 1.1
     report: str | None = None
     summary: str | None = None
     compress: str | None = None

@@ -75,7 +75,7 @@ def choose_local_cluster(
     return ClusterChoice("LocalCluster", workers, threads_per_worker or 3, torch_threads)
 
 
-def _worker_environ() -> dict[str, object]:
+def worker_environ() -> dict[str, object]:
     """Distributed's worker environment without its fixed ``MALLOC_TRIM_THRESHOLD_``.
 
     A fixed trim threshold also fixes glibc's mmap threshold, so every large activation
@@ -105,7 +105,7 @@ def make_client(
         except (OSError, TimeoutError) as exc:
             raise DaskInferError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from exc
     choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ()}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = _start_cluster(choice)
     return Client(cluster), choice
 
