@@ -45,11 +45,11 @@ def test_concurrent_leases_keep_their_contents() -> None:
         del arr
         return ok
 
-    with ThreadPoolExecutor(8) as ex:
+    with ThreadPoolExecutor(4) as ex:  # at most 4 leases live at once: the pool's capacity
         assert all(ex.map(work, range(400)))
     stats = pool.stats()
-    assert stats.allocated == 4 and stats.reused + stats.allocated + stats.overflow == 400
-    assert stats.reused >= 100
+    assert stats.overflow == 0 and 1 <= stats.allocated <= 4
+    assert stats.reused == 400 - stats.allocated
 
 
 def test_reads_land_in_pooled_buffers_with_the_right_images(small_dataset: Path) -> None:
