@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check dask_infer tests benchmarks
+	$(BIN)/ruff check dask_infer tests benchmarks notebooks
 	$(BIN)/mypy dask_infer
 
 bench: $(STAMP)
