@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+from distributed import Client
 
+import dask_infer
 from dask_infer.partition.models import build_model
 
 
@@ -25,3 +30,17 @@ def assert_close_logits(got: np.ndarray, want: np.ndarray, rel: float = 1e-5) ->
     scale = float(np.abs(want).max())
     diff = float(np.abs(got - want).max())
     assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel:g} x {scale:.3g}"
+
+
+def run_small(client: Client, src: Path | str, out: Path, weights: Path, **kw: Any) -> dask_infer.RunSummary:
+    """``dask_infer.run`` of the small ResNet-18 on ``client``, quietly."""
+    return dask_infer.run(
+        str(src),
+        str(out),
+        model="resnet18",
+        weights=str(weights),
+        client=client,
+        progress=False,
+        echo=None,
+        **kw,
+    )

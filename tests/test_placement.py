@@ -24,7 +24,7 @@ import dask_infer
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.workflows.plan import PlacementError
 from tests.conftest import random_images
-from tests.reference import assert_close_logits, reference_logits
+from tests.reference import assert_close_logits, reference_logits, run_small
 
 
 class _WhereTasksRan(SchedulerPlugin):
@@ -70,19 +70,6 @@ def _records(client: Client) -> list[tuple[str, str]]:
     return [tuple(r) for r in records]  # type: ignore[misc]
 
 
-def _run(client: Client, src: Path, out: Path, weights: Path, **kw: Any) -> dask_infer.RunSummary:
-    return dask_infer.run(
-        str(src),
-        str(out),
-        model="resnet18",
-        weights=str(weights),
-        client=client,
-        progress=False,
-        echo=None,
-        **kw,
-    )
-
-
 def _stage_tasks(records: list[tuple[str, str]], stage: int, seen: int) -> list[tuple[int, str]]:
     """(chunk index, worker) of stage ``stage``'s tasks among the records after ``seen``."""
     prefix = f"resnet18_stage_{stage}"
@@ -104,20 +91,20 @@ def _assert_stages_ran_on_their_workers(
 def test_every_placement_gives_the_whole_models_predictions(
     gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
-    whole = _run(gpu_client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
+    whole = run_small(gpu_client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
     want = xr.open_zarr(tmp_path / "whole.zarr")["logits"].values
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
     assert_close_logits(want, reference_logits(images, "resnet18", str(small_weights)))
     assert whole.placement["mode"] == "data" and whole.model_loads == 4
 
-    auto = _run(gpu_client, small_dataset, tmp_path / "auto.zarr", small_weights, chunk_size=8, stages=2)
+    auto = run_small(gpu_client, small_dataset, tmp_path / "auto.zarr", small_weights, chunk_size=8, stages=2)
     assert auto.placement["mode"] == "data" and "no activations move" in auto.placement["reason"]
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "auto.zarr")["logits"].values, want)
 
     for mode, extra in [("pipeline", {}), ("hybrid", {"replicas": 2})]:
         seen = len(_records(gpu_client))
         report, summary_file = tmp_path / f"{mode}.html", tmp_path / f"{mode}.json"
-        summary = _run(
+        summary = run_small(
             gpu_client,
             small_dataset,
             tmp_path / f"{mode}.zarr",
@@ -158,7 +145,7 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
     """Balancing by parameters puts most of ResNet-18's time in stage 0; the run re-cuts it."""
     src = tmp_path / "fine.zarr"
     write_image_dataset(str(src), random_images(200, seed=7), chunk=4)
-    _run(gpu_client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
+    run_small(gpu_client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
     seen = len(_records(gpu_client))
     lines: list[str] = []
     summary = dask_infer.run(
@@ -216,7 +203,7 @@ def test_placements_that_cannot_work_fail_before_work(
 ) -> None:
     seen = len(_records(gpu_client))
     with pytest.raises(PlacementError, match=match):
-        _run(gpu_client, small_dataset, tmp_path / "o.zarr", small_weights, **kwargs)
+        run_small(gpu_client, small_dataset, tmp_path / "o.zarr", small_weights, **kwargs)
     assert not (tmp_path / "o.zarr").exists()
     assert _records(gpu_client)[seen:] == []
 
@@ -278,7 +265,7 @@ def test_a_pipeline_keeps_a_bounded_window_of_chunks_in_flight(
     write_image_dataset(str(src), random_images(240, seed=8), chunk=2)
     gpu_client.register_plugin(_ChunksInFlight(), name="chunks-in-flight")
     try:
-        summary = _run(
+        summary = run_small(
             gpu_client,
             src,
             tmp_path / "o.zarr",

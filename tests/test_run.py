@@ -15,27 +15,14 @@ import dask_infer
 from dask_infer import DaskInferError, InputError, ModelError
 from dask_infer.io.dataset import write_image_dataset
 from tests.conftest import random_images
-from tests.reference import assert_close_logits, reference_logits
-
-
-def _run(client: Client, src: Path | str, out: Path, weights: Path, **kw: object) -> dask_infer.RunSummary:
-    return dask_infer.run(
-        str(src),
-        str(out),
-        model="resnet18",
-        weights=str(weights),
-        client=client,
-        progress=False,
-        echo=None,
-        **kw,  # type: ignore[arg-type]
-    )
+from tests.reference import assert_close_logits, reference_logits, run_small
 
 
 def test_matches_plain_pytorch(
     client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.zarr"
-    summary = _run(
+    summary = run_small(
         client, small_dataset, out, small_weights, chunk_size=16, outputs=("logits", "probabilities", "top_k")
     )
     assert summary.images == 200
@@ -66,7 +53,7 @@ def test_layouts_and_dtypes(client: Client, small_weights: Path, tmp_path: Path)
         str(nchw), shape=(24, 3, 32, 32), chunks=(8, 3, 32, 32), dtype="float32", zarr_format=2
     )
     z[:] = rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    _run(client, nchw, tmp_path / "o1.zarr", small_weights)
+    run_small(client, nchw, tmp_path / "o1.zarr", small_weights)
     got = xr.open_zarr(tmp_path / "o1.zarr")["logits"].values
     assert_close_logits(got, reference_logits(rgb, "resnet18", str(small_weights)))
 
@@ -74,7 +61,7 @@ def test_layouts_and_dtypes(client: Client, small_weights: Path, tmp_path: Path)
     flat = tmp_path / "gray.zarr"
     g = zarr.create_array(str(flat), shape=(20, 32, 32), chunks=(5, 32, 32), dtype="uint8")
     g[:] = gray[..., 0]
-    _run(client, flat, tmp_path / "o2.zarr", small_weights)
+    run_small(client, flat, tmp_path / "o2.zarr", small_weights)
     got = xr.open_zarr(tmp_path / "o2.zarr")["logits"].values
     assert_close_logits(got, reference_logits(gray, "resnet18", str(small_weights)))
 
@@ -89,7 +76,7 @@ def test_resizes_inside_the_graph(client: Client, small_weights: Path, tmp_path:
     images = np.random.default_rng(5).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8)
     src = tmp_path / "big.zarr"
     write_image_dataset(str(src), images, chunk=4)
-    _run(client, src, tmp_path / "o.zarr", small_weights)
+    run_small(client, src, tmp_path / "o.zarr", small_weights)
     loaded = build_model("resnet18", weights=str(small_weights))
     prep = v2.Compose(
         [
@@ -129,7 +116,7 @@ def test_memory_is_bounded_by_threads_not_dataset(
     write_image_dataset(str(src), random_images(480, seed=6), chunk=8)
     client.register_plugin(_ReadsInMemory(), name="reads-in-memory")
     try:
-        summary = _run(client, src, tmp_path / "o.zarr", small_weights, chunk_size=8)
+        summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=8)
         peak = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["reads-in-memory"].peak)
     finally:
         client.unregister_scheduler_plugin("reads-in-memory")
@@ -203,8 +190,8 @@ def test_connects_to_an_existing_scheduler(
 def test_stages_give_the_whole_models_predictions(
     client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
-    whole = _run(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=32)
-    split = _run(
+    whole = run_small(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=32)
+    split = run_small(
         client,
         small_dataset,
         tmp_path / "split.zarr",
@@ -233,7 +220,7 @@ def test_compressed_run_matches_in_process_compression(
     from dask_infer.partition.models import build_model
     from dask_infer.workflows.preprocess import Preprocess
 
-    _run(client, small_dataset, tmp_path / "o.zarr", small_weights, compress="bf16", chunk_size=32)
+    run_small(client, small_dataset, tmp_path / "o.zarr", small_weights, compress="bf16", chunk_size=32)
     ds = xr.open_zarr(tmp_path / "o.zarr")
     assert '"precision": "bf16"' in ds.attrs["compression"]
     loaded = build_model("resnet18", weights=str(small_weights))
