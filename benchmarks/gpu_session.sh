@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, run the GPU tests and the GPU benchmark.
-# Prepare here:  ../shared/tools/gpu-wheels.sh torchao==0.18.0 safetensors==0.8.0
+# Prepare here:  ../shared/tools/gpu-wheels.sh torchao==0.18.0 safetensors==0.8.0 fsspec==2026.9.0
 # Run there (carry .whl):  bash benchmarks/gpu_session.sh "$OUT"
 set -uo pipefail
 out=${1:-/tmp/dask-infer-gpu}

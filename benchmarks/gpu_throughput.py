@@ -43,7 +43,17 @@ def card() -> str:
 
 def make_dataset(path: str, images: int, size: int, chunk: int, codec: str) -> None:
     """Real photo crops (so zstd sees real image statistics), tiled to ``images``."""
-    base, _ = photo_crops(size, min(images, 256))
+    try:
+        base, _ = photo_crops(size, min(images, 256))
+    except ImportError:  # no scikit-learn: smooth gradients with noise, compressible like photos
+        rng = np.random.default_rng(0)
+        ramp = np.linspace(0, 200, size, dtype=np.float32)
+        base = (
+            ramp[None, :, None, None]
+            + ramp[None, None, :, None] * 0.25
+            + rng.normal(0, 8, (64, size, size, 3))
+        )
+        base = base.clip(0, 255).astype(np.uint8)
     data = np.concatenate([base] * (-(-images // len(base))))[:images]
     if codec == "none":
         group = zarr.open_group(path, mode="w")
