@@ -57,6 +57,17 @@ class PruneGroup:
     consumer: str
 
 
+def _feed(module: nn.Module, calibration: torch.Tensor, batch_size: int, handles: list) -> None:
+    """Run ``calibration`` through ``module`` in batches so its hooks see it, then drop the hooks."""
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calibration), batch_size):
+                module(calibration[i : i + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _is_plain_conv(m: nn.Module) -> bool:
     return type(m) is nn.Conv2d and m.groups == 1
 
@@ -174,13 +185,7 @@ def _input_statistics(
             entry[1] += count
 
         handles.append(module.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calibration), batch_size):
-                module(calibration[i : i + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _feed(module, calibration, batch_size, handles)
     out = {}
     for name, (stats, count) in sums.items():
         mean = stats[0] / count
@@ -266,13 +271,7 @@ def _reconstruct(
             entry[1] = cross if entry[1].numel() == 0 else entry[1] + cross
 
         handles.append(conv.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calibration), batch_size):
-                module(calibration[i : i + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _feed(module, calibration, batch_size, handles)
     out = {}
     for name, (gram, cross) in acc.items():
         conv = module.get_submodule(name)
