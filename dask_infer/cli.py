@@ -149,6 +149,9 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 )
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the profiling sample.")
 @click.option("--size", type=int, help="Input height and width (default: the model's).")
+@click.option(
+    "--threads", type=int, help="Torch threads to time with: those each stage will run with (default: all)."
+)
 @click.option("--json", "json_path", type=click.Path(), help="Also write the plan as JSON here.")
 @_clean_errors
 def partition(
@@ -158,6 +161,7 @@ def partition(
     balance: str,
     batch: int,
     size: int | None,
+    threads: int | None,
     json_path: str | None,
 ) -> None:
     """Split a model into balanced sequential stages and print the plan."""
@@ -166,7 +170,7 @@ def partition(
     loaded = build_model(model, weights=weights)
     side = size or loaded.input_size
     _, plan = partition_model(
-        loaded.module, stages, balance=balance, sample=(batch, 3, side, side), name=model
+        loaded.module, stages, balance=balance, sample=(batch, 3, side, side), name=model, threads=threads
     )
     click.echo(format_plan(plan))
     if json_path:

@@ -14,7 +14,7 @@ from dask_infer.errors import ModelError
 from dask_infer.partition.balance import balance_partition
 from dask_infer.partition.models import build_model
 from dask_infer.partition.plan import PlanError, StageInfo, StagePlan, check_balance
-from dask_infer.partition.profile import NodeCost, profile_graph
+from dask_infer.partition.profile import NodeCost, profile_graph, torch_threads
 from dask_infer.partition.split import ModelGraph, run_stages, split_model
 
 __all__ = ["DEFAULT_SAMPLE_SHAPE", "Partition", "build_stage", "partition_model"]
@@ -132,6 +132,7 @@ def partition_model(
     name: str | None = None,
     repeats: int = 5,
     verify: bool = True,
+    threads: int | None = None,
 ) -> Partition:
     """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
 
@@ -157,10 +158,15 @@ def partition_model(
         Registry name of the model, recorded in the plan so workers can rebuild stages
         with :func:`build_stage`.
     repeats
-        Timed runs per node (the median is kept); more gives steadier ``"time"`` plans.
+        Timed runs per node (each node keeps its fastest); more gives steadier ``"time"`` plans.
     verify
         Check that the stages run one after another reproduce the model's output on
         ``sample`` bit for bit.
+    threads
+        Torch intra-op threads to profile with: those each stage will run with (a
+        one-thread pipeline worker, say). Layers use threads unequally, so stage times
+        measured with other threads can cut the stages unevenly. ``None`` keeps the
+        process's setting.
 
     Returns
     -------
@@ -180,12 +186,15 @@ def partition_model(
     check_balance(balance)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ModelError(f"repeats={repeats!r} must be an integer >= 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ModelError(f"threads={threads!r} must be None or an integer >= 1")
     label = name or type(model).__name__
     batch = _make_sample(sample)
     work = copy.deepcopy(model).eval()
     expected = _reference_output(work, batch, label)
     graph = ModelGraph.trace(work, label)
-    costs = profile_graph(graph, batch, repeats=repeats)
+    with torch_threads(threads):
+        costs = profile_graph(graph, batch, repeats=repeats)
     candidates = [i for i in graph.candidates if costs[i].shape is not None]
     if stages > len(candidates) + 1:
         why = " (it has no point where a single tensor crosses)" if not candidates else ""
@@ -219,6 +228,7 @@ def partition_model(
         cut_bytes=tuple(costs[c].nbytes for c in cuts),
         output_shape=tuple(output.shape) if output is not None else (),
         num_candidates=len(candidates),
+        threads=threads,
     )
     return Partition(list(modules), plan)
 

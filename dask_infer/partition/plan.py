@@ -101,6 +101,9 @@ class StagePlan:
         Shape of the model's output (empty if it is not a tensor).
     num_candidates
         How many cut points the model offers.
+    threads
+        Torch intra-op threads the times were measured with (``None``: the process's
+        setting, not recorded).
     """
 
     model: str | None
@@ -112,9 +115,12 @@ class StagePlan:
     cut_bytes: tuple[int, ...]
     output_shape: tuple[int, ...]
     num_candidates: int
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_balance(self.balance)
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise PlanError(f"threads={self.threads!r} must be None or an integer >= 1")
         n = len(self.stages)
         if n < 1 or not len(self.cut_points) == len(self.cut_shapes) == len(self.cut_bytes) == n - 1:
             raise PlanError(
@@ -166,6 +172,7 @@ class StagePlan:
         version = data.pop("version", _PLAN_VERSION)
         if version != _PLAN_VERSION:
             raise PlanError(f"stage plan version {version!r} is not supported; re-run `dask-infer partition`")
+        data.setdefault("threads", None)
         _check_keys("stage plan", data, {f.name for f in fields(cls)})
         try:
             stages = []
@@ -194,6 +201,7 @@ class StagePlan:
                 cut_bytes=tuple(int(v) for v in data["cut_bytes"]),
                 output_shape=tuple(int(v) for v in data["output_shape"]),
                 num_candidates=int(data["num_candidates"]),
+                threads=None if data["threads"] is None else int(data["threads"]),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, PlanError):
@@ -255,7 +263,8 @@ def format_plan(plan: StagePlan) -> str:
     title = (
         f"{plan.model or 'model'} in {plan.num_stages} stage{'s' if plan.num_stages > 1 else ''}, "
         f"balanced by {plan.balance} (input {_shape(plan.input_shape)}, "
-        f"{plan.num_candidates} cut points available)"
+        + (f"{plan.threads} thread{'s' if plan.threads > 1 else ''}, " if plan.threads else "")
+        + f"{plan.num_candidates} cut points available)"
     )
     header = (
         "stage",

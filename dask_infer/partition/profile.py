@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dask_infer.partition.split import ModelGraph
 
-__all__ = ["NodeCost", "profile_graph"]
+__all__ = ["NodeCost", "profile_graph", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class NodeCost:
     flops
         Floating point operations counted by ``FlopCounterMode``.
     time_s
-        Fastest of the timed runs of the node.
+        Fastest of the timed runs of the node: CPU time of the calling thread when torch
+        runs on one thread (immune to preemption by other processes), else wall time.
     activation_bytes
         Bytes of new tensor storage the node's output holds (0 for in-place ops and views).
     shape
@@ -61,6 +63,20 @@ class NodeCost:
         return self.weight_bytes + self.activation_bytes
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: leave as is)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -76,15 +92,45 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _describe(value: Any) -> Hashable:
+    """A hashable stand-in for a node's argument: tensors by shape, dtype and strides."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), value.stride())
+    if isinstance(value, list | tuple):
+        return tuple(_describe(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _describe(v)) for k, v in value.items()))
+    return repr(value)
+
+
+def _signature(module: torch.nn.Module, n: fx.Node, args: Any, kwargs: Any) -> Hashable:
+    """What a node computes: the same operation on inputs of the same shapes and layout.
+
+    Nodes with equal signatures (the repeated blocks of a ResNet stage, say) do the
+    same work, so they share one time estimate.
+    """
+    if n.op == "call_module":
+        op = repr(module.get_submodule(str(n.target)))
+    elif n.op == "call_function":
+        op = f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', repr(n.target))}"
+    else:
+        op = str(n.target)
+    return (n.op, op, _describe(args), _describe(kwargs))
+
+
 class _NodeRecorder(fx.Interpreter):
     """Interpreter that records, per node, wall time or (when ``count``) FLOPs and output memory."""
 
     def __init__(self, module: fx.GraphModule, count: bool) -> None:
         super().__init__(module)
         self.count = count
+        # One intra-op thread runs every op on this thread, so its CPU time is the op's
+        # time without the time it spent preempted; with more threads, wall time.
+        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         self.times: dict[fx.Node, float] = {}
         self.flops: dict[fx.Node, int] = {}
         self.outputs: dict[fx.Node, tuple[tuple[int, ...] | None, int, int]] = {}
+        self.signatures: dict[fx.Node, Hashable] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -92,14 +138,15 @@ class _NodeRecorder(fx.Interpreter):
         if n.op in ("placeholder", "output"):
             return call(n.target, args, kwargs)
         if not self.count:
-            start = time.perf_counter()
+            start = self.clock()
             out = call(n.target, args, kwargs)
-            self.times[n] = time.perf_counter() - start
+            self.times[n] = self.clock() - start
             return out
         counter = FlopCounterMode(display=False)
         with counter:
             out = call(n.target, args, kwargs)
         self.flops[n] = int(counter.get_total_flops())
+        self.signatures[n] = _signature(self.module, n, args, kwargs)
         inputs = {_storage_key(t) for t in _tensors((args, kwargs))}
         fresh = {_storage_key(t): t.untyped_storage().nbytes() for t in _tensors(out)}
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
@@ -184,6 +231,15 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
             timing.run(sample.clone())
             for n in graph.order:
                 fastest[n] = min(fastest[n], timing.times.get(n, math.inf))
+        # Nodes doing the same work share the fastest time any of them took: more
+        # samples of the same cost, so one noisy node cannot tip the cuts.
+        timed = [n for n in graph.order if n in counting.signatures]
+        by_signature: dict[Hashable, float] = {}
+        for n in timed:
+            signature = counting.signatures[n]
+            by_signature[signature] = min(by_signature.get(signature, math.inf), fastest[n])
+        for n in timed:
+            fastest[n] = by_signature[counting.signatures[n]]
     params, weight_bytes = _weights(graph)
     costs = []
     for i, n in enumerate(graph.order):

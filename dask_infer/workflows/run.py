@@ -178,15 +178,11 @@ def _partition_here(
     threads: int | None,
 ) -> dict[str, Any]:
     """Task body: partition the model by time as this worker runs it."""
-    import torch
-
     from dask_infer.partition import partition_model
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     module = build_model(model, weights=weights, num_classes=num_classes).module
     return partition_model(
-        module, stages, balance="time", sample=sample, name=model, repeats=3
+        module, stages, balance="time", sample=sample, name=model, repeats=3, threads=threads
     ).plan.to_dict()
 
 
