@@ -157,9 +157,12 @@ def submit_pipeline(
 
     Chunk ``i`` goes to replica ``i % replicas``. Its read runs on that replica's
     stage-0 workers, so images never travel, and stage ``k`` only on the replica's
-    stage-``k`` workers. Later stages outrank earlier ones and reads, so a worker
-    passes chunks on before it starts new ones: many chunks are in flight and the
-    pipeline fills once per run.
+    stage-``k`` workers. Later stages outrank earlier ones, so a worker passes chunks
+    on before it starts new ones: many chunks are in flight and the pipeline fills
+    once per run. Reads outrank the stages: a read is short, and done as soon as its
+    chunk is submitted it has the chunk waiting when stage 0 is free, instead of
+    adding a read and a scheduler round trip between every two stage-0 tasks (the
+    caller bounds how many chunks are submitted ahead).
     """
     token = tokenize(source, target, runtime, chunks, placement)
     order = list(range(len(chunks.bounds))) if indices is None else list(indices)
@@ -178,7 +181,7 @@ def submit_pipeline(
             starts,
             stops,
             key=[f"read-{token}-{i}" for i in mine],
-            priority=_READ,
+            priority=_READ + 1 + stages,
             workers=list(placement.stage_workers(0, replica)),
             allow_other_workers=False,
         )
@@ -201,7 +204,7 @@ def submit_pipeline(
             stops,
             data,
             key=[f"write-{token}-{i}" for i in mine],
-            priority=_READ + 1 + stages,
+            priority=_READ + 2 + stages,
         )
         writes.update(zip(mine, done, strict=True))
     return [writes[i] for i in order]

@@ -266,11 +266,116 @@ def _window(placement: Placement) -> int:
 
 
 def _first_wave(config: RunConfig, placement: Placement, chunks: ChunkPlan) -> int:
-    """Chunks to measure stage times on before deciding to re-cut; 0 to not re-cut."""
+    """Chunks written before the stage times are judged; 0 to not re-cut.
+
+    The run needs chunks left after the judgement (and the re-cut, which runs while
+    the window keeps the stages busy) for a new cut to pay off.
+    """
     if config.rebalance is None or not placement.pipelined or placement.num_stages < 2:
         return 0
     wave = placement.replicas * max(4, placement.num_stages + 1)
-    return wave if len(chunks.bounds) >= 3 * wave else 0
+    return wave if len(chunks.bounds) >= 4 * wave else 0
+
+
+class _Feed:
+    """Feeds a pipeline one chunk per chunk written, re-cutting its stages on the way.
+
+    The first ``window`` chunks are submitted at once; each written chunk submits the
+    next, so the chunks in flight (and the activations held between stages) stay
+    bounded however long the dataset. After ``wave`` chunks are written, the measured
+    stage times are judged; a re-cut, when they are unbalanced beyond the threshold,
+    is computed on a stage-0 worker while the chunks already in flight keep every
+    stage busy, and the chunks submitted after it arrives use the new cut.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        config: RunConfig,
+        loaded: LoadedModel,
+        run: _Execution,
+        chunks: ChunkPlan,
+        submit: Callable[[list[int]], list[Future]],
+        say: Callable[[str], None],
+    ) -> None:
+        self.client, self.config, self.loaded, self.run, self.say = client, config, loaded, run, say
+        self.submit = submit
+        self.n = len(chunks.bounds)
+        self.batch = min(run.spec.batch_size or 32, chunks.size)
+        self.wave = _first_wave(config, run.placement, chunks)
+        self.window = min(_window(run.placement), self.n)
+        self.pending = list(range(self.window, self.n))
+        self.written = 0
+        self.recut: Future | None = None
+        self.measured: tuple[float, ...] = ()
+
+    def start(self) -> list[Future]:
+        """Submit the first window of chunks."""
+        return self.submit(list(range(self.window)))
+
+    def refill(self) -> list[Future]:
+        """After a chunk is written: judge, switch to a new cut if one is ready, submit the next."""
+        self.written += 1
+        if self.wave and self.written == self.wave:
+            self._judge()
+        # Wait for a pending re-cut only when the last chunks would otherwise miss it.
+        if self.recut is not None and (self.recut.done() or len(self.pending) <= 1):
+            self._switch(*self.recut.result())
+            self.recut = None
+        return self.submit([self.pending.pop(0)]) if self.pending else []
+
+    def _judge(self) -> None:
+        run, before = self.run, self.run.placement
+        stats = _runtime_stats(self.client, run.active[-1])
+        self.measured = _seconds_per_image(stats, before.num_stages)
+        # What limits throughput is a stage's time per image over the workers that share it.
+        effective = [t / len(before.stage_workers(k)) for k, t in enumerate(self.measured)]
+        assert self.config.rebalance is not None
+        if imbalance(effective) <= self.config.rebalance or not self.pending:
+            self._record(run.spec.cut_points, self.measured, before, chunks_before=self.n)
+            return
+        size = self.loaded.input_size
+        self.recut = self.client.submit(
+            _recut_here,
+            run.spec,
+            self.measured,
+            (self.batch, 3, size, size),
+            workers=list(before.stage_workers(0)),
+            pure=False,
+            key=f"{self.loaded.name}-recut-{uuid.uuid4().hex[:8]}",
+        )
+
+    def _switch(self, new_cuts: tuple[str, ...], predicted: tuple[float, ...]) -> None:
+        run, before = self.run, self.run.placement
+        if tuple(new_cuts) == tuple(run.spec.cut_points):
+            self._record(run.spec.cut_points, predicted, before, chunks_before=self.n)
+            return
+        after = before.regrouped(predicted)
+        # Every chunk submitted so far runs through the old runtime, which stays until the end.
+        self._record(tuple(new_cuts), predicted, after, chunks_before=self.n - len(self.pending))
+        run.spec = replace(run.spec, cut_points=tuple(new_cuts), stage_map=tuple(after.stages_on().items()))
+        run.placement = after
+        run.register(self.client)
+        if after.groups != before.groups:
+            self.say(after.describe())
+        run.last_start = time.perf_counter()
+
+    def _record(
+        self, cuts: tuple[str, ...], predicted: tuple[float, ...], after: Placement, *, chunks_before: int
+    ) -> None:
+        assert self.config.rebalance is not None
+        self.run.rebalance = Rebalance(
+            self.config.rebalance,
+            self.run.spec.cut_points,
+            self.measured,
+            tuple(cuts),
+            tuple(predicted),
+            chunks_measured=self.wave,
+            chunks_before=chunks_before,
+            placement_before=self.run.placement.to_dict(),
+            placement_after=after.to_dict(),
+        )
+        self.say(self.run.rebalance.describe())
 
 
 def _execute(
@@ -284,96 +389,31 @@ def _execute(
     on_done: Callable[[int], None],
     say: Callable[[str], None],
 ) -> None:
-    """Submit the chunks, re-cutting the stages after a first wave where they are unbalanced."""
+    """Submit the chunks: all at once for data-parallel runs, fed through a window for pipelines."""
 
     def submit(indices: list[int] | None) -> list[Future]:
         placement, name = run.placement, run.active[-1]
         if placement.pipelined:
-            futures = submit_pipeline(
+            return submit_pipeline(
                 client, source, output, name, chunks, placement, label=loaded.name, indices=indices
             )
-        else:
-            everywhere = len(placement.workers) == len(client.scheduler_info(n_workers=-1)["workers"])
-            futures = submit_chunks(
-                client,
-                source,
-                output,
-                name,
-                chunks,
-                label=loaded.name,
-                workers=None if everywhere else placement.workers,
-            )
-        return futures
+        everywhere = len(placement.workers) == len(client.scheduler_info(n_workers=-1)["workers"])
+        return submit_chunks(
+            client,
+            source,
+            output,
+            name,
+            chunks,
+            label=loaded.name,
+            workers=None if everywhere else placement.workers,
+        )
 
-    pending: list[int] = []
-
-    def refill() -> list[Future]:
-        # One more chunk for each one written keeps the chunks in flight, and so the
-        # activations held between stages, bounded however long the dataset.
-        return submit([pending.pop(0)]) if pending else []
-
-    wave = _first_wave(config, run.placement, chunks)
     run.last_start = time.perf_counter()
     if not run.placement.pipelined:
         track(submit(None), progress=config.progress, on_done=on_done)
         return
-    window = _window(run.placement)
-    if not wave:
-        pending.extend(range(window, len(chunks.bounds)))
-        track(
-            submit(list(range(min(window, len(chunks.bounds))))),
-            progress=config.progress,
-            on_done=on_done,
-            refill=refill,
-        )
-        return
-    # A second wave keeps the pipeline full while the first is measured and the new cut loads.
-    first, second = submit(list(range(wave))), submit(list(range(wave, 2 * wave)))
-    track(first, progress=config.progress, on_done=on_done)
-    before = run.placement
-    measured = _seconds_per_image(_runtime_stats(client, run.active[-1]), before.num_stages)
-    # What limits throughput is a stage's time per image over the workers that share it.
-    effective = [t / len(before.stage_workers(k)) for k, t in enumerate(measured)]
-    assert config.rebalance is not None
-    cuts = run.spec.cut_points
-    new_cuts, predicted = cuts, measured
-    if imbalance(effective) > config.rebalance:
-        batch = min(run.spec.batch_size or 32, chunks.size)
-        future = client.submit(
-            _recut_here,
-            run.spec,
-            measured,
-            (batch, 3, loaded.input_size, loaded.input_size),
-            workers=list(before.stage_workers(0)),
-            pure=False,
-            key=f"{loaded.name}-recut-{uuid.uuid4().hex[:8]}",
-        )
-        new_cuts, predicted = future.result()
-    after = before.regrouped(predicted) if new_cuts != cuts else before
-    run.rebalance = Rebalance(
-        config.rebalance,
-        cuts,
-        measured,
-        new_cuts,
-        predicted,
-        chunks_measured=wave,
-        chunks_before=2 * wave if new_cuts != cuts else len(chunks.bounds),
-        placement_before=before.to_dict(),
-        placement_after=after.to_dict(),
-    )
-    say(run.rebalance.describe())
-    if run.rebalance.recut:
-        # The old runtime stays until the second wave, already on its way, has run through it.
-        run.spec = replace(run.spec, cut_points=new_cuts, stage_map=tuple(after.stages_on().items()))
-        run.placement = after
-        run.register(client)
-        if after.groups != before.groups:
-            say(after.describe())
-        run.last_start = time.perf_counter()
-    start = min(2 * wave + max(0, window - wave), len(chunks.bounds))
-    rest = submit(list(range(2 * wave, start)))
-    pending.extend(range(start, len(chunks.bounds)))
-    track(second + rest, progress=config.progress, on_done=on_done, refill=refill)
+    feed = _Feed(client, config, loaded, run, chunks, submit, say)
+    track(feed.start(), progress=config.progress, on_done=on_done, refill=feed.refill)
 
 
 def _chunk_target(loaded: LoadedModel, source: ImageSource, gpu: bool) -> int:
