@@ -174,6 +174,9 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
     )
     switch = rebalance["chunks_before"]
     assert 0 < rebalance["chunks_measured"] < switch < summary.chunks
+    # The feed never paused: the window (twice the measured wave) plus one chunk per
+    # chunk written went out under the old cut while the new one was computed.
+    assert switch >= 3 * rebalance["chunks_measured"]
     records = _records(gpu_client)
     _assert_stages_ran_on_their_workers(records, seen, before["placement"], range(switch))
     _assert_stages_ran_on_their_workers(records, seen, after["placement"], range(switch, summary.chunks))
