@@ -19,6 +19,7 @@ from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from dask_infer.partition.split import ModelGraph
+from dask_infer.partition.tracing import running_modules
 
 __all__ = ["NodeCost", "profile_graph", "torch_threads"]
 
@@ -222,7 +223,7 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    with torch.no_grad():
+    with torch.no_grad(), running_modules():
         counting = _NodeRecorder(graph.module, count=True)
         counting.run(sample.clone())
         fastest = dict.fromkeys(graph.order, math.inf)

@@ -24,6 +24,7 @@ from torch.nn.utils import prune as torch_prune
 
 from dask_infer.partition.recipe import CompressionError
 from dask_infer.partition.split import trace_model
+from dask_infer.partition.tracing import tracing
 
 __all__ = ["PruneGroup", "check_structured", "find_prune_groups", "prune_structured", "prune_unstructured"]
 
@@ -114,7 +115,8 @@ def _trace(module: nn.Module) -> fx.Graph:
     """Trace down to torch.nn layers, so convs inside torchvision blocks are visible."""
     try:
         wrapped: Any = (math, torchvision.ops)
-        return fx.Tracer(autowrap_modules=wrapped).trace(module)
+        with tracing():
+            return fx.Tracer(autowrap_modules=wrapped).trace(module)
     except Exception:
         # The partitioner's tracer keeps torchvision.ops blocks whole, and copes with more models.
         return trace_model(module).graph

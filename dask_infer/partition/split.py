@@ -21,6 +21,7 @@ import torchvision
 from torch import fx, nn
 
 from dask_infer.errors import ModelError
+from dask_infer.partition.tracing import tracing
 
 __all__ = ["ModelGraph", "candidate_cuts", "run_stages", "split_model", "trace_model"]
 
@@ -78,7 +79,8 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         If torch.fx cannot trace the model, with the reason.
     """
     try:
-        graph = _Tracer().trace(model)
+        with tracing():
+            graph = _Tracer().trace(model)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(

@@ -21,6 +21,7 @@ from torch import nn
 
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.partition.models import build_model
+from dask_infer.partition.tracing import running_modules
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.preprocess import Preprocess
 
@@ -188,7 +189,8 @@ class ModelRuntime(WorkerPlugin):
         else:
             stages = [module]
         if spec.warmup_images and spec.compress is None and self.device.type == "cpu":
-            self._warm_up(stages, max(held))
+            with running_modules():
+                self._warm_up(stages, max(held))
         if spec.compress is not None:
             # int8 calibrates stage k on the outputs of stages < k, so all are built to compress.
             self._stages = {i: s.to(self.device).eval() for i, s in enumerate(stages)}
@@ -401,10 +403,13 @@ class ModelRuntime(WorkerPlugin):
 def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
     """Task body: run the worker's runtime named ``runtime`` on one chunk."""
     plugin = get_worker().plugins[runtime]
-    return plugin.infer(images)  # type: ignore[attr-defined]
+    # Another runtime may be loading (tracing its stages) on this worker meanwhile.
+    with running_modules():
+        return plugin.infer(images)  # type: ignore[attr-defined]
 
 
 def run_stage(runtime: str, stage: int, data: np.ndarray | Activation) -> Activation | dict[str, np.ndarray]:
     """Task body: run stage ``stage`` of the worker's runtime named ``runtime`` on one chunk."""
     plugin = get_worker().plugins[runtime]
-    return plugin.run_stage(stage, data)  # type: ignore[attr-defined]
+    with running_modules():
+        return plugin.run_stage(stage, data)  # type: ignore[attr-defined]
