@@ -184,6 +184,54 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
     assert plan["after"]["cut_points"] == after["cut_points"]
 
 
+def test_a_failed_recut_keeps_the_run_going(
+    small_dataset: Path, small_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-cut task fails on the worker: the run goes on with its cut, and says so."""
+    import dask_infer.workflows.run as run_module
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("profiling ran out of memory")
+
+    # In-process workers, so the patched task body is the one they run.
+    monkeypatch.setattr(run_module, "_recut_here", broken)
+    src = tmp_path / "fine.zarr"
+    write_image_dataset(str(src), random_images(120, seed=3), chunk=4)
+    lines: list[str] = []
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            resources={"GPU": 1},
+            processes=False,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        whole = run_small(client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
+        summary = dask_infer.run(
+            str(src),
+            str(tmp_path / "pipe.zarr"),
+            model="resnet18",
+            weights=str(small_weights),
+            client=client,
+            progress=False,
+            echo=lines.append,
+            chunk_size=4,
+            stages=2,
+            balance="params",
+            placement="pipeline",
+            rebalance=1.01,
+        )
+    assert any("re-cut failed (RuntimeError: profiling ran out of memory)" in line for line in lines), lines
+    assert summary.rebalance is not None and not summary.rebalance["recut"]
+    assert summary.images == whole.images == 120
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "pipe.zarr")["logits"].values,
+        xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -320,8 +320,14 @@ class _Feed:
             self._judge()
         # Wait for a pending re-cut only when the last chunks would otherwise miss it.
         if self.recut is not None and (self.recut.done() or len(self.pending) <= 1):
-            self._switch(*self.recut.result())
-            self.recut = None
+            recut, self.recut = self.recut, None
+            try:
+                new_cuts, predicted = recut.result()
+            except Exception as exc:
+                # A failed re-cut costs the better balance, not the run.
+                self.say(f"rebalance: re-cut failed ({type(exc).__name__}: {exc}); keeping the current cut")
+                new_cuts, predicted = self.run.spec.cut_points, self.measured
+            self._switch(new_cuts, predicted)
         return self.submit([self.pending.pop(0)]) if self.pending else []
 
     def _judge(self) -> None:
