@@ -11,7 +11,7 @@ the last write, after the workers have loaded their stages. The three runs must 
 identical logits, which is checked. The three take turns ``--repeats`` times and each
 keeps its best run: on a shared machine, other load only ever slows a run down.
 
-    python benchmarks/pipeline.py [--model resnet50] [--images 128] [--chunk 8] [--repeats 2] [--json F]
+    python benchmarks/pipeline.py [--model resnet50] [--images 256] [--chunk 8] [--repeats 2] [--json F]
 """
 
 from __future__ import annotations
@@ -82,7 +82,12 @@ def _run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=256,
+        help="dataset size; a pipeline fills and drains once per run, about 1/(chunks+1) of it",
+    )
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument(
         "--chunk",
