@@ -155,9 +155,22 @@ def test_sample_and_ingest_commands(tmp_path: Path) -> None:
 
 
 def test_partition_and_evaluate_commands(small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
-    proc = _cli("partition", "--model", "resnet18", "--stages", "3", "--balance", "flops", "--size", "64")
+    proc = _cli(
+        "partition",
+        "--model",
+        "resnet18",
+        "--stages",
+        "3",
+        "--balance",
+        "flops",
+        "--size",
+        "64",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "resnet18 in 3 stages, balanced by flops" in proc.stdout and "imbalance" in proc.stdout
+    assert "1 thread," in proc.stdout
     proc = _cli("partition", "--model", "resnet18", "--stages", "99")
     assert (
         proc.returncode == 2 and proc.stderr.startswith("error: stages=99") and "Traceback" not in proc.stderr
