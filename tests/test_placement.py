@@ -188,13 +188,13 @@ def test_a_failed_recut_keeps_the_run_going(
     small_dataset: Path, small_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The re-cut task fails on the worker: the run goes on with its cut, and says so."""
-    import dask_infer.workflows.run as run_module
+    import dask_infer.workflows.feed as feed_module
 
     def broken(*args: Any) -> None:
         raise RuntimeError("profiling ran out of memory")
 
     # In-process workers, so the patched task body is the one they run.
-    monkeypatch.setattr(run_module, "_recut_here", broken)
+    monkeypatch.setattr(feed_module, "_recut_here", broken)
     src = tmp_path / "fine.zarr"
     write_image_dataset(str(src), random_images(120, seed=3), chunk=4)
     lines: list[str] = []

@@ -34,8 +34,9 @@ class HostBufferPool:
     Parameters
     ----------
     capacity
-        Most buffers kept; past it a lease falls back to an ordinary array, so a
-        read never blocks on the pool.
+        Most buffers kept. A lease of a new size replaces a free buffer of another
+        size (an earlier run's chunk size); with every buffer leased it falls back to an
+        ordinary array, so a read never blocks on the pool.
     pinned
         Allocate page-locked memory (only meaningful with CUDA).
     """
@@ -57,7 +58,7 @@ class HostBufferPool:
             if free:
                 buffer = free.pop()
                 self._reused += 1
-            elif self._count < self.capacity:
+            elif self._count < self.capacity or self._evict_one_free():
                 buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
                 self._count += 1
                 self._allocated += 1
@@ -67,6 +68,17 @@ class HostBufferPool:
         array = buffer.numpy().view(dt).reshape(shape)
         weakref.finalize(array, self._give_back, nbytes, buffer)
         return array
+
+    def _evict_one_free(self) -> bool:
+        """Drop one free buffer of another size (a chunk size no longer in use); hold the lock."""
+        for size, free in self._free.items():
+            if free:
+                free.pop()
+                if not free:
+                    del self._free[size]
+                self._count -= 1
+                return True
+        return False
 
     def _give_back(self, nbytes: int, buffer: torch.Tensor) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ import torch
 from distributed import Client
 
 from dask_infer.io.images import describe_source, read_chunk
-from dask_infer.workflows.buffers import HostBufferPool, host_pool
+from dask_infer.workflows.buffers import HostBufferPool, PoolStats, host_pool
 
 
 def test_buffers_come_back_and_are_reused() -> None:
@@ -33,6 +33,25 @@ def test_live_leases_never_share_memory_and_overflow_falls_back() -> None:
         arr[:] = i
     assert [float(a[0]) for a in live] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert pool.stats().allocated == 3 and pool.stats().overflow == 2
+
+
+def test_a_new_chunk_size_replaces_free_buffers_of_an_old_one() -> None:
+    """A later run with other chunks must still get pooled (pinned) buffers."""
+    pool = HostBufferPool(capacity=2)
+    old = [pool.lease((4, 8), "uint8") for _ in range(2)]
+    del old
+    gc.collect()
+    new = [pool.lease((16, 8), "uint8") for _ in range(2)]
+    assert pool.stats() == PoolStats(reused=0, allocated=4, overflow=0)
+    del new
+    gc.collect()
+    again = pool.lease((16, 8), "uint8")
+    assert pool.stats().reused == 1
+    # With every buffer leased, a new size still falls back instead of evicting a live one.
+    held = [again, pool.lease((16, 8), "uint8")]
+    other = pool.lease((2, 8), "uint8")
+    other[:] = 7
+    assert pool.stats().overflow == 1 and len(held) == 2
 
 
 def test_concurrent_leases_keep_their_contents() -> None:
