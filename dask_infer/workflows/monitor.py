@@ -199,7 +199,8 @@ def track(
     """Wait for ``futures``, calling ``on_done(result)`` for each as it finishes.
 
     ``refill``, when given, is called after each finished future and returns futures
-    to wait for as well (the next chunks of a pipeline fed in a window).
+    to wait for as well (the next chunks of a pipeline fed in a window). If a future
+    fails or the wait is interrupted, every future still running is cancelled.
 
     In a Jupyter kernel with ``progress`` set, ``distributed.progress`` also draws its
     per-task-group widget (read, each stage, write) for the futures known at the start;
@@ -210,12 +211,21 @@ def track(
             from distributed import progress as dask_progress
 
             dask_progress(futures, notebook=True)
+    every = list(futures)
     waiting = as_completed(futures)
-    for future in waiting:
-        on_done(future.result())
-        if refill is not None:
-            for more in refill():
-                waiting.add(more)
+    try:
+        for future in waiting:
+            on_done(future.result())
+            if refill is not None:
+                for more in refill():
+                    every.append(more)
+                    waiting.add(more)
+    except BaseException:
+        # A failed chunk or an interrupt: stop the rest, so no task outlives the run's
+        # runtime on the workers (what was written stays, marked incomplete).
+        for future in every:
+            future.cancel()
+        raise
 
 
 @contextlib.contextmanager

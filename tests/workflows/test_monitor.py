@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed import Client, Event
 
-from dask_infer.workflows.monitor import GpuSampler, gpu_summary, stage_summary, write_summary
+from dask_infer.workflows.monitor import GpuSampler, gpu_summary, stage_summary, track, write_summary
 
 
 def test_stage_summary_sums_workers_per_stage() -> None:
@@ -34,3 +35,21 @@ def test_nvml_is_skipped_without_a_gpu(tmp_path: Path) -> None:
     sampler.stop()
     write_summary(str(tmp_path / "s" / "summary.json"), {"gpus": {}, "images": 3})
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["images"] == 3
+
+
+def _wait_for(name: str) -> int:
+    Event(name).wait()
+    return 1
+
+
+def _fail() -> int:
+    raise ValueError("chunk 3 is corrupt")
+
+
+def test_a_failed_chunk_cancels_the_rest(client: Client) -> None:
+    stuck = [client.submit(_wait_for, "never-set", key=f"stuck-{i}", pure=False) for i in range(3)]
+    done: list[int] = []
+    with pytest.raises(ValueError, match="chunk 3 is corrupt"):
+        track([*stuck, client.submit(_fail, pure=False)], progress=False, on_done=done.append)
+    assert done == []
+    assert [f.status for f in stuck] == ["cancelled"] * 3
