@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,24 @@ def test_bad_compression_is_refused_before_work(small_dataset: Path, tmp_path: P
             str(small_dataset), str(tmp_path / "o.zarr"), model="resnet18", compress="fp8", echo=None
         )
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_corrupt_chunk_fails_the_run_and_leaves_it_incomplete(
+    client: Client, small_weights: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "corrupt.zarr"
+    write_image_dataset(str(src), random_images(64, seed=5), chunk=8)
+    metadata = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+    chunk_files = sorted(p for p in (src / "images").rglob("*") if p.is_file() and p.name not in metadata)
+    assert len(chunk_files) == 8
+    chunk_files[5].write_bytes(b"not a compressed chunk" * 10)
+    with pytest.raises(Exception) as info:
+        run_small(client, src, tmp_path / "out.zarr", small_weights, chunk_size=8)
+    assert not isinstance(info.value, DaskInferError)
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert out.attrs["dask_infer_complete"] is False
+    # No task of the failed run is left running on the workers.
+    deadline = time.monotonic() + 10
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(client.processing().values())
