@@ -37,10 +37,12 @@ def _recut_here(
 
 
 def runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
+    """Each worker's figures for the runtime registered as ``name``, by worker address."""
     return client.run(lambda dask_worker: dask_worker.plugins[name].stats())
 
 
 def seconds_per_image(stats: dict[str, dict[str, Any]], stages: int) -> tuple[float, ...]:
+    """Compute seconds per image of each stage, over the workers that ran it (0 if none did)."""
     return tuple(row["work_seconds_per_image"] or 0.0 for row in stage_summary(stats, 1.0, stages))
 
 
