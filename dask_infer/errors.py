@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DaskInferError", "InputError", "ModelError"]
+__all__ = ["DaskInferError", "InputError", "ModelError", "reason"]
 
 
 class DaskInferError(ValueError):
@@ -15,3 +15,13 @@ class InputError(DaskInferError):
 
 class ModelError(DaskInferError):
     """The model name, weights file or model options are unusable."""
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when the message is empty.
+
+    For messages that wrap a library's error: its first line says what went wrong; the
+    rest (tracebacks, suggestions) stays on the chained exception.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -33,14 +33,8 @@ def assert_close_logits(got: np.ndarray, want: np.ndarray, rel: float = 1e-5) ->
 
 
 def run_small(client: Client, src: Path | str, out: Path, weights: Path, **kw: Any) -> dask_infer.RunSummary:
-    """``dask_infer.run`` of the small ResNet-18 on ``client``, quietly."""
+    """``dask_infer.run`` of the small ResNet-18 on ``client``, quietly unless ``kw`` says otherwise."""
+    options: dict[str, Any] = {"progress": False, "echo": None, **kw}
     return dask_infer.run(
-        str(src),
-        str(out),
-        model="resnet18",
-        weights=str(weights),
-        client=client,
-        progress=False,
-        echo=None,
-        **kw,
+        str(src), str(out), model="resnet18", weights=str(weights), client=client, **options
     )

@@ -20,7 +20,6 @@ from dask.utils import key_split
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-import dask_infer
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.workflows.plan import PlacementError
 from tests.conftest import random_images
@@ -148,13 +147,11 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
     run_small(gpu_client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
     seen = len(_records(gpu_client))
     lines: list[str] = []
-    summary = dask_infer.run(
-        str(src),
-        str(tmp_path / "hybrid.zarr"),
-        model="resnet18",
-        weights=str(small_weights),
-        client=gpu_client,
-        progress=False,
+    summary = run_small(
+        gpu_client,
+        src,
+        tmp_path / "hybrid.zarr",
+        small_weights,
         echo=lines.append,
         chunk_size=4,
         stages=2,
@@ -209,13 +206,11 @@ def test_a_failed_recut_keeps_the_run_going(
         Client(cluster) as client,
     ):
         whole = run_small(client, src, tmp_path / "whole.zarr", small_weights, chunk_size=4)
-        summary = dask_infer.run(
-            str(src),
-            str(tmp_path / "pipe.zarr"),
-            model="resnet18",
-            weights=str(small_weights),
-            client=client,
-            progress=False,
+        summary = run_small(
+            client,
+            src,
+            tmp_path / "pipe.zarr",
+            small_weights,
             echo=lines.append,
             chunk_size=4,
             stages=2,

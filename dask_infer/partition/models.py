@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dask_infer.errors import ModelError
+from dask_infer.errors import ModelError, reason
 
 __all__ = [
     "LoadedModel",
@@ -126,7 +126,7 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     except Exception as exc:
         raise ModelError(
             f"weights file {str(path)!r} cannot be read as a state_dict with weights_only=True: "
-            f"{str(exc).splitlines()[0]}; save it with torch.save(model.state_dict(), path)"
+            f"{reason(exc)}; save it with torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("meta"), dict):
         meta = dict(obj["meta"])

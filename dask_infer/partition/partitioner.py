@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from dask_infer.errors import ModelError
+from dask_infer.errors import ModelError, reason
 from dask_infer.partition.balance import balance_partition
 from dask_infer.partition.models import build_model
 from dask_infer.partition.plan import PlanError, StageInfo, StagePlan, check_balance
@@ -60,9 +60,8 @@ def _reference_output(model: nn.Module, sample: torch.Tensor, label: str) -> Any
         with torch.no_grad():
             return model(sample.clone())
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"sample of shape {tuple(sample.shape)} does not fit {label} ({reason}); "
+            f"sample of shape {tuple(sample.shape)} does not fit {label} ({reason(exc)}); "
             f"give a float batch shaped (N, 3, H, W) at the model's input size, e.g. {DEFAULT_SAMPLE_SHAPE}"
         ) from exc
 

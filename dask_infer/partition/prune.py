@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
 
+from dask_infer.errors import reason
 from dask_infer.partition.recipe import CompressionError
 from dask_infer.partition.split import trace_model
 from dask_infer.partition.tracing import tracing
@@ -135,7 +136,7 @@ def find_prune_groups(module: nn.Module) -> list[PruneGroup]:
     except Exception as exc:
         raise CompressionError(
             f"structured pruning needs a torch.fx-traceable model and {type(module).__name__} is not "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"({reason(exc)}); "
             "use prune-unstructured instead"
         ) from exc
     modules = dict(module.named_modules())

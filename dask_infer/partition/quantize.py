@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dask_infer.errors import reason
 from dask_infer.partition.recipe import CompressionError
 
 __all__ = ["compile_int8", "int8_backend", "quantize_int8"]
@@ -113,10 +114,9 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, *, batch_size: i
     try:
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True).module()
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressionError(
             f"int8 needs the model exported with torch.export, and {type(module).__name__} cannot be "
-            f"({reason}); use bf16 or fp16 for this stage"
+            f"({reason(exc)}); use bf16 or fp16 for this stage"
         ) from exc
     quantizer = backend.quantizer()
     quantizer.set_global(backend.config())

@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import fx, nn
 
-from dask_infer.errors import ModelError
+from dask_infer.errors import ModelError, reason
 from dask_infer.partition.tracing import tracing
 
 __all__ = ["ModelGraph", "candidate_cuts", "run_stages", "split_model", "trace_model"]
@@ -82,9 +82,8 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         with tracing():
             graph = _Tracer().trace(model)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"{type(model).__name__} cannot be split: torch.fx cannot trace it ({reason}); "
+            f"{type(model).__name__} cannot be split: torch.fx cannot trace it ({reason(exc)}); "
             "only models whose forward has no data-dependent Python control flow can be split"
         ) from exc
     return fx.GraphModule(model, graph, class_name=type(model).__name__)

@@ -72,9 +72,14 @@ class Execution:
             client.unregister_worker_plugin(name)
 
 
+def _wave(placement: Placement) -> int:
+    """Chunks to measure stage times on: a few per stage of every replica."""
+    return placement.replicas * max(4, placement.num_stages + 1)
+
+
 def _window(placement: Placement) -> int:
     """Chunks a pipeline keeps in flight: enough that every stage always has one waiting."""
-    return 2 * placement.replicas * max(4, placement.num_stages + 1)
+    return 2 * _wave(placement)
 
 
 def _first_wave(config: RunConfig, placement: Placement, chunks: ChunkPlan) -> int:
@@ -85,7 +90,7 @@ def _first_wave(config: RunConfig, placement: Placement, chunks: ChunkPlan) -> i
     """
     if config.rebalance is None or not placement.pipelined or placement.num_stages < 2:
         return 0
-    wave = placement.replicas * max(4, placement.num_stages + 1)
+    wave = _wave(placement)
     return wave if len(chunks.bounds) >= 4 * wave else 0
 
 

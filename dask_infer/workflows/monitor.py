@@ -211,19 +211,22 @@ def track(
             from distributed import progress as dask_progress
 
             dask_progress(futures, notebook=True)
-    every = list(futures)
+    # Only the futures still running are kept: a long pipeline run must not hold on to
+    # (and keep the scheduler holding) every chunk it has written.
+    live = set(futures)
     waiting = as_completed(futures)
     try:
         for future in waiting:
+            live.discard(future)
             on_done(future.result())
             if refill is not None:
                 for more in refill():
-                    every.append(more)
+                    live.add(more)
                     waiting.add(more)
     except BaseException:
         # A failed chunk or an interrupt: stop the rest, so no task outlives the run's
         # runtime on the workers (what was written stays, marked incomplete).
-        for future in every:
+        for future in live:
             future.cancel()
         raise
 
