@@ -2,7 +2,10 @@
 
 Both read the same Zarr store (uint8, zstd), preprocess, run the same model with the
 same weights, and write logits to a new Zarr store. The plain loop is what a user
-writes by hand: read a chunk, normalise, forward in batches, write.
+writes by hand: read a chunk, normalise, forward in batches, write. Every round's
+dask-infer logits are checked against that round's plain loop (max relative error
+``max|got - ref| / max|ref|`` at most 1e-5, i.e. fp32 rounding); outside it the script
+exits with status 1 and one ``OUTPUT CHECK FAILED`` line.
 
     python benchmarks/cpu_throughput.py [--model resnet50] [--images 256] [--json out.json]
 """
@@ -21,10 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from _common import Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
 
 import dask_infer
-from dask_infer.io.samples import write_sample
-from dask_infer.partition.models import build_model
+from dask_infer.io import write_sample
+from dask_infer.models import build_model
+
+# Both sides compute fp32 with the same weights on the same images; only batching, memory
+# layout and thread count may differ, so their logits must agree to fp32 rounding.
+TOLERANCE = Tolerance(max_rel_err=1e-5)
 
 
 def plain_loop(images_url: str, output_url: str, model_name: str, weights: str, batch: int) -> float:
@@ -70,7 +78,12 @@ def main() -> None:
         write_sample(images, kind="photos", size=args.size, count=args.images, chunk=args.chunk)
         weights = str(work / "weights.pt")
         model = build_model(args.model).module
-        torch.save(model.state_dict(), weights)
+        # The input size travels with the weights, so dask-infer runs the model at --size as the
+        # plain loop does (a bare state dict would make it resize to the model's default).
+        torch.save(
+            {"state_dict": model.state_dict(), "meta": {"model": args.model, "input_size": args.size}},
+            weights,
+        )
 
         torch.set_num_threads(os.cpu_count() or 1)
         plain, ours, ours_total = [], [], []
@@ -88,10 +101,20 @@ def main() -> None:
             )
             ours_total.append(time.perf_counter() - t0)
             ours.append(summary.seconds)
-        ref = zarr.open_array(str(work / "plain-0.zarr"), mode="r")[:]
-        got = zarr.open_group(str(work / "ours-0.zarr"), mode="r")["logits"][:]
+        # Every round's dask-infer logits against that round's plain loop (the reference it is timed against).
+        checks = [
+            compare_logits(
+                f"dask-infer logits, round {r + 1}",
+                zarr.open_group(str(work / f"ours-{r}.zarr"), mode="r")["logits"][:],
+                zarr.open_array(str(work / f"plain-{r}.zarr"), mode="r")[:],
+                TOLERANCE,
+                reference="plain PyTorch loop",
+            )
+            for r in range(args.repeats)
+        ]
         result = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
+            "machine_info": machine_info(),
             "model": args.model,
             "images": args.images,
             "size": args.size,
@@ -102,17 +125,23 @@ def main() -> None:
             "ratio": min(plain) / min(ours),
             "ratio_with_cluster_start": min(plain) / min(ours_total),
             "cluster": summary.cluster,
-            "max_abs_logit_diff": float(np.abs(ref - got).max()),
+            "max_abs_logit_diff": max(c.max_abs_err for c in checks),
+            "max_rel_logit_err": max(c.max_rel_err for c in checks),
+            "output_checks": [c.to_dict() for c in checks],
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
+    print(machine_line(result["machine_info"]))
+    for c in checks:
+        print(c.line())
     print(
         f"dask-infer / plain loop: {result['ratio']:.2f}x "
         f"({result['ratio_with_cluster_start']:.2f}x with cluster start)"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    exit_if_failed(checks, "cpu_throughput.py")
 
 
 if __name__ == "__main__":

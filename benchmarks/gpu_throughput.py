@@ -4,6 +4,14 @@ One command, one run, one JSON file. On a GPU: ResNet-50, bf16, channels_last, 2
 RGB uint8 from zstd Zarr in chunks of 512. It also runs on a CPU (small, fp32, no
 compile) so it can be checked anywhere.
 
+Outputs are checked, and a mismatch exits with status 1 and one ``OUTPUT CHECK FAILED``
+line after the JSON is written: dask-infer's logits (every round, every image) against
+the plain loop's, the compiled model against the eager one on the same batch, and the
+plain loop's first batch against an fp32 forward of the same weights. A decode run that
+reads the wrong number of images stops the script at once, with the same line.
+Tolerance (``TOLERANCES``, max relative error ``max|got - ref| / max|ref|`` and top-1
+agreement): fp32 paths 1e-4; bf16 paths 5e-2 and 98% agreement.
+
     python benchmarks/gpu_throughput.py --json out.json                 # GPU defaults
     python benchmarks/gpu_throughput.py --images 128 --chunk 32 --json out.json   # small, CPU
 """
@@ -11,6 +19,7 @@ compile) so it can be checked anywhere.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -27,12 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from _common import Check, Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
 
 import dask_infer
-from dask_infer.io.dataset import write_image_dataset
+from dask_infer.io import write_image_dataset
 from dask_infer.io.samples import photo_crops
-from dask_infer.partition.models import build_model
-from dask_infer.workflows.preprocess import Preprocess
+from dask_infer.models import Preprocess, build_model
+
+TOLERANCES = {
+    # Same fp32 arithmetic, other kernels (compiled, batched differently, another process).
+    torch.float32: Tolerance(max_rel_err=1e-4),
+    # bf16 keeps 8 significant bits; compiled and eager bf16 round at different places.
+    torch.bfloat16: Tolerance(max_rel_err=5e-2, min_agreement=0.98),
+}
 
 
 def card() -> str:
@@ -103,6 +119,21 @@ def model_alone(
     return go
 
 
+def forward(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    prep: Preprocess,
+    images: torch.Tensor,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Logits (float32, on the CPU) of one batch of uint8 images, as the timed paths compute them."""
+    with torch.inference_mode():
+        y = prep(images).to(dtype)
+        if channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        return model(y).float().cpu()
+
+
 def decode_only(path: str, threads: int) -> Callable[[], int]:
     arr = zarr.open_group(path, mode="r")["images"]
     starts = range(0, arr.shape[0], arr.chunks[0])
@@ -122,8 +153,12 @@ def plain_loop(
     batch: int,
     dtype: torch.dtype,
     channels_last: bool,
+    logits: np.ndarray,
 ) -> Callable[[], int]:
-    """What a careful user writes: a prefetch thread reads chunks, the main thread infers."""
+    """What a careful user writes: a prefetch thread reads chunks, the main thread infers.
+
+    Each call writes its logits into ``logits`` (one row per image), to be checked.
+    """
     arr = zarr.open_group(path, mode="r")["images"]
     step = arr.chunks[0]
 
@@ -146,7 +181,8 @@ def plain_loop(
                     y = prep(host[i : i + batch].to(device, non_blocking=True)).to(dtype)
                     if channels_last:
                         y = y.contiguous(memory_format=torch.channels_last)
-                    model(y).float().cpu()
+                    out = model(y).float().cpu().numpy()
+                    logits[done + i : done + i + len(out)] = out
                 done += len(host)
         return done
 
@@ -173,8 +209,13 @@ def main() -> None:
     if args.compile:
         recipe += "+compile"
     work = Path(tempfile.mkdtemp(prefix="dask-infer-gpu-bench-"))
+    tolerance = TOLERANCES[dtype]
+    checks: list[Check] = []
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
     result: dict[str, object] = {
         "card": card(),
+        "host": machine,
         "torch": torch.__version__,
         "model": args.model,
         "images": args.images,
@@ -189,6 +230,7 @@ def main() -> None:
         weights = str(work / "weights.pt")
         torch.save(loaded.module.state_dict(), weights)
         prep = Preprocess(loaded.input_size, loaded.mean, loaded.std).to(device)
+        fp32_model = copy.deepcopy(loaded.module).to(device)  # the reference: plain fp32, eager
         model = loaded.module.to(device).to(dtype)
         channels_last = gpu
         if channels_last:
@@ -204,13 +246,43 @@ def main() -> None:
             )
             compiled()
             result["model_alone_compiled_images_per_s"] = timed(compiled, args.repeats)
+            probe = torch.randint(
+                0, 256, (args.batch, loaded.input_size, loaded.input_size, 3), dtype=torch.uint8
+            ).to(device)
+            checks.append(
+                compare_logits(
+                    "compiled model alone",
+                    forward(compiled_model, prep, probe, dtype, channels_last),
+                    forward(model, prep, probe, dtype, channels_last),
+                    tolerance,
+                    reference="eager model alone",
+                )
+            )
         for codec in ("zstd", "none"):
             path = str(work / f"images-{codec}.zarr")
             make_dataset(path, args.images, args.size, args.chunk, codec)
-            result[f"decode_only_{codec}_images_per_s"] = timed(decode_only(path, args.threads), args.repeats)
+            decode = decode_only(path, args.threads)
+            decoded = decode()
+            if decoded != args.images:
+                raise SystemExit(
+                    f"OUTPUT CHECK FAILED (gpu_throughput.py): decode ({codec}) read {decoded} images "
+                    f"of {args.images}"
+                )
+            result[f"decode_only_{codec}_images_per_s"] = timed(decode, args.repeats)
         zstd = str(work / "images-zstd.zarr")
-        loop = plain_loop(zstd, model, prep, device, args.batch, dtype, channels_last)
+        plain_logits = np.full((args.images, loaded.num_classes), np.nan, dtype=np.float32)
+        loop = plain_loop(zstd, model, prep, device, args.batch, dtype, channels_last, plain_logits)
         result["plain_loop_images_per_s"] = timed(loop, args.repeats)
+        first = torch.from_numpy(np.asarray(zarr.open_group(zstd, mode="r")["images"][: args.batch]))
+        checks.append(
+            compare_logits(
+                f"plain loop ({dtype}), first {len(first)} images",
+                plain_logits[: len(first)],
+                forward(fp32_model, prep, first.to(device), torch.float32, False),
+                tolerance,
+                reference="plain fp32 forward",
+            )
+        )
         runs = []
         for r in range(args.repeats):
             summary = dask_infer.run(
@@ -225,6 +297,15 @@ def main() -> None:
                 echo=None,
             )
             runs.append(summary.images_per_second)
+            checks.append(
+                compare_logits(
+                    f"dask-infer ({recipe}), round {r + 1}",
+                    zarr.open_group(str(work / f"out-{r}.zarr"), mode="r")["logits"][:],
+                    plain_logits,
+                    tolerance,
+                    reference="plain loop",
+                )
+            )
         result["dask_infer_images_per_s"] = max(runs)
         result["dask_infer_cluster"] = summary.cluster
         alone = result.get("model_alone_compiled_images_per_s", result["model_alone_eager_images_per_s"])
@@ -233,10 +314,16 @@ def main() -> None:
         result["median_dask_infer_images_per_s"] = statistics.median(runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["output_tolerance"] = str(tolerance)
+    result["output_checks"] = [c.to_dict() for c in checks]
+    result["output_checks_ok"] = all(c.ok for c in checks)
     text = json.dumps(result, indent=2)
     print(text)
+    for c in checks:
+        print(c.line())
     if args.json:
         args.json.write_text(text)
+    exit_if_failed(checks, "gpu_throughput.py")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,16 @@ fp32 on the CPU, the same model, weights and Zarr dataset for all three:
 - data: the whole model on each of 2 single-threaded workers.
 
 Every worker computes with one torch thread. Throughput counts from the first task to
-the last write, after the workers have loaded their stages. The three runs must give
-identical logits, which is checked. The three take turns ``--repeats`` times and each
-keeps its best run: on a shared machine, other load only ever slows a run down.
+the last write, after the workers have loaded their stages. The three take turns
+``--repeats`` times and each keeps its best run: on a shared machine, other load only
+ever slows a run down.
+
+Outputs are checked every round: the pipeline's and data-parallel's logits must be
+bit-identical to the whole model's, and the whole model's logits on the first
+``--check-images`` images must match a plain PyTorch forward (``Preprocess`` then the
+model, in this process) to fp32 rounding (max relative error ``max|got - ref| / max|ref|``
+at most 1e-5). Outside either, the script exits with status 1 and one
+``OUTPUT CHECK FAILED`` line.
 
     python benchmarks/pipeline.py [--model resnet50] [--images 256] [--chunk 8] [--repeats 2] [--json F]
 """
@@ -29,12 +36,18 @@ import dask
 import numpy as np
 import torch
 import xarray as xr
+from _common import Check, Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
 from distributed import Client, LocalCluster
 
 import dask_infer
-from dask_infer.io.dataset import write_image_dataset
-from dask_infer.partition.models import build_model
+from dask_infer.io import write_image_dataset
+from dask_infer.models import Preprocess, build_model
 from dask_infer.workflows.cluster import worker_environ
+
+# Placements change where the same ops run, not what they compute: bit-identical.
+SAME_OUTPUT = Tolerance(exact=True)
+# Plain PyTorch in this process: same fp32 ops, other batching and thread count.
+PLAIN_FP32 = Tolerance(max_rel_err=1e-5)
 
 
 def _run(
@@ -69,7 +82,7 @@ def _run(
         "placement": summary.placement["mode"],
         "stages": [
             {k: s[k] for k in ("stage", "busy_s", "work_s", "busy_fraction", "images_per_s_busy")}
-            for s in summary.stages
+            for s in summary.stage_stats
         ],
         "rebalance": summary.rebalance,
     }
@@ -96,9 +109,17 @@ def main() -> None:
         help="images per task and per forward pass (dask-infer picks 16 for ResNet-50 on a CPU)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the three runs; the best is kept")
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=16,
+        help="images whose logits are also checked against a plain PyTorch forward",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
     work = Path(tempfile.mkdtemp(prefix="dask-infer-pipeline-"))
     try:
         images = str(work / "images.zarr")
@@ -113,9 +134,19 @@ def main() -> None:
             },
             weights,
         )
+        checked = max(1, min(args.check_images, args.images))
+        prep = Preprocess(args.size, loaded.mean, loaded.std)
+        with torch.no_grad():
+            reference = torch.cat(
+                [
+                    loaded.module(prep(torch.from_numpy(pixels[i : min(i + args.chunk, checked)])))
+                    for i in range(0, checked, args.chunk)
+                ]
+            ).numpy()
+        checks: list[Check] = []
         every: list[dict[str, Any]] = []
         names = ("whole", "pipeline", "data")
-        for _ in range(args.repeats):
+        for round_ in range(1, args.repeats + 1):
             every.append(_run("whole", 1, images, str(work / "whole.zarr"), weights, args, overwrite=True))
             every.append(
                 _run(
@@ -143,8 +174,24 @@ def main() -> None:
                 )
             )
             logits = {name: xr.open_zarr(str(work / f"{name}.zarr"))["logits"].values for name in names}
-            for name in ("pipeline", "data"):
-                np.testing.assert_array_equal(logits[name], logits["whole"])
+            checks.append(
+                compare_logits(
+                    f"whole, round {round_}, first {checked} images",
+                    logits["whole"][:checked],
+                    reference,
+                    PLAIN_FP32,
+                    reference="plain PyTorch forward",
+                )
+            )
+            checks += [
+                compare_logits(
+                    f"{name}, round {round_}", logits[name], logits["whole"], SAME_OUTPUT, reference="whole"
+                )
+                for name in ("pipeline", "data")
+            ]
+            for c in checks[-3:]:
+                print(c.line(), flush=True)
+            exit_if_failed(checks, "pipeline.py")
         runs = [
             max((r for r in every if r["run"] == name), key=lambda r: r["images_per_s"]) for name in names
         ]
@@ -158,7 +205,7 @@ def main() -> None:
             f"pipeline / whole: {ratios['pipeline_over_whole']:.2f}x   "
             f"pipeline / data-parallel: {ratios['pipeline_over_data']:.2f}x   "
             f"data-parallel / whole: {ratios['data_over_whole']:.2f}x   "
-            f"(best of {args.repeats}; logits identical)"
+            f"(best of {args.repeats}; logits checked, see above)"
         )
         result = {
             "model": args.model,
@@ -171,6 +218,8 @@ def main() -> None:
                 "load_average_1m": os.getloadavg()[0],
                 "torch": torch.__version__,
             },
+            "machine_info": machine,
+            "output_checks": [c.to_dict() for c in checks],
             "repeats": args.repeats,
             "runs": runs,
             "all_runs": [{k: r[k] for k in ("run", "images_per_s", "seconds")} for r in every],

@@ -1,8 +1,15 @@
-"""The ``dask-infer`` command: run, demo, sample, ingest, models."""
+"""The ``dask-infer`` command: run, partition, evaluate, models, sample, ingest, demo.
+
+``run`` has one option per :class:`~dask_infer.config.RunConfig` field, built from it.
+Commands import what they run inside their bodies, so ``--help`` and ``models`` start
+without importing torch's whole stack or distributed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from dask_infer.config import OUTPUT_KINDS
+from dask_infer.config import RunConfig, option_help
 from dask_infer.errors import DaskInferError
+from dask_infer.options import BALANCE_MODES, DEFAULT_BALANCE, DEVICES, LAYOUTS, PLACEMENTS
 
 __all__ = ["main"]
 
@@ -36,79 +44,110 @@ def _echo(line: str) -> None:
     click.echo(line, err=line.startswith("warning:"))
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dask-infer")
 def main() -> None:
     """Batch inference of torchvision models over Zarr image datasets, on Dask."""
 
 
+_balance_option = click.option(
+    "--balance",
+    type=click.Choice(BALANCE_MODES),
+    default=DEFAULT_BALANCE,
+    show_default=True,
+    help="Cost the stages are balanced by.",
+)
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+_FLAGS = {"n_workers": "--workers", "threads_per_worker": "--threads"}
+_CHOICES = {"layout": LAYOUTS, "device": DEVICES, "balance": BALANCE_MODES, "placement": PLACEMENTS}
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return None
+
+
+def _run_options(func: F) -> F:
+    """One option per ``RunConfig`` field, its help from the field's description.
+
+    Every option defaults to ``None`` (not given), so a ``--config`` file's values and
+    then ``RunConfig``'s defaults apply; the help shows those defaults.
+    """
+    helps = option_help()
+    func = click.option("--config", "config_file", type=click.Path(), help="YAML file of these options.")(
+        func
+    )
+    func = click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")(func)
+    for field in reversed(dataclasses.fields(RunConfig)):
+        name, text = field.name, helps[field.name]
+        default = _default(field)
+        if default not in (None, False, {}, ()):
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            text += f"  [default: {shown}]"
+        kwargs: dict[str, Any] = {"help": text, "default": None}
+        decls = [_flag(name), name]
+        if name in _CHOICES:
+            kwargs["type"] = click.Choice(_CHOICES[name])
+        elif name == "overwrite":
+            kwargs.update(is_flag=True)
+        elif name == "progress":
+            decls = ["--progress/--no-progress", name]
+        elif name == "outputs":
+            kwargs["metavar"] = "KIND[,KIND...]"
+        elif name == "storage_options":
+            kwargs["metavar"] = "JSON"
+        elif field.type in ("int", "int | None"):
+            kwargs["type"] = click.IntRange(min=1)
+        elif field.type in ("float", "float | None"):
+            kwargs["type"] = float
+        func = click.option(*decls, **kwargs)(func)
+    return func
+
+
+def _parse_run_options(options: dict[str, Any], no_rebalance: bool) -> dict[str, Any]:
+    """Turn the command line's text into ``RunConfig`` values."""
+    if options.get("outputs") is not None:
+        options["outputs"] = tuple(o.strip() for o in options["outputs"].split(",") if o.strip())
+    if options.get("storage_options") is not None:
+        text = options["storage_options"]
+        try:
+            options["storage_options"] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DaskInferError(
+                f"--storage-options {text!r} is not JSON ({exc.msg}); give e.g. '{{\"anon\": true}}'"
+            ) from None
+    if no_rebalance:
+        if options.get("rebalance") is not None:
+            raise DaskInferError("--rebalance and --no-rebalance both given; keep one")
+        options["rebalance"] = False
+    return options
+
+
 @main.command()
-@click.option("--input", "input_", help="Input Zarr store of images (path or fsspec URL).")
-@click.option("--output", help="Output Zarr store for the predictions.")
-@click.option("--model", help="torchvision model name  [default: resnet50]")
-@click.option("--weights", help="Local weights: .pt/.pth state_dict or .safetensors.")
-@click.option("--num-classes", type=int, help="Classifier size (default: from the weights).")
-@click.option("--variable", help="Image array inside the input store, if it holds several.")
-@click.option("--layout", type=click.Choice(["auto", "NHWC", "NCHW"]), help="Axis order of the images.")
-@click.option("--outputs", help=f"Comma-separated results to write: {', '.join(OUTPUT_KINDS)}.")
-@click.option("--top-k", type=int, help="Best classes kept per image  [default: 5]")
-@click.option("--chunk-size", type=int, help="Images per task (default: from the data).")
-@click.option("--batch-size", type=int, help="Images per forward pass (default: by device).")
-@click.option("--scheduler", help="Address of an existing Dask scheduler (default: start one).")
-@click.option(
-    "--workers", "n_workers", type=int, help="Local cluster workers (default: one per GPU, else 1)."
-)
-@click.option("--threads", "threads_per_worker", type=int, help="Threads per local worker.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs.")
-@click.option("--stages", type=int, help="Split the model into this many sequential stages.")
-@click.option(
-    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), help="Stage balance cost."
-)
-@click.option(
-    "--placement",
-    type=click.Choice(["auto", "data", "pipeline", "hybrid"]),
-    help="Where stages run: every worker holds all (data), stage k on its own workers (pipeline), "
-    "replicated pipelines (hybrid), or chosen from memory and stage sizes (auto)  [default: auto]",
-)
-@click.option("--replicas", type=int, help="Pipelines side by side for --placement hybrid.")
-@click.option(
-    "--rebalance",
-    type=float,
-    help="Re-cut a pipeline after its first chunks when max/mean stage time exceeds this  [default: 1.1]",
-)
-@click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")
-@click.option("--report", type=click.Path(), help="Write a Dask performance report (HTML) here.")
-@click.option("--summary", type=click.Path(), help="Write the run summary (JSON) here.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("--config", "config_file", type=click.Path(), help="YAML file of these options.")
+@_run_options
 @_clean_errors
-def run(
-    input_: str | None,
-    outputs: str | None,
-    no_progress: bool,
-    no_rebalance: bool,
-    rebalance: float | None,
-    config_file: str | None,
-    **options: Any,
-) -> None:
+def run(config_file: str | None, no_rebalance: bool, **options: Any) -> None:
     """Run a model over an image dataset and write predictions to Zarr."""
     from dask_infer.api import run as run_api
 
-    run_api(
-        input=input_,
-        outputs=tuple(o.strip() for o in outputs.split(",")) if outputs else None,
-        progress=False if no_progress else None,
-        rebalance=False if no_rebalance else rebalance,
-        config=config_file,
-        echo=_echo,
-        **options,
-    )
+    run_api(config=config_file, echo=_echo, **_parse_run_options(options, no_rebalance))
 
 
 @main.command()
 @click.argument("output")
-@click.option("--kind", type=click.Choice(["digits", "photos"]), default="digits", show_default=True)
+@click.option(
+    "--kind",
+    type=click.Choice(["digits", "photos"]),
+    default="digits",
+    show_default=True,
+    help="scikit-learn's handwritten digits (labelled, with a held-out split) or crops of its sample photos.",
+)
 @click.option("--size", type=int, default=224, show_default=True, help="Image height and width.")
 @click.option("--count", type=int, help="Number of images (default: all digits, 64 photos).")
 @click.option("--chunk", type=int, default=64, show_default=True, help="Images per storage chunk.")
@@ -143,11 +182,17 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 @main.command()
 @click.option("--model", default="resnet50", show_default=True, help="torchvision model name.")
 @click.option("--weights", help="Local weights file (default: random weights; fine for profiling).")
-@click.option("--stages", type=int, default=2, show_default=True, help="Number of stages.")
+@click.option("--stages", type=click.IntRange(min=1), default=2, show_default=True, help="Number of stages.")
+@_balance_option
 @click.option(
-    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), default="time", show_default=True
+    "--batch-size",
+    "--batch",
+    "batch_size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images in the profiling sample.",
 )
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the profiling sample.")
 @click.option("--size", type=int, help="Input height and width (default: the model's).")
 @click.option(
     "--threads", type=int, help="Torch threads to time with: those each stage will run with (default: all)."
@@ -159,18 +204,24 @@ def partition(
     weights: str | None,
     stages: int,
     balance: str,
-    batch: int,
+    batch_size: int,
     size: int | None,
     threads: int | None,
     json_path: str | None,
 ) -> None:
     """Split a model into balanced sequential stages and print the plan."""
-    from dask_infer.partition import build_model, format_plan, partition_model
+    from dask_infer.models import build_model
+    from dask_infer.partition import format_plan, partition_model
 
     loaded = build_model(model, weights=weights)
     side = size or loaded.input_size
     _, plan = partition_model(
-        loaded.module, stages, balance=balance, sample=(batch, 3, side, side), name=model, threads=threads
+        loaded.module,
+        stages,
+        balance=balance,
+        sample=(batch_size, 3, side, side),
+        name=model,
+        threads=threads,
     )
     click.echo(format_plan(plan))
     if json_path:
@@ -183,15 +234,21 @@ def partition(
 @click.option("--model", required=True, help="torchvision model name.")
 @click.option("--weights", help="Local weights file (.pt/.pth/.safetensors).")
 @click.option("--compress", required=True, help="Compression plan, as for `run --compress`.")
-@click.option("--stages", type=int, default=1, show_default=True, help="Split into this many stages first.")
 @click.option(
-    "--balance", type=click.Choice(["time", "flops", "params", "memory"]), default="flops", show_default=True
+    "--stages",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Split into this many stages first.",
 )
+@_balance_option
 @click.option("--images", "n_images", type=int, default=512, show_default=True, help="Images to evaluate.")
 @click.option(
     "--calibration-images", type=int, default=128, show_default=True, help="Images int8 calibrates on."
 )
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass."
+)
 @click.option("--variable", help="Image array inside the input store.")
 @click.option("--output", help="Zarr store whose attrs receive the report (created if missing).")
 @_clean_errors
@@ -243,10 +300,18 @@ def evaluate(
 
 @main.command()
 def models() -> None:
-    """List the torchvision classification models that can be run."""
-    from dask_infer.partition.models import available_models
+    """List the models that can be run: name, task, input size and parameters."""
+    from dask_infer.models.registry import model_table
 
-    click.echo("\n".join(available_models()))
+    rows = [("model", "task", "input", "params")]
+    rows += [(m.name, m.task, f"{m.input_size}x{m.input_size}", m.params_text) for m in model_table()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
 
 
 @main.command()
@@ -260,7 +325,7 @@ def demo(output: str, n_workers: int | None) -> None:
 
     from dask_infer.api import run as run_api
     from dask_infer.io.samples import write_sample
-    from dask_infer.zoo import digits_model
+    from dask_infer.models.zoo import digits_model
 
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)

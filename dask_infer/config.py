@@ -1,28 +1,34 @@
-"""Frozen, validated run configuration, round-tripping through dict and YAML."""
+"""Frozen, validated run configuration, round-tripping through dict and YAML.
+
+``RunConfig`` is the one list of a run's options: ``dask_infer.run`` takes its fields
+as keyword arguments, the ``dask-infer run`` command builds one flag per field, and a
+YAML file holds any of them; the descriptions below are the help text of all three.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dask_infer.errors import DaskInferError
+from dask_infer.options import (
+    BALANCE_MODES,
+    DEFAULT_BALANCE,
+    DEVICES,
+    LAYOUTS,
+    OUTPUT_KINDS,
+    PLACEMENTS,
+    check_choice,
+    check_positive_int,
+)
 
-__all__ = ["OUTPUT_KINDS", "PLACEMENTS", "RunConfig"]
-
-OUTPUT_KINDS = ("logits", "probabilities", "top_k")
-_LAYOUTS = ("auto", "NHWC", "NCHW")
-_DEVICES = ("auto", "cpu", "cuda")
-_BALANCES = ("time", "flops", "params", "memory")
-PLACEMENTS = ("auto", "data", "pipeline", "hybrid")
-
-
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise DaskInferError(f"{name}={value!r} must be a whole number >= 1")
+__all__ = ["RunConfig", "option_help"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,13 @@ class RunConfig:
 
     Parameters
     ----------
-    input, output
-        Zarr stores (local paths or fsspec URLs). The output must not exist unless
-        ``overwrite`` is set, and must not be (or lie inside) the input.
+    input
+        Zarr store of the images: a local path or an fsspec URL. Never written.
+    output
+        Zarr store for the predictions (local path or fsspec URL). It must not exist
+        unless ``overwrite`` is set, and must not be (or lie inside) the input.
     model
-        torchvision classification model name.
+        torchvision classification model name (``dask-infer models`` lists them).
     weights
         Local state_dict (``.pt``/``.pth``) or ``.safetensors`` file; ``None`` runs a
         randomly initialised model.
@@ -55,12 +63,19 @@ class RunConfig:
         Images per forward pass inside a task; ``None`` picks by device.
     scheduler
         Address of an existing Dask scheduler; ``None`` starts a local cluster.
-    n_workers, threads_per_worker
-        Size of the local cluster; ``None`` picks from the machine.
+    scheduler_file
+        JSON file a Dask scheduler wrote (``dask scheduler --scheduler-file``, dask-jobqueue);
+        an alternative to ``scheduler``.
+    n_workers
+        Workers of the local cluster; ``None``: one per GPU, else one.
+    threads_per_worker
+        Threads of each local worker; ``None`` picks from the machine.
     device
         ``"auto"`` (CUDA when the worker has it), ``"cpu"`` or ``"cuda"``.
-    stages, balance
-        Split the model into this many sequential stages, balanced by this cost.
+    stages
+        Split the model into this many sequential stages.
+    balance
+        Cost the stages are balanced by: ``time``, ``flops``, ``params`` or ``memory``.
     placement
         Where stages run: ``"data"`` (every worker holds all stages), ``"pipeline"``
         (stage k on its own worker group), ``"hybrid"`` (``replicas`` pipelines), or
@@ -69,14 +84,14 @@ class RunConfig:
         Pipelines side by side for ``"hybrid"``; ``None`` makes as many as the workers allow.
     rebalance
         Re-cut a pipeline after its first chunks when the slowest stage's measured time
-        exceeds the mean by this factor; ``None`` never re-cuts.
+        exceeds the mean by this factor; ``None`` (or ``False``) never re-cuts.
     report
         Write a ``distributed.performance_report`` HTML file here.
     summary
         Write the run summary as JSON here.
     compress
         Compression plan: one recipe for all stages (``"bf16+channels_last"``) or per
-        stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.recipe``.
+        stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.compress.recipe``.
     calibration_images
         Images of the input (its first ones) that int8 recipes calibrate on.
     overwrite
@@ -84,7 +99,7 @@ class RunConfig:
     progress
         Show a progress bar.
     storage_options
-        fsspec options for remote stores.
+        fsspec options for remote stores (a mapping; JSON text on the command line).
     """
 
     input: str
@@ -99,11 +114,12 @@ class RunConfig:
     chunk_size: int | None = None
     batch_size: int | None = None
     scheduler: str | None = None
+    scheduler_file: str | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
     device: str = "auto"
     stages: int = 1
-    balance: str = "time"
+    balance: str = DEFAULT_BALANCE
     placement: str = "auto"
     replicas: int | None = None
     rebalance: float | None = 1.1
@@ -116,22 +132,26 @@ class RunConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.input or not isinstance(self.input, str):
-            raise DaskInferError(f"input={self.input!r}: give the path or URL of a Zarr store")
-        if not self.output or not isinstance(self.output, str):
-            raise DaskInferError(f"output={self.output!r}: give the path or URL of a Zarr store to write")
-        if self.layout not in _LAYOUTS:
-            raise DaskInferError(f"layout={self.layout!r} is not one of {', '.join(_LAYOUTS)}")
-        if self.device not in _DEVICES:
-            raise DaskInferError(f"device={self.device!r} is not one of {', '.join(_DEVICES)}")
-        if self.balance not in _BALANCES:
-            raise DaskInferError(f"balance={self.balance!r} is not one of {', '.join(_BALANCES)}")
-        if self.placement not in PLACEMENTS:
-            raise DaskInferError(f"placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        for name in ("input", "output"):
+            value = getattr(self, name)
+            if not value or not isinstance(value, str):
+                verb = "to write" if name == "output" else "to read"
+                raise DaskInferError(f"{name}={value!r}: give the path or URL of a Zarr store {verb}")
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("balance", self.balance, BALANCE_MODES)
+        check_choice("placement", self.placement, PLACEMENTS)
+        if self.scheduler is not None and self.scheduler_file is not None:
+            raise DaskInferError(
+                f"scheduler={self.scheduler!r} and scheduler_file={self.scheduler_file!r} both given; "
+                "give one of them"
+            )
         if self.replicas is not None and self.placement != "hybrid":
             raise DaskInferError(
                 f"replicas={self.replicas!r} applies to placement='hybrid' only, not {self.placement!r}"
             )
+        if self.rebalance is False:
+            object.__setattr__(self, "rebalance", None)
         if self.rebalance is not None and (
             isinstance(self.rebalance, bool)
             or not isinstance(self.rebalance, int | float)
@@ -143,7 +163,7 @@ class RunConfig:
             )
         if self.report is not None and not str(self.report).endswith((".html", ".htm")):
             raise DaskInferError(f"report={self.report!r} must name an .html file")
-        outputs = tuple(self.outputs)
+        outputs = tuple([self.outputs] if isinstance(self.outputs, str) else self.outputs)
         bad = [o for o in outputs if o not in OUTPUT_KINDS]
         if bad or not outputs:
             raise DaskInferError(
@@ -151,23 +171,29 @@ class RunConfig:
             )
         object.__setattr__(self, "outputs", tuple(dict.fromkeys(outputs)))
         if self.compress is not None:
-            from dask_infer.partition.recipe import CompressionPlan
+            # Imported here: the recipe's package imports torch, which the CLI's --help and
+            # `models` would otherwise pay for at every start.
+            from dask_infer.partition.compress.recipe import CompressionPlan
 
             plan = CompressionPlan.coerce(self.compress)
             plan.validate(self.stages)
             object.__setattr__(self, "compress", None if plan.is_identity else plan.to_string())
+        for name in ("top_k", "stages", "calibration_images"):
+            check_positive_int(name, getattr(self, name))
         for name in (
-            "top_k",
+            "num_classes",
             "chunk_size",
             "batch_size",
             "n_workers",
             "threads_per_worker",
-            "stages",
-            "calibration_images",
             "replicas",
         ):
-            _positive(name, getattr(self, name))
-        _positive("num_classes", self.num_classes)
+            check_positive_int(name, getattr(self, name), optional=True)
+        if not isinstance(self.storage_options, dict):
+            raise DaskInferError(
+                f"storage_options={self.storage_options!r} must be a mapping of fsspec options, "
+                'e.g. {"anon": true}'
+            )
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
@@ -186,11 +212,7 @@ class RunConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise DaskInferError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(names))}")
-        values = dict(data)
-        if "outputs" in values:
-            outs = values["outputs"]
-            values["outputs"] = tuple([outs] if isinstance(outs, str) else outs)
-        return cls(**values)
+        return cls(**data)
 
     def to_yaml(self) -> str:
         """YAML text that :meth:`from_yaml` reads back."""
@@ -207,3 +229,25 @@ class RunConfig:
             raise DaskInferError(f"config file {str(path)!r} must hold a mapping of options")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+@cache
+def option_help() -> dict[str, str]:
+    """Each ``RunConfig`` field's description from its docstring, as one plain line.
+
+    The CLI's help text and ``dask_infer.run``'s docstring come from here, so an
+    option is described once.
+    """
+    doc = RunConfig.__doc__ or ""
+    body = doc.split("Parameters\n    ----------\n", 1)[1]
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in body.splitlines():
+        if line.startswith("    ") and not line.startswith("        ") and line.strip():
+            names = [n.strip() for n in line.split(",")]
+            for n in names:
+                out[n] = ""
+        elif line.startswith("        ") and names:
+            for n in names:
+                out[n] = (out[n] + " " + line.strip()).strip()
+    return {name: re.sub(r"``([^`]*)``", r"\1", text) for name, text in out.items()}

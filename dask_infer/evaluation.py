@@ -21,11 +21,12 @@ from torch import nn
 from dask_infer.errors import DaskInferError, InputError
 from dask_infer.io.images import open_images
 from dask_infer.io.outputs import quiet_zarr
+from dask_infer.models import Preprocess, build_model
+from dask_infer.options import DEFAULT_BALANCE, check_positive_int
+from dask_infer.partition import partition_model
 from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
-from dask_infer.partition.measure import count_flops, serialized_size, time_call
-from dask_infer.partition.models import build_model
-from dask_infer.partition.quantize import check_int8_device, int8_backend
-from dask_infer.workflows.preprocess import Preprocess
+from dask_infer.partition.compress.measure import count_flops, serialized_size, time_call
+from dask_infer.partition.compress.quantize import check_int8_device, int8_backend
 
 __all__ = ["REPORT_ATTR", "EvaluationReport", "StageReport", "evaluate", "read_report", "write_report"]
 
@@ -152,12 +153,6 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DaskInferError(f"{name}={value!r} must be a whole number >= 1")
-    return value
-
-
 def _select(
     coords: dict[str, np.ndarray], n_total: int, n_images: int, n_calibration: int
 ) -> tuple[np.ndarray, np.ndarray, str, bool]:
@@ -198,7 +193,7 @@ def evaluate(
     weights: str | Path | None = None,
     compress: str | CompressionPlan,
     stages: int = 1,
-    balance: str = "flops",
+    balance: str = DEFAULT_BALANCE,
     n_images: int = 512,
     calibration_images: int = 128,
     batch_size: int = 64,
@@ -216,7 +211,7 @@ def evaluate(
         evaluated and the others calibrate; otherwise the first ``n_images`` are
         evaluated and calibration images are drawn from the rest.
     model, weights, num_classes
-        As for :func:`~dask_infer.partition.models.build_model`.
+        As for :func:`~dask_infer.models.build_model`.
     compress
         A :class:`CompressionPlan` or the ``--compress`` string, e.g. ``"0-1:int8,2:bf16"``.
     stages, balance
@@ -251,7 +246,7 @@ def evaluate(
         ("batch_size", batch_size),
         ("repeats", repeats),
     ):
-        _positive(name, value)
+        check_positive_int(name, value)
     plan.validate(stages)
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise DaskInferError(f"device={device!r} is not one of cpu, cuda")
@@ -273,10 +268,8 @@ def evaluate(
         x_calib = prep(torch.from_numpy(np.ascontiguousarray(images.isel(image=calib_idx).values)))
     size = loaded.input_size
     if stages > 1:
-        from dask_infer.partition import partition_model
-
         reference = list(
-            partition_model(loaded.module, stages, balance=balance, sample=(1, 3, size, size)).stages
+            partition_model(loaded.module, stages, balance=balance, sample=(1, 3, size, size)).modules
         )
     else:
         reference = [loaded.module]

@@ -12,7 +12,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from dask_infer.io.dataset import write_image_dataset
-from dask_infer.partition.models import build_model
+from dask_infer.models.registry import build_model
 
 SMALL_SIZE = 32
 
@@ -28,7 +28,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def digits_weights(cache_dir: Path) -> Path:
     """The trained digits ResNet-18 (.safetensors), trained once per session."""
-    from dask_infer.zoo import digits_model
+    from dask_infer.models.zoo import digits_model
 
     return digits_model(cache_dir)
 

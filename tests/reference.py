@@ -10,7 +10,7 @@ import torch
 from distributed import Client
 
 import dask_infer
-from dask_infer.partition.models import build_model
+from dask_infer.models.registry import build_model
 
 
 def reference_logits(images: np.ndarray, model: str, weights: str | None, **kwargs: object) -> np.ndarray:

@@ -13,6 +13,7 @@ import xarray as xr
 import zarr
 
 from dask_infer.errors import InputError
+from dask_infer.io.buffers import host_pool
 from dask_infer.io.stores import open_store_node, store_exists
 
 __all__ = ["SUPPORTED_DTYPES", "ImageSource", "describe_source", "image_coords", "open_images", "read_chunk"]
@@ -53,6 +54,12 @@ class ImageSource:
         if self.layout == "NCHW":
             return self.shape[2], self.shape[3], self.shape[1]
         return self.shape[1], self.shape[2], 1
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Decoded bytes of one image, at its stored dtype."""
+        height, width, channels = self.image_shape
+        return height * width * channels * np.dtype(self.dtype).itemsize
 
 
 def _dim_names(arr: zarr.Array) -> tuple[str, ...] | None:
@@ -198,8 +205,6 @@ def read_chunk(source: ImageSource, start: int, stop: int, *, pooled: bool = Tru
     Opened arrays are cached per process, so a worker opens each store once. With
     ``pooled``, the array lives in a reusable (pinned, on GPU machines) host buffer.
     """
-    from dask_infer.workflows.buffers import host_pool
-
     arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
     height, width, channels = source.image_shape
     shape = (stop - start, height, width, channels)

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from dask_infer.errors import InputError
 from dask_infer.io.dataset import write_image_dataset
+from dask_infer.options import check_positive_int
 
 __all__ = ["SAMPLE_KINDS", "digits_images", "digits_split", "photo_crops", "write_sample"]
 
@@ -109,9 +110,7 @@ def write_sample(
         images, labels = images[:n], labels[:n]
         attrs = {"class_names": [str(d) for d in range(10)], "description": "scikit-learn digits"}
     else:
-        n = 64 if count is None else count
-        if n < 1:
-            raise InputError(f"count={count} must be >= 1")
+        n = check_positive_int("count", 64 if count is None else count, error=InputError)
         images, labels = photo_crops(size, n)
         extra = {}
         attrs = {"class_names": ["china", "flower"], "description": "crops of scikit-learn sample photos"}

@@ -8,6 +8,8 @@ from typing import Any
 import fsspec
 import zarr
 
+from dask_infer.errors import InputError
+
 __all__ = ["is_url", "normalise_location", "open_store_node", "store_exists", "remove_store"]
 
 
@@ -42,8 +44,6 @@ def remove_store(location: str, storage_options: dict[str, Any] | None = None) -
 
 def open_store_node(location: str, storage_options: dict[str, Any] | None = None) -> zarr.Array | zarr.Group:
     """Open the Zarr array or group at ``location`` read-only (v2 or v3)."""
-    from dask_infer.errors import InputError
-
     kwargs: dict[str, Any] = {"mode": "r"}
     if is_url(location) and storage_options:
         kwargs["storage_options"] = storage_options

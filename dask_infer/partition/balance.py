@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from dask_infer.errors import DaskInferError
+from dask_infer.options import check_positive_int
 
-__all__ = ["PartitionError", "balance_partition", "part_sums"]
+__all__ = ["PartitionError", "balance_partition", "cut_after", "imbalance", "part_sums", "stage_sums"]
 
 
 class PartitionError(DaskInferError):
@@ -29,8 +30,7 @@ def _exact_integers(costs: Sequence[float]) -> list[int]:
 
 
 def _check(costs: Sequence[float], parts: int) -> None:
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise PartitionError(f"parts={parts!r} must be an integer >= 1")
+    check_positive_int("parts", parts, error=PartitionError)
     if len(costs) < parts:
         raise PartitionError(
             f"parts={parts} but there are only {len(costs)} costs; use parts <= {len(costs)}"
@@ -134,3 +134,48 @@ def part_sums(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
     """Sum of each run of ``costs`` cut at ``cuts`` (as returned by :func:`balance_partition`)."""
     edges = [0, *cuts, len(costs)]
     return [sum(costs[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def imbalance(costs: Sequence[float]) -> float:
+    """Largest over mean of ``costs``: 1.0 is perfect balance (also for empty or all-zero costs)."""
+    mean = sum(costs) / len(costs) if costs else 0.0
+    return max(costs) / mean if mean > 0 else 1.0
+
+
+def stage_sums(node_costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
+    """Cost of each stage when a graph of ``node_costs`` is cut after the nodes at ``cuts``.
+
+    Node 0 is the graph's input and costs nothing; stage ``k`` holds the nodes after
+    cut ``k - 1`` up to and including cut ``k`` (the last stage ends at the last node).
+    """
+    edges = [0, *cuts, len(node_costs) - 1]
+    return [sum(node_costs[a + 1 : b + 1]) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def cut_after(node_costs: Sequence[float], candidates: Sequence[int], parts: int) -> list[int]:
+    """The candidate nodes to cut after so that ``parts`` stages have the smallest largest cost.
+
+    Parameters
+    ----------
+    node_costs
+        Cost of every graph node in execution order; node 0 (the input) costs nothing.
+    candidates
+        Ascending positions a cut may follow.
+    parts
+        Number of stages, ``1 <= parts <= len(candidates) + 1``.
+
+    Returns
+    -------
+    list of int
+        ``parts - 1`` positions, a subset of ``candidates``.
+
+    Examples
+    --------
+    >>> cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2)
+    [3]
+    """
+    if parts == 1:
+        return []
+    segments = stage_sums(node_costs, candidates)
+    # Stage r starts at segment starts[r-1], so its cut follows the candidate ending the segment before.
+    return [candidates[s - 1] for s in balance_partition(segments, parts)]

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from dask_infer.errors import ModelError, reason
-from dask_infer.partition.balance import balance_partition
-from dask_infer.partition.models import build_model
-from dask_infer.partition.plan import PlanError, StageInfo, StagePlan, check_balance
+from dask_infer.models.registry import build_model
+from dask_infer.options import check_positive_int
+from dask_infer.partition.balance import cut_after
 from dask_infer.partition.profile import NodeCost, profile_graph, torch_threads
 from dask_infer.partition.split import ModelGraph, run_stages, split_model
+from dask_infer.partition.stage_plan import PlanError, StageInfo, StagePlan, check_balance
 
 __all__ = ["DEFAULT_SAMPLE_SHAPE", "Partition", "build_stage", "partition_model"]
 
@@ -25,14 +26,8 @@ DEFAULT_SAMPLE_SHAPE = (1, 3, 224, 224)
 class Partition(NamedTuple):
     """Result of :func:`partition_model`: the stage modules and their plan."""
 
-    stages: list[nn.Module]
+    modules: list[nn.Module]
     plan: StagePlan
-
-
-def _check_stages(stages: Any) -> int:
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ModelError(f"stages={stages!r} must be an integer >= 1")
-    return stages
 
 
 def _make_sample(sample: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
@@ -85,22 +80,6 @@ def _node_cost(cost: NodeCost, balance: str) -> float:
             balance
         ]
     )
-
-
-def _choose_cuts(
-    graph: ModelGraph, costs: list[NodeCost], candidates: list[int], stages: int, balance: str
-) -> list[int]:
-    """Candidate positions to cut at so that the ``stages`` stage costs are balanced."""
-    if stages == 1:
-        return []
-    edges = [0, *candidates, len(graph.order) - 1]
-    segments = [
-        sum(_node_cost(costs[i], balance) for i in range(a + 1, b + 1))
-        for a, b in zip(edges, edges[1:], strict=False)
-    ]
-    starts = balance_partition(segments, stages)
-    # Part r starts at segment starts[r-1], so the cut is after the candidate ending the previous segment.
-    return [candidates[s - 1] for s in starts]
 
 
 def _stage_info(
@@ -170,7 +149,7 @@ def partition_model(
     Returns
     -------
     Partition
-        ``(stages, plan)``: the stage modules (``torch.fx.GraphModule`` in eval mode,
+        ``(modules, plan)``: the stage modules (``torch.fx.GraphModule`` in eval mode,
         sharing one copy of the weights) and their :class:`StagePlan`.
 
     Raises
@@ -181,12 +160,10 @@ def partition_model(
     PlanError
         For an unknown ``balance`` mode.
     """
-    _check_stages(stages)
+    check_positive_int("stages", stages, error=ModelError)
     check_balance(balance)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ModelError(f"repeats={repeats!r} must be an integer >= 1")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ModelError(f"threads={threads!r} must be None or an integer >= 1")
+    check_positive_int("repeats", repeats, error=ModelError)
+    check_positive_int("threads", threads, optional=True, error=ModelError)
     label = name or type(model).__name__
     batch = _make_sample(sample)
     work = copy.deepcopy(model).eval()
@@ -201,7 +178,7 @@ def partition_model(
             f"stages={stages} but {label} has only {len(candidates)} cut points{why}; "
             f"use stages <= {len(candidates) + 1}"
         )
-    cuts = _choose_cuts(graph, costs, candidates, stages, balance)
+    cuts = cut_after([_node_cost(c, balance) for c in costs], candidates, stages)
     modules = graph.build_stages(cuts)
     if verify:
         with torch.no_grad():
@@ -250,7 +227,7 @@ def build_stage(
     index
         Which stage, from 0.
     weights, num_classes
-        As for :func:`~dask_infer.partition.models.build_model`.
+        As for :func:`~dask_infer.models.build_model`.
 
     Raises
     ------

@@ -18,8 +18,10 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from dask_infer.errors import ModelError
+from dask_infer.models.tracing import running_modules
+from dask_infer.options import check_positive_int
 from dask_infer.partition.split import ModelGraph
-from dask_infer.partition.tracing import running_modules
 
 __all__ = ["NodeCost", "profile_graph", "torch_threads"]
 
@@ -221,8 +223,7 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
     list of NodeCost
         One per node of ``graph.order`` (the input placeholder costs nothing).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be >= 1")
+    check_positive_int("repeats", repeats, error=ModelError)
     with torch.no_grad(), running_modules():
         counting = _NodeRecorder(graph.module, count=True)
         counting.run(sample.clone())

@@ -21,7 +21,7 @@ import torchvision
 from torch import fx, nn
 
 from dask_infer.errors import ModelError, reason
-from dask_infer.partition.tracing import tracing
+from dask_infer.models.tracing import tracing
 
 __all__ = ["ModelGraph", "candidate_cuts", "run_stages", "split_model", "trace_model"]
 
@@ -246,7 +246,7 @@ def split_model(model: nn.Module, cut_points: Sequence[str], *, copy_model: bool
 
     Running the stages one after another on a batch gives bit-identical outputs to
     the whole model in eval mode. This is how a worker rebuilds its stage from a
-    :class:`~dask_infer.partition.plan.StagePlan`: ``split_model(build_model(name,
+    :class:`~dask_infer.partition.stage_plan.StagePlan`: ``split_model(build_model(name,
     weights=...).module, plan.cut_points)``.
 
     Parameters

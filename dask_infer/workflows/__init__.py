@@ -1,23 +1,24 @@
-"""Running inference on Dask: cluster, placement, per-worker runtime, task graph, monitoring."""
+"""Running inference on Dask: cluster, placement, per-worker runtime, task graph, feed, summary."""
 
 from dask_infer.workflows.cluster import choose_local_cluster, make_client
-from dask_infer.workflows.graph import plan_chunks
-from dask_infer.workflows.plan import Placement, PlacementError, WorkerInfo, plan_placement
-from dask_infer.workflows.preprocess import Preprocess
-from dask_infer.workflows.run import RunSummary, run_config
-from dask_infer.workflows.runtime import ModelRuntime, RuntimeSpec
+from dask_infer.workflows.graph import Chunks, split_chunks
+from dask_infer.workflows.placement import Placement, PlacementError, WorkerInfo, choose_placement
+from dask_infer.workflows.run import run_config
+from dask_infer.workflows.runtime import ModelRuntime
+from dask_infer.workflows.stages import RuntimeSpec
+from dask_infer.workflows.summary import RunSummary
 
 __all__ = [
+    "Chunks",
     "ModelRuntime",
     "Placement",
     "PlacementError",
-    "Preprocess",
     "RunSummary",
     "RuntimeSpec",
     "WorkerInfo",
     "choose_local_cluster",
+    "choose_placement",
     "make_client",
-    "plan_chunks",
-    "plan_placement",
     "run_config",
+    "split_chunks",
 ]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
 
-from dask_infer.errors import DaskInferError
+from dask_infer.errors import DaskInferError, reason
+from dask_infer.options import DEVICES, check_choice
 
 __all__ = ["ClusterChoice", "choose_local_cluster", "cuda_device_count", "device_memory", "make_client"]
 
@@ -63,6 +65,7 @@ def choose_local_cluster(
     and writing chunks while the model runs.
     """
     gpus = cuda_device_count() if device in ("auto", "cuda") else 0
+    check_choice("device", device, DEVICES)
     if device == "cuda" and gpus == 0:
         raise DaskInferError("device='cuda' but no CUDA device is visible; use --device cpu")
     cores = os.cpu_count() or 1
@@ -90,15 +93,28 @@ def worker_environ() -> dict[str, object]:
 def make_client(
     *,
     scheduler: str | None = None,
+    scheduler_file: str | None = None,
     device: str = "auto",
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
 ) -> tuple[Client, ClusterChoice | None]:
-    """Connect to ``scheduler``, or start the local cluster this machine suits.
+    """Connect to ``scheduler`` or ``scheduler_file``, or start the local cluster this machine suits.
 
     Returns the client and the local cluster choice (``None`` when connected to an
     existing scheduler). Local services listen on 127.0.0.1 only.
     """
+    if scheduler_file is not None:
+        if not Path(scheduler_file).is_file():
+            raise DaskInferError(
+                f"scheduler file {scheduler_file!r} does not exist; give the file that "
+                "`dask scheduler --scheduler-file` wrote"
+            )
+        try:
+            return Client(scheduler_file=scheduler_file, timeout="10s"), None
+        except (OSError, TimeoutError, ValueError, KeyError) as exc:
+            raise DaskInferError(
+                f"cannot reach the Dask scheduler named in {scheduler_file!r}: {reason(exc)}"
+            ) from exc
     if scheduler is not None:
         try:
             return Client(scheduler, timeout="10s"), None

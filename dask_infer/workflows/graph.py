@@ -23,17 +23,17 @@ from distributed import Client, Future
 
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.io.outputs import OutputTarget, write_chunk
-from dask_infer.workflows.plan import Placement
+from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import compute_executor, infer_chunk, run_stage
 
-__all__ = ["ChunkPlan", "chunk_target", "plan_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
+__all__ = ["Chunks", "chunk_target", "split_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
 
 _READ, _INFER, _WRITE = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    """Images per task and the (start, stop) of every task's chunk."""
+class Chunks:
+    """How the images are cut into tasks: images per task and each task's (start, stop)."""
 
     size: int
     bounds: tuple[tuple[int, int], ...]
@@ -68,20 +68,26 @@ def chunk_target(flops_per_image: float, bytes_per_image: int, *, gpu: bool) -> 
     return int(min(max(images, 16), 4096, cap))
 
 
-def plan_chunks(n_images: int, storage_chunk: int, *, target: int, min_tasks: int = 1) -> ChunkPlan:
+def split_chunks(
+    n_images: int, storage_chunk: int, *, target: int, min_tasks: int = 1, exact: bool = False
+) -> Chunks:
     """Split ``n_images`` into tasks of whole storage chunks, about ``target`` images each.
 
     A task never splits a storage chunk (which would decode it twice) unless a single
     storage chunk exceeds ``target`` several times over, and there are at least
-    ``min_tasks`` tasks where the data allows, so every worker gets work.
+    ``min_tasks`` tasks where the data allows, so every worker gets work. With
+    ``exact``, tasks hold exactly ``target`` images (a size the user asked for).
     """
-    per_task = max(1, round(target / storage_chunk)) * storage_chunk
-    if storage_chunk > 4 * target:
+    if exact:
         per_task = target
-    while per_task > storage_chunk and -(-n_images // per_task) < min_tasks:
-        per_task -= storage_chunk
+    else:
+        per_task = max(1, round(target / storage_chunk)) * storage_chunk
+        if storage_chunk > 4 * target:
+            per_task = target
+        while per_task > storage_chunk and -(-n_images // per_task) < min_tasks:
+            per_task -= storage_chunk
     bounds = tuple((s, min(s + per_task, n_images)) for s in range(0, n_images, per_task))
-    return ChunkPlan(size=per_task, bounds=bounds)
+    return Chunks(size=per_task, bounds=bounds)
 
 
 def submit_chunks(
@@ -89,7 +95,7 @@ def submit_chunks(
     source: ImageSource,
     target: OutputTarget,
     runtime: str,
-    chunks: ChunkPlan,
+    chunks: Chunks,
     *,
     label: str,
     workers: Sequence[str] | None = None,
@@ -147,7 +153,7 @@ def submit_pipeline(
     source: ImageSource,
     target: OutputTarget,
     runtime: str,
-    chunks: ChunkPlan,
+    chunks: Chunks,
     placement: Placement,
     *,
     label: str,

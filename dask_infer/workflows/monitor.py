@@ -1,33 +1,23 @@
-"""Watching a run: progress, per-stage busy time and throughput, GPU use, reports.
+"""Watching a run while it happens: GPU use sampled on the workers, the performance report.
 
-Stage timings are kept by each worker's runtime and gathered at the end with
-``client.run``; GPU utilisation and memory are sampled on the workers through NVML
-(``nvidia-ml-py``, the ``gpu`` extra) and skipped where there is no GPU.
+GPU utilisation and memory are sampled on the workers through NVML (``nvidia-ml-py``,
+the ``gpu`` extra) and skipped where there is no GPU. What the run did afterwards
+(per-stage figures, the summary) is :mod:`dask_infer.workflows.summary`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, as_completed
+from distributed import Client
 
-__all__ = [
-    "GpuSampler",
-    "format_stages",
-    "gpu_summary",
-    "in_notebook",
-    "maybe_performance_report",
-    "stage_summary",
-    "track",
-    "write_summary",
-]
+__all__ = ["GpuSampler", "in_notebook", "maybe_performance_report"]
 
 
 def _nvml_index() -> int | str:
@@ -112,74 +102,6 @@ class GpuSampler:
         }
 
 
-def stage_summary(
-    stats: Mapping[str, Mapping[str, Any]], seconds: float, num_stages: int
-) -> list[dict[str, Any]]:
-    """Per-stage busy time, images and throughput over every worker.
-
-    Parameters
-    ----------
-    stats
-        Worker address -> its runtime's ``stats()``.
-    seconds
-        Wall time of the run.
-    num_stages
-        Number of stages.
-
-    Returns
-    -------
-    list of dict
-        One per stage: workers, images, busy seconds (wall time, summed), work seconds
-        (CPU time on a CPU, which other processes on the same cores do not inflate),
-        mean busy fraction of its workers over the run, seconds per image (busy and
-        work), images/s while busy and images/s over the run.
-    """
-    out = []
-    for k in range(num_stages):
-        busy = work = images = 0.0
-        workers = []
-        for address, s in stats.items():
-            stage = s.get("stages", {}).get(k)
-            if stage and stage["images"]:
-                busy += stage["busy_s"]
-                work += stage.get("work_s", stage["busy_s"])
-                images += stage["images"]
-                workers.append(address)
-        out.append(
-            {
-                "stage": k,
-                "workers": sorted(workers),
-                "images": int(images),
-                "busy_s": busy,
-                "work_s": work,
-                "busy_fraction": busy / (seconds * len(workers)) if workers and seconds > 0 else 0.0,
-                "seconds_per_image": busy / images if images else None,
-                "work_seconds_per_image": work / images if images else None,
-                "images_per_s_busy": images / busy if busy > 0 else None,
-                "images_per_s": images / seconds if seconds > 0 else None,
-            }
-        )
-    return out
-
-
-def gpu_summary(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Worker address -> NVML statistics, for workers that have a GPU."""
-    return {address: s["gpu"] for address, s in sorted(stats.items()) if s.get("gpu")}
-
-
-def format_stages(stages: Sequence[Mapping[str, Any]]) -> str:
-    """One line per stage: busy time, busy fraction and throughput."""
-    lines = []
-    for s in stages:
-        if not s["images"]:
-            continue
-        lines.append(
-            f"  stage {s['stage']}: {s['busy_s']:.2f} s busy on {len(s['workers'])} worker(s) "
-            f"({100 * s['busy_fraction']:.0f}%), {s['images_per_s_busy']:.1f} images/s while busy"
-        )
-    return "\n".join(lines)
-
-
 def in_notebook() -> bool:
     """Whether this process is a Jupyter kernel (where ``distributed.progress`` draws a widget)."""
     shell = sys.modules.get("IPython")
@@ -187,48 +109,6 @@ def in_notebook() -> bool:
         return False
     ip = shell.get_ipython()
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
-
-
-def track(
-    futures: Sequence[Future],
-    *,
-    progress: bool,
-    on_done: Callable[[int], None],
-    refill: Callable[[], list[Future]] | None = None,
-) -> None:
-    """Wait for ``futures``, calling ``on_done(result)`` for each as it finishes.
-
-    ``refill``, when given, is called after each finished future and returns futures
-    to wait for as well (the next chunks of a pipeline fed in a window). If a future
-    fails or the wait is interrupted, every future still running is cancelled.
-
-    In a Jupyter kernel with ``progress`` set, ``distributed.progress`` also draws its
-    per-task-group widget (read, each stage, write) for the futures known at the start;
-    without ipywidgets it is skipped.
-    """
-    if progress and in_notebook():
-        with contextlib.suppress(ImportError):
-            from distributed import progress as dask_progress
-
-            dask_progress(futures, notebook=True)
-    # Only the futures still running are kept: a long pipeline run must not hold on to
-    # (and keep the scheduler holding) every chunk it has written.
-    live = set(futures)
-    waiting = as_completed(futures)
-    try:
-        for future in waiting:
-            live.discard(future)
-            on_done(future.result())
-            if refill is not None:
-                for more in refill():
-                    live.add(more)
-                    waiting.add(more)
-    except BaseException:
-        # A failed chunk or an interrupt: stop the rest, so no task outlives the run's
-        # runtime on the workers (what was written stays, marked incomplete).
-        for future in live:
-            future.cancel()
-        raise
 
 
 @contextlib.contextmanager
@@ -242,10 +122,3 @@ def maybe_performance_report(client: Client, filename: str | None) -> Iterator[N
     Path(filename).parent.mkdir(parents=True, exist_ok=True)
     with client.as_current(), performance_report(filename=str(filename)):
         yield
-
-
-def write_summary(path: str, summary: Mapping[str, Any]) -> None:
-    """Write ``summary`` as indented JSON to ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=2, default=str) + "\n")

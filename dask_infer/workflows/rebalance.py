@@ -1,27 +1,31 @@
-"""Re-cut a running pipeline by its measured stage times.
+"""Re-cutting a running pipeline: judge its measured stage times, re-cut on a stage worker, switch.
 
-The profile taken before the run says how cost is spread over the model's nodes; the
-first chunks say how long each stage really takes on the workers. Scaling each node's
-profiled time by its stage's measured/profiled ratio keeps the spread inside a stage
-and corrects the totals between stages; the exact balancer then cuts again.
+The first chunks of a pipeline say how long each stage really takes on its workers.
+When the slowest stage exceeds the mean by the run's threshold, a re-cut
+(:func:`dask_infer.partition.recut.rebalanced_cuts`) is computed on a stage-0 worker
+while the chunks in flight keep every stage busy; the chunks submitted after it
+arrives run on the new cut.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from dask_infer.partition.balance import balance_partition
+from distributed import Client, Future
 
-__all__ = ["Rebalance", "imbalance", "recut_positions", "rebalanced_cuts"]
+from dask_infer.models import build_model
+from dask_infer.partition.balance import imbalance
+from dask_infer.partition.recut import rebalanced_cuts
+from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
+from dask_infer.workflows.feed import wave
+from dask_infer.workflows.placement import Placement
+from dask_infer.workflows.stages import RuntimeSpec
 
-
-def imbalance(times: Sequence[float]) -> float:
-    """Largest over mean of ``times`` (1.0 is perfect balance, and for empty or zero times)."""
-    mean = sum(times) / len(times) if times else 0.0
-    return max(times) / mean if mean > 0 else 1.0
+__all__ = ["Rebalance", "Rebalancer", "first_wave"]
 
 
 @dataclass(frozen=True)
@@ -86,74 +90,125 @@ class Rebalance:
         )
 
 
-def recut_positions(
-    node_costs: Sequence[float],
-    candidates: Sequence[int],
-    cuts: Sequence[int],
-    measured: Sequence[float],
-) -> tuple[list[int], list[float]]:
-    """New cut positions from profiled node costs rescaled by measured stage times.
+def first_wave(threshold: float | None, placement: Placement, n_chunks: int) -> int:
+    """Chunks written before the stage times are judged; 0 to not re-cut.
+
+    The run needs chunks left after the judgement (and the re-cut, which runs while
+    the window keeps the stages busy) for a new cut to pay off.
+    """
+    if threshold is None or not placement.pipelined or placement.num_stages < 2:
+        return 0
+    size = wave(placement)
+    return size if n_chunks >= 4 * size else 0
+
+
+def _recut_here(
+    spec: RuntimeSpec, measured: tuple[float, ...], sample: tuple[int, ...]
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Task body: cut points balanced by ``measured``, profiled as this worker runs the model."""
+    module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
+    return rebalanced_cuts(module, spec.cut_points, measured, sample=sample, label=spec.model)
+
+
+class Rebalancer:
+    """Judges a pipeline's stage times after its first wave of chunks, and re-cuts it.
 
     Parameters
     ----------
-    node_costs
-        Profiled cost of every node in execution order (node 0, the input, costs 0).
-    candidates
-        Positions a cut may follow, ascending.
-    cuts
-        The current cut positions (a subset of ``candidates``), one fewer than stages.
-    measured
-        Measured time of each current stage (any unit, e.g. seconds per image).
-
-    Returns
-    -------
-    cuts, predicted
-        The balanced cut positions and each new stage's predicted time (in the unit of
-        ``measured``).
+    client
+        The run's client.
+    run
+        The run's runtimes; a re-cut registers a new one and switches to it.
+    threshold
+        Re-cut when the slowest stage's time per image (over the workers sharing it)
+        exceeds the mean by this factor.
+    n_chunks
+        Chunks in the run.
+    batch
+        Images per forward pass of the profile a re-cut takes.
+    say
+        Where log lines go.
     """
-    stages = len(cuts) + 1
-    if len(measured) != stages:
-        raise ValueError(f"{len(measured)} measured times for {stages} stages")
-    edges = [0, *cuts, len(node_costs) - 1]
-    scaled = list(node_costs)
-    for k, (a, b) in enumerate(zip(edges, edges[1:], strict=False)):
-        profiled = sum(node_costs[a + 1 : b + 1])
-        for i in range(a + 1, b + 1):
-            # A stage profiled at zero cost spreads its measured time evenly over its nodes.
-            scaled[i] = node_costs[i] * measured[k] / profiled if profiled > 0 else measured[k] / (b - a)
-    bounds = [0, *candidates, len(node_costs) - 1]
-    segments = [sum(scaled[a + 1 : b + 1]) for a, b in zip(bounds, bounds[1:], strict=False)]
-    starts = balance_partition(segments, stages)
-    new = [candidates[s - 1] for s in starts]
-    new_edges = [0, *new, len(node_costs) - 1]
-    predicted = [sum(scaled[a + 1 : b + 1]) for a, b in zip(new_edges, new_edges[1:], strict=False)]
-    return new, predicted
 
+    def __init__(
+        self,
+        client: Client,
+        run: Execution,
+        threshold: float,
+        n_chunks: int,
+        batch: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.client, self.run, self.threshold, self.say = client, run, threshold, say
+        self.n = n_chunks
+        self.batch = batch
+        self.wave = first_wave(threshold, run.placement, n_chunks)
+        self.recut: Future | None = None
+        self.measured: tuple[float, ...] = ()
+        self.record: Rebalance | None = None
 
-def rebalanced_cuts(
-    module: Any,
-    cut_points: Sequence[str],
-    measured: Sequence[float],
-    *,
-    sample: tuple[int, ...],
-    label: str,
-) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """Cut points of ``module`` balanced by ``measured`` stage times, and the predicted times.
+    def after_write(self, written: int, pending: int) -> None:
+        """Called after each written chunk, with the count written and the count not yet submitted."""
+        if self.wave and written == self.wave:
+            self._judge(pending)
+        # Wait for a pending re-cut only when the last chunks would otherwise miss it.
+        if self.recut is not None and (self.recut.done() or pending <= 1):
+            recut, self.recut = self.recut, None
+            try:
+                new_cuts, predicted = recut.result()
+            except Exception as exc:
+                # A failed re-cut costs the better balance, not the run.
+                self.say(f"rebalance: re-cut failed ({type(exc).__name__}: {exc}); keeping the current cut")
+                new_cuts, predicted = self.run.spec.cut_points, self.measured
+            self._switch(new_cuts, predicted, pending)
 
-    Profiles a copy of ``module`` node by node on a random batch of shape ``sample``,
-    rescales the profile by the measured stage times, and cuts it again.
-    """
-    import torch
+    def _judge(self, pending: int) -> None:
+        run, before = self.run, self.run.placement
+        stats = runtime_stats(self.client, run.current)
+        self.measured = seconds_per_image(stats, before.num_stages)
+        # What limits throughput is a stage's time per image over the workers that share it.
+        effective = [t / len(before.stage_workers(k)) for k, t in enumerate(self.measured)]
+        if imbalance(effective) <= self.threshold or not pending:
+            self._record(run.spec.cut_points, self.measured, before, chunks_before=self.n)
+            return
+        size = run.spec.input_size
+        self.recut = self.client.submit(
+            _recut_here,
+            run.spec,
+            self.measured,
+            (self.batch, 3, size, size),
+            workers=list(before.stage_workers(0)),
+            pure=False,
+            key=f"{run.spec.model}-recut-{uuid.uuid4().hex[:8]}",
+        )
 
-    from dask_infer.partition.profile import profile_graph
-    from dask_infer.partition.split import ModelGraph
+    def _switch(self, new_cuts: tuple[str, ...], predicted: tuple[float, ...], pending: int) -> None:
+        run, before = self.run, self.run.placement
+        if tuple(new_cuts) == tuple(run.spec.cut_points):
+            self._record(run.spec.cut_points, predicted, before, chunks_before=self.n)
+            return
+        after = before.regrouped(predicted)
+        # Every chunk submitted so far runs through the old runtime, which stays until the end.
+        self._record(tuple(new_cuts), predicted, after, chunks_before=self.n - pending)
+        run.spec = replace(run.spec, cut_points=tuple(new_cuts), stage_map=tuple(after.stages_on().items()))
+        run.placement = after
+        run.register(self.client)
+        if after.groups != before.groups:
+            self.say(after.describe())
+        run.last_start = time.perf_counter()
 
-    work = copy.deepcopy(module).eval()
-    graph = ModelGraph.trace(work, label)
-    batch = torch.randn(sample, generator=torch.Generator().manual_seed(0))
-    costs = profile_graph(graph, batch, repeats=3)
-    candidates = [i for i in graph.candidates if costs[i].shape is not None]
-    positions, predicted = recut_positions(
-        [c.time_s for c in costs], candidates, graph.positions_of(list(cut_points)), measured
-    )
-    return tuple(graph.order[p].name for p in positions), tuple(predicted)
+    def _record(
+        self, cuts: tuple[str, ...], predicted: tuple[float, ...], after: Placement, *, chunks_before: int
+    ) -> None:
+        self.record = Rebalance(
+            self.threshold,
+            self.run.spec.cut_points,
+            self.measured,
+            tuple(cuts),
+            tuple(predicted),
+            chunks_measured=self.wave,
+            chunks_before=chunks_before,
+            placement_before=self.run.placement.to_dict(),
+            placement_after=after.to_dict(),
+        )
+        self.say(self.record.describe())

@@ -1,128 +1,86 @@
-"""run(config): validate, start or connect a cluster, submit the graph, write, summarise."""
+"""run(config) as a few named steps: prepare, connect, lay out, write, execute, summarise.
+
+1. :func:`_prepare` checks everything that needs no cluster: the input, the output
+   location, the model and its weights, the stage cut and the compression plan.
+2. :func:`_connected` starts the local cluster this machine suits, connects to a
+   scheduler, or uses the caller's client; it closes only what it started.
+3. :func:`_lay_out` decides the placement and the chunks; a time-balanced CPU pipeline
+   is profiled again on a stage worker, re-placed and re-checked in the same step.
+4. The output store is created, the runtimes registered, the chunks fed (re-cutting a
+   pipeline on the way), and the summary written into the output's attrs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-from distributed import Client
+import torch
+from distributed import Client, Future
 from tqdm.auto import tqdm
 
 from dask_infer._version import __version__
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
 from dask_infer.io.images import ImageSource, describe_source, image_coords
-from dask_infer.io.outputs import check_output_location, create_output, finalize_output
-from dask_infer.partition import format_plan
-from dask_infer.partition.models import LoadedModel, build_model
-from dask_infer.partition.plan import StagePlan
-from dask_infer.workflows.cluster import cuda_device_count, device_memory, make_client
-from dask_infer.workflows.feed import Execution, execute, runtime_stats, seconds_per_image
-from dask_infer.workflows.graph import plan_chunks
-from dask_infer.workflows.monitor import (
-    format_stages,
-    gpu_summary,
-    maybe_performance_report,
-    stage_summary,
-    write_summary,
-)
-from dask_infer.workflows.plan import Placement, plan_placement, workers_from_scheduler
-from dask_infer.workflows.runtime import RuntimeSpec
+from dask_infer.io.outputs import OutputTarget, check_output_location, create_output, finalize_output
+from dask_infer.models import LoadedModel, build_model
+from dask_infer.options import default_batch_size
+from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
+from dask_infer.partition.compress import CompressionPlan, check_recipe
+from dask_infer.partition.compress.measure import count_flops
+from dask_infer.workflows.cluster import ClusterChoice, cuda_device_count, device_memory, make_client
+from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
+from dask_infer.workflows.feed import feed, min_chunks
+from dask_infer.workflows.graph import Chunks, chunk_target, split_chunks, submit_chunks, submit_pipeline
+from dask_infer.workflows.monitor import maybe_performance_report
+from dask_infer.workflows.placement import Placement, choose_placement, with_plan, workers_from_scheduler
+from dask_infer.workflows.rebalance import Rebalance, Rebalancer
+from dask_infer.workflows.stages import RuntimeSpec
+from dask_infer.workflows.summary import RunSummary, format_stages, gpu_summary, stage_summary, write_summary
 
-__all__ = ["RunSummary", "run_config"]
+__all__ = ["run_config"]
 
 
 @dataclass(frozen=True)
-class RunSummary:
-    """What a run did: counts, time, throughput and where the results are."""
+class _Prepared:
+    """What a run knows before any cluster: the images, the model, its cut and compression."""
 
-    images: int
-    seconds: float
-    images_per_second: float
-    output: str
-    model: str
-    pretrained: bool
-    chunks: int
-    chunk_size: int
-    workers: int
-    model_loads: int
-    cluster: str
-    dashboard: str | None
-    placement: dict[str, Any] = field(default_factory=dict)
-    loaded_stages: dict[str, list[int]] = field(default_factory=dict)
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    gpus: dict[str, Any] = field(default_factory=dict)
-    rebalance: dict[str, Any] | None = None
+    source: ImageSource
+    loaded: LoadedModel
+    plan: StagePlan | None
+    compression: dict[str, Any] | None
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for JSON and output attrs."""
-        return asdict(self)
-
-    def format(self) -> str:
-        """Human summary, a few lines."""
-        return (
-            f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s), "
-            f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]\n"
-            f"results: {self.output}  (xarray.open_zarr({self.output!r}))"
-        )
+    @property
+    def cuts(self) -> tuple[str, ...]:
+        return tuple(self.plan.cut_points) if self.plan is not None else ()
 
 
-def _class_names(loaded: LoadedModel, source: ImageSource) -> tuple[str, ...] | None:
-    if loaded.class_names is not None:
-        return loaded.class_names
-    if source.class_names is not None and len(source.class_names) == loaded.num_classes:
-        return source.class_names
-    return None
+@dataclass(frozen=True)
+class _Layout:
+    """Where the work goes: the placement, the chunks, and the cut they run with."""
+
+    placement: Placement
+    chunks: Chunks
+    prepared: _Prepared
 
 
-def _runtime_spec(
-    config: RunConfig,
-    loaded: LoadedModel,
-    torch_threads: int | None,
-    cuts: tuple[str, ...],
-    source: ImageSource,
-    placement: Placement,
-    chunk_size: int,
-) -> RuntimeSpec:
-    return RuntimeSpec(
-        model=loaded.name,
-        weights=loaded.weights,
-        num_classes=loaded.num_classes,
-        input_size=loaded.input_size,
-        mean=loaded.mean,
-        std=loaded.std,
-        outputs=config.outputs,
-        top_k=min(config.top_k, loaded.num_classes),
-        batch_size=config.batch_size,
-        device=config.device,
-        torch_threads=torch_threads,
-        cut_points=cuts,
-        compress=config.compress,
-        calibration=source,
-        calibration_images=config.calibration_images,
-        stage_map=tuple(placement.stages_on().items()),
-        warmup_images=chunk_size,
-    )
+def _gpu(config: RunConfig) -> bool:
+    return cuda_device_count() > 0 and config.device != "cpu"
 
 
 def _check_compression(
     config: RunConfig, loaded: LoadedModel, cuts: tuple[str, ...]
 ) -> dict[str, Any] | None:
-    """Refuse a plan that cannot be applied here, before any cluster starts."""
+    """Refuse a plan that cannot be applied to these stages here; the plan as a dict."""
     if config.compress is None:
         return None
-    import torch
-
-    from dask_infer.partition import split_model
-    from dask_infer.partition.compress import check_recipe
-    from dask_infer.partition.recipe import CompressionPlan
-
     plan = CompressionPlan.coerce(config.compress)
-    gpu = cuda_device_count() > 0 and config.device != "cpu"
-    device = torch.device("cuda" if gpu else "cpu")
+    device = torch.device("cuda" if _gpu(config) else "cpu")
     stages = split_model(loaded.module, list(cuts)) if cuts else [loaded.module]
     for index, stage in enumerate(stages):
         check_recipe(
@@ -131,40 +89,54 @@ def _check_compression(
     return plan.to_dict()
 
 
-def _stage_cuts(
-    config: RunConfig, loaded: LoadedModel, say: Callable[[str], None]
-) -> tuple[tuple[str, ...], StagePlan | None]:
-    if config.stages == 1:
-        return (), None
-    from dask_infer.partition import format_plan, partition_model
-
-    _, plan = partition_model(
-        loaded.module,
-        config.stages,
-        balance=config.balance,
-        sample=(1, 3, loaded.input_size, loaded.input_size),
-        name=loaded.name,
+def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
+    """Everything checked before a cluster starts: bad input fails here, in one line."""
+    source = describe_source(
+        config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
     )
-    say(format_plan(plan))
-    return tuple(plan.cut_points), plan
-
-
-def _placement(
-    config: RunConfig, client: Client, plan: StagePlan | None, loaded: LoadedModel, gpu: bool
-) -> Placement:
-    """The placement for this cluster, checked against its workers' memory before work starts."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    if not info:
-        raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
-    memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
-    return plan_placement(
-        config.placement,
-        plan,
-        workers_from_scheduler(info, memory),
-        replicas=config.replicas,
-        batch_size=config.batch_size or (256 if gpu else 32),
-        model=loaded.name,
+    check_output_location(
+        config.input, config.output, overwrite=config.overwrite, storage_options=config.storage_options
     )
+    loaded = build_model(config.model, weights=config.weights, num_classes=config.num_classes)
+    if not loaded.pretrained:
+        say(
+            f"warning: no --weights given, so {loaded.name} is randomly initialised and its predictions "
+            "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
+        )
+    plan = None
+    if config.stages > 1:
+        size = loaded.input_size
+        plan = partition_model(
+            loaded.module, config.stages, balance=config.balance, sample=(1, 3, size, size), name=loaded.name
+        ).plan
+        say(format_plan(plan))
+    cuts = tuple(plan.cut_points) if plan is not None else ()
+    return _Prepared(source, loaded, plan, _check_compression(config, loaded, cuts))
+
+
+@contextlib.contextmanager
+def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Client, ClusterChoice | None]]:
+    """The caller's client, or one to ``config``'s scheduler or a new local cluster (closed after)."""
+    if client is not None:
+        yield client, None
+        return
+    n_workers = config.n_workers
+    if n_workers is None and config.scheduler is None and config.placement in ("pipeline", "hybrid"):
+        n_workers = config.stages * (config.replicas or 1)
+    own, choice = make_client(
+        scheduler=config.scheduler,
+        scheduler_file=config.scheduler_file,
+        device=config.device,
+        n_workers=n_workers,
+        threads_per_worker=config.threads_per_worker,
+    )
+    try:
+        yield own, choice
+    finally:
+        cluster = own.cluster
+        own.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _partition_here(
@@ -176,39 +148,31 @@ def _partition_here(
     threads: int | None,
 ) -> dict[str, Any]:
     """Task body: partition the model by time as this worker runs it."""
-    from dask_infer.partition import partition_model
-
     module = build_model(model, weights=weights, num_classes=num_classes).module
     return partition_model(
         module, stages, balance="time", sample=sample, name=model, repeats=3, threads=threads
     ).plan.to_dict()
 
 
-def _profile_on_worker(
-    client: Client,
-    loaded: LoadedModel,
-    worker: str,
-    plan: StagePlan,
-    batch: int,
-    torch_threads: int | None,
+def _profile_on(
+    client: Client, worker: str, loaded: LoadedModel, stages: int, batch: int, threads: int
 ) -> StagePlan:
-    """The time-balanced plan measured on a stage worker, with its torch threads and the run's batch.
+    """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch.
 
     Stage times depend on the threads and batch size they run with (early layers use
-    threads better than late ones), so a profile taken here, with all of this
+    threads better than late ones), so a profile taken on the client, with all of its
     machine's threads and batch 1, can cut a pipeline of one-thread workers far from
     balance.
     """
-    nthreads = client.scheduler_info(n_workers=-1)["workers"][worker]["nthreads"]
     size = loaded.input_size
-    future = client.submit(
+    future: Future = client.submit(
         _partition_here,
         loaded.name,
         loaded.weights,
         loaded.num_classes,
-        plan.num_stages,
+        stages,
         (batch, 3, size, size),
-        torch_threads or max(1, nthreads),
+        threads,
         workers=[worker],
         pure=False,
         key=f"{loaded.name}-profile-{uuid.uuid4().hex[:8]}",
@@ -216,18 +180,222 @@ def _profile_on_worker(
     return StagePlan.from_dict(future.result())
 
 
-def _chunk_target(loaded: LoadedModel, source: ImageSource, gpu: bool) -> int:
-    """Images per task from the model's FLOPs per image and the decoded image size."""
-    import torch
+def _chunks(
+    config: RunConfig, prepared: _Prepared, placement: Placement, workers: int, say: Callable[[str], None]
+) -> Chunks:
+    """Images per task: as asked, or from the model's FLOPs per image and the decoded image size."""
+    source, loaded = prepared.source, prepared.loaded
+    if config.chunk_size is not None:
+        if config.chunk_size % source.storage_chunk:
+            say(
+                f"chunk_size={config.chunk_size} splits the input's storage chunks of {source.storage_chunk} "
+                f"images, so some are decoded more than once; a multiple of {source.storage_chunk} reads "
+                "each once"
+            )
+        return split_chunks(source.n_images, source.storage_chunk, target=config.chunk_size, exact=True)
+    size = loaded.input_size
+    flops = count_flops(loaded.module, torch.zeros(1, 3, size, size))
+    target = chunk_target(flops, source.bytes_per_image, gpu=_gpu(config))
+    return split_chunks(
+        source.n_images,
+        source.storage_chunk,
+        target=target,
+        min_tasks=max(2 * workers, min_chunks(placement)),
+    )
 
-    from dask_infer.partition.measure import count_flops
-    from dask_infer.workflows.graph import chunk_target
 
-    sample = torch.zeros(1, 3, loaded.input_size, loaded.input_size)
-    flops = count_flops(loaded.module, sample)
-    height, width, channels = source.image_shape
-    itemsize = 1 if source.dtype == "uint8" else 2 if source.dtype in ("uint16", "float16") else 4
-    return chunk_target(flops, height * width * channels * itemsize, gpu=gpu)
+def _lay_out(
+    config: RunConfig,
+    client: Client,
+    prepared: _Prepared,
+    choice: ClusterChoice | None,
+    say: Callable[[str], None],
+) -> _Layout:
+    """Placement and chunks; a CPU pipeline balanced by time is measured, re-placed and re-checked here."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
+    memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
+    workers = workers_from_scheduler(info, memory)
+    batch = config.batch_size or default_batch_size(_gpu(config))
+    loaded = prepared.loaded
+    placement = choose_placement(
+        config.placement,
+        prepared.plan,
+        workers,
+        replicas=config.replicas,
+        batch_size=batch,
+        model=loaded.name,
+    )
+    chunks = _chunks(config, prepared, placement, len(info), say)
+    plan = prepared.plan
+    if plan is not None and placement.pipelined and config.balance == "time" and not _gpu(config):
+        worker = placement.stage_workers(0)[0]
+        threads = (choice.torch_threads if choice else None) or max(1, info[worker]["nthreads"])
+        profiled = _profile_on(client, worker, loaded, plan.num_stages, min(batch, chunks.size), threads)
+        say(f"re-profiled on {worker}:\n" + format_plan(profiled))
+        placement = with_plan(placement, profiled, workers, batch_size=batch)
+        compression = prepared.compression
+        if profiled.cut_points != plan.cut_points:
+            compression = _check_compression(config, loaded, tuple(profiled.cut_points))
+        prepared = replace(prepared, plan=profiled, compression=compression)
+    say(placement.describe())
+    return _Layout(placement, chunks, prepared)
+
+
+def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | None) -> RuntimeSpec:
+    loaded = layout.prepared.loaded
+    return RuntimeSpec(
+        model=loaded.name,
+        weights=loaded.weights,
+        num_classes=loaded.num_classes,
+        input_size=loaded.input_size,
+        mean=loaded.mean,
+        std=loaded.std,
+        outputs=config.outputs,
+        top_k=min(config.top_k, loaded.num_classes),
+        batch_size=config.batch_size,
+        device=config.device,
+        torch_threads=choice.torch_threads if choice else None,
+        cut_points=layout.prepared.cuts,
+        compress=config.compress,
+        calibration=layout.prepared.source,
+        calibration_images=config.calibration_images,
+        stage_map=tuple(layout.placement.stages_on().items()),
+        warmup_images=layout.chunks.size,
+    )
+
+
+def _class_names(loaded: LoadedModel, source: ImageSource) -> tuple[str, ...] | None:
+    if loaded.class_names is not None:
+        return loaded.class_names
+    if source.class_names is not None and len(source.class_names) == loaded.num_classes:
+        return source.class_names
+    return None
+
+
+def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> OutputTarget:
+    source, loaded = layout.prepared.source, layout.prepared.loaded
+    return create_output(
+        config.output,
+        n_images=source.n_images,
+        num_classes=loaded.num_classes,
+        top_k=spec.top_k,
+        chunk=layout.chunks.size,
+        outputs=config.outputs,
+        image_coords=image_coords(source),
+        class_names=_class_names(loaded, source),
+        attrs={"dask_infer_complete": False},
+        overwrite=config.overwrite,
+        storage_options=config.storage_options,
+    )
+
+
+def _execute(
+    client: Client,
+    config: RunConfig,
+    layout: _Layout,
+    output: OutputTarget,
+    run: Execution,
+    say: Callable[[str], None],
+) -> tuple[float, Rebalance | None]:
+    """Feed every chunk through the current runtime; the wall time and what a re-cut decided."""
+    source, label, chunks = layout.prepared.source, layout.prepared.loaded.name, layout.chunks
+    every = len(client.scheduler_info(n_workers=-1)["workers"])
+
+    def submit(indices: list[int]) -> list[Future]:
+        placement = run.placement
+        if placement.pipelined:
+            return submit_pipeline(
+                client, source, output, run.current, chunks, placement, label=label, indices=indices
+            )
+        return submit_chunks(
+            client,
+            source,
+            output,
+            run.current,
+            chunks,
+            label=label,
+            workers=None if len(placement.workers) == every else placement.workers,
+        )
+
+    rebalancer = None
+    if config.rebalance is not None:
+        batch = min(config.batch_size or default_batch_size(False), chunks.size)
+        rebalancer = Rebalancer(client, run, config.rebalance, len(chunks.bounds), batch, say)
+    start = run.last_start = time.perf_counter()
+    with tqdm(total=source.n_images, unit="img", disable=not config.progress, desc=label, leave=True) as bar:
+        feed(
+            run.placement,
+            len(chunks.bounds),
+            submit,
+            progress=config.progress,
+            on_done=bar.update,
+            after_write=rebalancer.after_write if rebalancer is not None else None,
+        )
+    return time.perf_counter() - start, rebalancer.record if rebalancer is not None else None
+
+
+def _summarise(
+    client: Client,
+    config: RunConfig,
+    layout: _Layout,
+    run: Execution,
+    seconds: float,
+    rebalance: Rebalance | None,
+    choice: ClusterChoice | None,
+) -> RunSummary:
+    placement, source = run.placement, layout.prepared.source
+    stats = runtime_stats(client, run.current)
+    if rebalance is not None and rebalance.recut:
+        rebalance = replace(rebalance, measured_after=seconds_per_image(stats, placement.num_stages))
+    return RunSummary(
+        images=source.n_images,
+        seconds=seconds,
+        images_per_second=source.n_images / seconds,
+        output=config.output,
+        model=layout.prepared.loaded.name,
+        pretrained=layout.prepared.loaded.pretrained,
+        chunks=len(layout.chunks.bounds),
+        chunk_size=layout.chunks.size,
+        workers=len(client.scheduler_info(n_workers=-1)["workers"]),
+        model_loads=run.loads,
+        cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
+        dashboard=client.dashboard_link,
+        placement=placement.to_dict(),
+        loaded_stages={address: s["held_stages"] for address, s in sorted(stats.items())},
+        stage_stats=stage_summary(stats, time.perf_counter() - run.last_start, placement.num_stages),
+        gpus=gpu_summary(stats),
+        rebalance=rebalance.to_dict() if rebalance else None,
+    )
+
+
+def _finalize(config: RunConfig, output: OutputTarget, layout: _Layout, summary: RunSummary) -> None:
+    prepared = layout.prepared
+    loaded = prepared.loaded
+    finalize_output(
+        output,
+        {
+            "dask_infer_complete": True,
+            "dask_infer_version": __version__,
+            "model": loaded.name,
+            "weights": loaded.weights,
+            "pretrained": loaded.pretrained,
+            "input_size": loaded.input_size,
+            "normalize_mean": list(loaded.mean),
+            "normalize_std": list(loaded.std),
+            "source": config.input,
+            "source_variable": prepared.source.variable,
+            "config": config.to_dict(),
+            "stage_plan": prepared.plan.to_dict() if prepared.plan else {},
+            "placement": summary.placement,
+            "rebalance": summary.rebalance or {},
+            "compression": prepared.compression or {},
+            "run_summary": summary.to_dict(),
+        },
+    )
+    if config.summary:
+        write_summary(config.summary, summary.to_dict())
 
 
 def run_config(
@@ -250,143 +418,23 @@ def run_config(
         Where progress lines go; ``None`` for silence.
     """
     say = echo or (lambda _line: None)
-    source = describe_source(
-        config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
-    )
-    check_output_location(
-        config.input, config.output, overwrite=config.overwrite, storage_options=config.storage_options
-    )
-    loaded = build_model(config.model, weights=config.weights, num_classes=config.num_classes)
-    if not loaded.pretrained:
-        say(
-            f"warning: no --weights given, so {loaded.name} is randomly initialised and its predictions "
-            "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
-        )
-    cuts, plan = _stage_cuts(config, loaded, say)
-    compression = _check_compression(config, loaded, cuts)
-
-    own_cluster = client is None
-    choice = None
-    if client is None:
-        n_workers = config.n_workers
-        if n_workers is None and config.scheduler is None and config.placement in ("pipeline", "hybrid"):
-            n_workers = config.stages * (config.replicas or 1)
-        client, choice = make_client(
-            scheduler=config.scheduler,
-            device=config.device,
-            n_workers=n_workers,
-            threads_per_worker=config.threads_per_worker,
-        )
-    run: Execution | None = None
-    try:
+    prepared = _prepare(config, say)
+    with _connected(config, client) as (client, choice):
         say(f"dashboard: {client.dashboard_link}")
-        gpu = cuda_device_count() > 0 and config.device != "cpu"
-        placement = _placement(config, client, plan, loaded, gpu)
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        target = config.chunk_size or _chunk_target(loaded, source, gpu)
-        in_flight = 8 * placement.num_stages * placement.replicas if placement.pipelined else 0
-        chunks = plan_chunks(
-            source.n_images, source.storage_chunk, target=target, min_tasks=max(2 * len(workers), in_flight)
-        )
-        if plan is not None and placement.pipelined and config.balance == "time" and not gpu:
-            plan = _profile_on_worker(
-                client,
-                loaded,
-                placement.stage_workers(0)[0],
-                plan,
-                min(config.batch_size or 32, chunks.size),
-                choice.torch_threads if choice else None,
-            )
-            cuts = tuple(plan.cut_points)
-            say("re-profiled on " + placement.stage_workers(0)[0] + ":\n" + format_plan(plan))
-            placement = _placement(config, client, plan, loaded, gpu)
-            compression = _check_compression(config, loaded, cuts)
-        say(placement.describe())
-        spec = _runtime_spec(
-            config, loaded, choice.torch_threads if choice else None, cuts, source, placement, chunks.size
-        )
-        output = create_output(
-            config.output,
-            n_images=source.n_images,
-            num_classes=loaded.num_classes,
-            top_k=spec.top_k,
-            chunk=chunks.size,
-            outputs=config.outputs,
-            image_coords=image_coords(source),
-            class_names=_class_names(loaded, source),
-            attrs={"dask_infer_complete": False},
-            overwrite=config.overwrite,
-            storage_options=config.storage_options,
-        )
-        say(f"loading {loaded.name} on {len(placement.workers)} worker(s)")
-        run = Execution(spec, placement)
-        with maybe_performance_report(client, config.report):
-            run.register(client)
-            start = time.perf_counter()
-            with tqdm(
-                total=source.n_images, unit="img", disable=not config.progress, desc=loaded.name, leave=True
-            ) as bar:
-                execute(client, config, loaded, source, output, chunks, run, bar.update, say)
-            seconds = time.perf_counter() - start
-        placement = run.placement
-        stats = runtime_stats(client, run.active[-1])
-        stage_rows = stage_summary(stats, time.perf_counter() - run.last_start, placement.num_stages)
-        if run.rebalance is not None and run.rebalance.recut:
-            run.rebalance = replace(
-                run.rebalance, measured_after=seconds_per_image(stats, placement.num_stages)
-            )
-        summary = RunSummary(
-            images=source.n_images,
-            seconds=seconds,
-            images_per_second=source.n_images / seconds,
-            output=config.output,
-            model=loaded.name,
-            pretrained=loaded.pretrained,
-            chunks=len(chunks.bounds),
-            chunk_size=chunks.size,
-            workers=len(workers),
-            model_loads=run.loads,
-            cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
-            dashboard=client.dashboard_link,
-            placement=placement.to_dict(),
-            loaded_stages={address: s["held_stages"] for address, s in sorted(stats.items())},
-            stages=stage_rows,
-            gpus=gpu_summary(stats),
-            rebalance=run.rebalance.to_dict() if run.rebalance else None,
-        )
-        finalize_output(
-            output,
-            {
-                "dask_infer_complete": True,
-                "dask_infer_version": __version__,
-                "model": loaded.name,
-                "weights": loaded.weights,
-                "pretrained": loaded.pretrained,
-                "input_size": loaded.input_size,
-                "normalize_mean": list(loaded.mean),
-                "normalize_std": list(loaded.std),
-                "source": config.input,
-                "source_variable": source.variable,
-                "config": config.to_dict(),
-                "stage_plan": plan.to_dict() if plan else {},
-                "placement": placement.to_dict(),
-                "rebalance": summary.rebalance or {},
-                "compression": compression or {},
-                "run_summary": summary.to_dict(),
-            },
-        )
-        if config.summary:
-            write_summary(config.summary, summary.to_dict())
-    finally:
-        if run is not None:
-            for name in list(run.active):
-                run.release(client, name)
-        if own_cluster:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        layout = _lay_out(config, client, prepared, choice, say)
+        spec = _runtime_spec(config, layout, choice)
+        output = _create_output(config, layout, spec)
+        say(f"loading {layout.prepared.loaded.name} on {len(layout.placement.workers)} worker(s)")
+        run = Execution(spec, layout.placement)
+        try:
+            with maybe_performance_report(client, config.report):
+                run.register(client)
+                seconds, rebalance = _execute(client, config, layout, output, run, say)
+            summary = _summarise(client, config, layout, run, seconds, rebalance, choice)
+            _finalize(config, output, layout, summary)
+        finally:
+            run.release(client)
     say(summary.format())
-    if any(row["images"] for row in summary.stages):
-        say(format_stages(summary.stages))
+    if any(row["images"] for row in summary.stage_stats):
+        say(format_stages(summary.stage_stats))
     return summary

@@ -1,8 +1,9 @@
-"""Per-worker runtime: a WorkerPlugin that loads its stages once and runs every chunk.
+"""Per-worker runtime: a WorkerPlugin that builds its stages once and runs every chunk on its device.
 
 Tasks carry only the plugin's name; the model, device and compute thread live on
-the worker for the whole run. Under a pipeline placement each worker loads only the
-stages placed on it and runs one stage per task, passing activations on.
+the worker for the whole run. Under a pipeline placement each worker holds only the
+stages placed on it and runs one stage per task, passing activations on. Building the
+stages is :mod:`dask_infer.workflows.stages`; this module runs them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -19,13 +20,14 @@ import torch
 from distributed import WorkerPlugin, get_worker
 from torch import nn
 
-from dask_infer.io.images import ImageSource, read_chunk
-from dask_infer.partition.models import build_model
-from dask_infer.partition.tracing import running_modules
+from dask_infer.models import Preprocess
+from dask_infer.models.tracing import running_modules
+from dask_infer.options import default_batch_size
+from dask_infer.workflows.activation import Activation
 from dask_infer.workflows.monitor import GpuSampler
-from dask_infer.workflows.preprocess import Preprocess
+from dask_infer.workflows.stages import RuntimeSpec, build_stages
 
-__all__ = ["Activation", "ModelRuntime", "RuntimeSpec", "compute_executor", "infer_chunk", "run_stage"]
+__all__ = ["ModelRuntime", "StageStats", "compute_executor", "infer_chunk", "run_stage"]
 
 
 def compute_executor(runtime: str) -> str:
@@ -36,75 +38,34 @@ def compute_executor(runtime: str) -> str:
     return f"{runtime}-compute"
 
 
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """What a worker needs to rebuild the model: names and files, never a pickled model."""
+@dataclass
+class StageStats:
+    """What one stage did on one worker.
 
-    model: str
-    weights: str | None
-    num_classes: int
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    outputs: tuple[str, ...]
-    top_k: int
-    batch_size: int | None = None
-    device: str = "auto"
-    torch_threads: int | None = None
-    cut_points: tuple[str, ...] = ()
-    compress: str | None = None
-    calibration: ImageSource | None = None
-    calibration_images: int = 64
-    stage_map: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    """Worker address -> the stages it holds; empty: every worker holds every stage."""
-    warmup_images: int = 0
-    """Images of a blank batch run through the stages at load, so first-call costs stay out of timings."""
-
-    @property
-    def num_stages(self) -> int:
-        """Stages the model is cut into."""
-        return len(self.cut_points) + 1
-
-    def stages_for(self, address: str | None) -> tuple[int, ...]:
-        """The stage indices the worker at ``address`` loads."""
-        if not self.stage_map:
-            return tuple(range(self.num_stages))
-        return dict(self.stage_map).get(address or "", ())
-
-
-@dataclass(frozen=True)
-class Activation:
-    """A tensor passed from one stage's task to the next, as raw bytes and a dtype name.
-
-    numpy has no bfloat16, and distributed serialises tensors through numpy, so the
-    bytes travel under an integer view of the same width. A channels-last tensor travels
-    as its (N, H, W, C) bytes and comes back channels-last, so the next stage runs the
-    same kernels it would inside the whole model.
+    Attributes
+    ----------
+    chunks
+        Chunks whose images the stage counted.
+    images
+        Images it ran.
+    busy_s
+        Wall seconds it ran.
+    work_s
+        Seconds of work: CPU time on a CPU (which other processes do not inflate), wall
+        time on a GPU.
     """
 
-    data: np.ndarray
-    dtype: str
-    channels_last: bool = False
+    chunks: int = 0
+    images: int = 0
+    busy_s: float = 0.0
+    work_s: float = 0.0
 
-    @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> Activation:
-        """Copy ``tensor`` to host memory, keeping its memory format."""
-        t = tensor.detach().to("cpu")
-        channels_last = (
-            t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-        )
-        t = t.permute(0, 2, 3, 1) if channels_last else t.contiguous()
-        if t.dtype == torch.bfloat16:
-            return cls(t.view(torch.int16).numpy(), "bfloat16", channels_last)
-        return cls(t.numpy(), str(t.dtype).removeprefix("torch."), channels_last)
-
-    def to_tensor(self) -> torch.Tensor:
-        """The tensor again (host memory), in its original memory format."""
-        data = self.data if self.data.flags.writeable else self.data.copy()
-        t = torch.from_numpy(data)
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t.permute(0, 3, 1, 2) if self.channels_last else t
+    def add(self, *, images: int = 0, busy_s: float = 0.0, work_s: float = 0.0) -> None:
+        """Count one more stretch of work; a stretch with images counts as a chunk."""
+        self.chunks += 1 if images else 0
+        self.images += images
+        self.busy_s += busy_s
+        self.work_s += work_s
 
 
 def _pick_device(wanted: str) -> torch.device:
@@ -116,7 +77,7 @@ def _pick_device(wanted: str) -> torch.device:
 
 
 class ModelRuntime(WorkerPlugin):
-    """Loads the model on each worker once and runs chunks through it.
+    """Builds the model's stages on each worker once and runs chunks through them.
 
     Parameters
     ----------
@@ -134,7 +95,7 @@ class ModelRuntime(WorkerPlugin):
         self.images = 0
         self.busy_seconds = 0.0
         self.address: str | None = None
-        self._stage_stats: dict[int, list[float]] = {}
+        self._stage_stats: dict[int, StageStats] = {}
         self._lock = threading.Lock()
         self._stages: dict[int, nn.Module] = {}
         self._gpu = GpuSampler()
@@ -176,63 +137,16 @@ class ModelRuntime(WorkerPlugin):
             torch.set_num_threads(spec.torch_threads)
         self.device = _pick_device(spec.device)
         self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
-        self.batch_size = spec.batch_size or (256 if self.device.type == "cuda" else 32)
+        self.batch_size = spec.batch_size or default_batch_size(self.device.type == "cuda")
         held = spec.stages_for(address)
         if not held:
             return
-        loaded = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes)
-        module = loaded.module
-        if spec.cut_points:
-            from dask_infer.partition import split_model
-
-            stages = list(split_model(module, list(spec.cut_points), copy_model=False))
-        else:
-            stages = [module]
-        if spec.warmup_images and spec.compress is None and self.device.type == "cpu":
-            with running_modules():
-                self._warm_up(stages, max(held))
-        if spec.compress is not None:
-            # int8 calibrates stage k on the outputs of stages < k, so all are built to compress.
-            self._stages = {i: s.to(self.device).eval() for i, s in enumerate(stages)}
-            self._compress()
-        else:
-            self._stages = {i: stages[i].to(self.device).eval() for i in held}
-        self._stages = {i: self._stages[i] for i in held}
-        self._stage_stats.clear()  # compile warm-up is not part of the run
+        self._stages = build_stages(spec, held, self.preprocess, self.device, self.batch_size)
+        self._stage_stats.clear()
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
             self._gpu.start()
         self.loads += 1
-
-    @torch.inference_mode()
-    def _warm_up(self, stages: list[nn.Module], last: int) -> None:
-        """Run a blank batch through stages 0..``last``: the later stages need their real input shapes."""
-        size = self.spec.input_size
-        n = min(self.spec.warmup_images, self.batch_size)
-        x = self.preprocess(torch.zeros((n, size, size, 3), dtype=torch.uint8))
-        for stage in stages[: last + 1]:
-            x = stage.eval()(x)
-
-    def _compress(self) -> None:
-        """Apply the compression plan; calibrate on the input's first images; warm up compiles."""
-        from dask_infer.partition.compress import compress_stages
-        from dask_infer.partition.recipe import CompressionPlan
-
-        spec = self.spec
-        plan = CompressionPlan.coerce(spec.compress)
-        calibration = None
-        if plan.needs_calibration and spec.calibration is not None:
-            count = min(spec.calibration_images, spec.calibration.n_images)
-            images = read_chunk(spec.calibration, 0, count, pooled=False)
-            with torch.inference_mode():
-                calibration = self.preprocess(torch.from_numpy(images).to(self.device))
-        ordered = [self._stages[i] for i in range(len(self._stages))]
-        compressed = compress_stages(ordered, plan, calibration=calibration, device=self.device)
-        self._stages = {i: s.eval() for i, s in enumerate(compressed)}
-        if any(plan.recipe_for(i).compile for i in range(len(self._stages))):
-            size = spec.input_size
-            warm = np.zeros((self.batch_size, size, size, 3), dtype=np.uint8)
-            self.forward(warm)
 
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         # Per-stage times need no device sync on the CPU; on a GPU only the chunk total is kept.
@@ -243,7 +157,7 @@ class ModelRuntime(WorkerPlugin):
             x = self._stages[k](x)
             if timed:
                 now, now_work = time.perf_counter(), self._work_clock()
-                self._add_stage_time(k, now - start, 0, now_work - work)
+                self._add_stage_time(k, busy_s=now - start, work_s=now_work - work)
                 start, work = now, now_work
         return x
 
@@ -259,13 +173,9 @@ class ModelRuntime(WorkerPlugin):
             return time.perf_counter()
         return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
-    def _add_stage_time(self, stage: int, seconds: float, images: int, work: float) -> None:
+    def _add_stage_time(self, stage: int, **figures: Any) -> None:
         with self._lock:
-            entry = self._stage_stats.setdefault(stage, [0, 0, 0.0, 0.0])
-            entry[0] += 1 if images else 0
-            entry[1] += images
-            entry[2] += seconds
-            entry[3] += work
+            self._stage_stats.setdefault(stage, StageStats()).add(**figures)
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
@@ -322,7 +232,7 @@ class ModelRuntime(WorkerPlugin):
         result = self._outputs(self.forward(images))
         if self.device.type == "cpu":
             for k in range(self.spec.num_stages):
-                self._add_stage_time(k, 0.0, images.shape[0], 0.0)
+                self._add_stage_time(k, images=images.shape[0])
         with self._lock:
             self.chunks += 1
             self.images += images.shape[0]
@@ -361,7 +271,7 @@ class ModelRuntime(WorkerPlugin):
             self._outputs(out.to("cpu")) if last else Activation.from_tensor(out)
         )
         seconds = time.perf_counter() - start
-        self._add_stage_time(stage, seconds, len(host), self._work_clock() - work)
+        self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)
         with self._lock:
             self.chunks += 1 if last else 0
             self.images += len(host) if last else 0
@@ -385,10 +295,7 @@ class ModelRuntime(WorkerPlugin):
     def stats(self) -> dict[str, Any]:
         """Loads, chunks, images, busy seconds, per-stage figures and GPU samples on this worker."""
         with self._lock:
-            stages = {
-                k: {"chunks": int(c), "images": int(n), "busy_s": float(b), "work_s": float(w)}
-                for k, (c, n, b, w) in sorted(self._stage_stats.items())
-            }
+            stages = {k: asdict(s) for k, s in sorted(self._stage_stats.items())}
         return {
             "loads": self.loads,
             "held_stages": sorted(self._stages),

@@ -9,8 +9,9 @@ import pytest
 import torch
 import zarr
 
-from dask_infer.workflows.buffers import HostBufferPool
-from dask_infer.workflows.runtime import ModelRuntime, RuntimeSpec
+from dask_infer.io.buffers import HostBufferPool
+from dask_infer.workflows.runtime import ModelRuntime
+from dask_infer.workflows.stages import RuntimeSpec
 from tests.reference import reference_logits
 
 pytestmark = [
@@ -26,7 +27,7 @@ def test_pool_leases_pinned_memory() -> None:
 
 def test_cuda_runtime_matches_cpu(small_dataset: Path, small_weights: Path) -> None:
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
-    from dask_infer.partition.models import build_model
+    from dask_infer.models.registry import build_model
 
     loaded = build_model("resnet18", weights=str(small_weights))
     spec = RuntimeSpec(

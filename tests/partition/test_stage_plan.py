@@ -9,7 +9,7 @@ import pytest
 
 from dask_infer.errors import DaskInferError
 from dask_infer.partition import StageInfo, StagePlan, format_plan
-from dask_infer.partition.plan import PlanError
+from dask_infer.partition.stage_plan import PlanError
 
 
 def make_plan(balance: str = "time") -> StagePlan:
@@ -73,14 +73,14 @@ def test_format_plan_shows_stages_cuts_and_imbalance() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("resnet50 in 3 stages, balanced by time (input 1x3x224x224, 38 cut points")
     assert "layer1_conv .. layer1_relu" in text
-    assert "1x256x56x56" in text and "3.1 MiB" in text and "1x1000" in text
+    assert "1x256x56x56" in text and "3.06 MiB" in text and "1x1000" in text
     assert "imbalance (max/mean time): 1.333" in text
     assert lines[-1] == "cut points: layer0_relu, layer1_relu"
     assert len(lines) == 1 + 1 + 3 + 2
 
 
 def test_rejects_unknown_balance() -> None:
-    with pytest.raises(PlanError, match="balance='speed' is not a balance mode; use one of time, flops"):
+    with pytest.raises(PlanError, match="balance='speed' is not one of time, flops"):
         dataclasses.replace(make_plan(), balance="speed")
 
 

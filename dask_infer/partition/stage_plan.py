@@ -10,11 +10,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dask.utils import format_bytes
+
 from dask_infer.errors import DaskInferError
+from dask_infer.options import BALANCE_MODES, check_choice, check_positive_int
+from dask_infer.partition.balance import imbalance
 
-__all__ = ["BALANCE_MODES", "PlanError", "StageInfo", "StagePlan", "check_balance", "format_plan"]
+__all__ = ["PlanError", "StageInfo", "StagePlan", "check_balance", "format_plan"]
 
-BALANCE_MODES = ("time", "flops", "params", "memory")
 _PLAN_VERSION = 1
 
 
@@ -24,9 +27,7 @@ class PlanError(DaskInferError):
 
 def check_balance(balance: str) -> str:
     """Return ``balance`` if it is a known balance mode, else raise :class:`PlanError`."""
-    if balance not in BALANCE_MODES:
-        raise PlanError(f"balance={balance!r} is not a balance mode; use one of {', '.join(BALANCE_MODES)}")
-    return balance
+    return check_choice("balance", balance, BALANCE_MODES, error=PlanError)
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,7 @@ class StagePlan:
 
     def __post_init__(self) -> None:
         check_balance(self.balance)
-        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
-            raise PlanError(f"threads={self.threads!r} must be None or an integer >= 1")
+        check_positive_int("threads", self.threads, optional=True, error=PlanError)
         n = len(self.stages)
         if n < 1 or not len(self.cut_points) == len(self.cut_shapes) == len(self.cut_bytes) == n - 1:
             raise PlanError(
@@ -141,9 +141,7 @@ class StagePlan:
     @property
     def imbalance(self) -> float:
         """Largest stage cost over the mean stage cost (1.0 is perfect balance)."""
-        costs = self.stage_costs
-        mean = sum(costs) / len(costs)
-        return max(costs) / mean if mean > 0 else 1.0
+        return imbalance(self.stage_costs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict; :meth:`from_dict` inverts it."""
@@ -243,14 +241,6 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(v) for v in shape) if shape else "-"
 
 
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
-
-
 def _count(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -281,7 +271,7 @@ def format_plan(plan: StagePlan) -> str:
     for stage in plan.stages:
         last = stage.index == plan.num_stages - 1
         out_shape = plan.output_shape if last else plan.cut_shapes[stage.index]
-        out_size = "-" if last else _size(plan.cut_bytes[stage.index])
+        out_size = "-" if last else format_bytes(plan.cut_bytes[stage.index])
         rows.append(
             (
                 str(stage.index),
@@ -290,7 +280,7 @@ def format_plan(plan: StagePlan) -> str:
                 _count(stage.params),
                 _count(stage.flops),
                 f"{stage.time_s * 1e3:.2f}",
-                _size(stage.memory_bytes),
+                format_bytes(stage.memory_bytes),
                 _shape(out_shape),
                 out_size,
             )

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dask_infer import ModelError
-from dask_infer.partition.models import build_model, load_weights_file, model_defaults, weights_metadata_key
+from dask_infer.models import build_model, load_weights_file, model_defaults, weights_metadata_key
 
 
 def _x() -> torch.Tensor:

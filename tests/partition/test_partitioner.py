@@ -8,16 +8,16 @@ import torchvision
 from torch import nn
 
 from dask_infer.errors import DaskInferError, ModelError
+from dask_infer.models import build_model
 from dask_infer.partition import (
     StagePlan,
-    build_model,
     build_stage,
     format_plan,
     partition_model,
     run_stages,
     split_model,
 )
-from dask_infer.partition.plan import PlanError
+from dask_infer.partition.stage_plan import PlanError
 
 # (name, builder kwargs, input size): small inputs where the model allows; ViT is built
 # for that size, Swin pads its windows.
@@ -144,16 +144,16 @@ def test_build_stage_needs_a_model_name_and_a_valid_index(small: nn.Module) -> N
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"stages": 0}, "stages=0 must be an integer >= 1"),
-        ({"stages": -2}, "stages=-2 must be an integer >= 1"),
-        ({"stages": 2.0}, "stages=2.0 must be an integer >= 1"),
+        ({"stages": 0}, "stages=0 must be a whole number >= 1"),
+        ({"stages": -2}, "stages=-2 must be a whole number >= 1"),
+        ({"stages": 2.0}, "stages=2.0 must be a whole number >= 1"),
         (
             {"stages": 99, "name": "resnet18"},
             r"stages=99 but resnet18 has only \d+ cut points; use stages <= \d+",
         ),
         (
             {"stages": 2, "balance": "speed"},
-            "balance='speed' is not a balance mode; use one of time, flops, params, memory",
+            "balance='speed' is not one of time, flops, params, memory",
         ),
         (
             {"stages": 2, "sample": (3, 32, 32)},
@@ -161,8 +161,8 @@ def test_build_stage_needs_a_model_name_and_a_valid_index(small: nn.Module) -> N
         ),
         ({"stages": 2, "sample": (1, 1, 32, 32)}, r"sample of shape \(1, 1, 32, 32\) does not fit ResNet"),
         ({"stages": 2, "sample": (1, 3, 0, 32)}, "must be positive integers"),
-        ({"stages": 2, "repeats": 0}, "repeats=0 must be an integer >= 1"),
-        ({"stages": 2, "threads": 0}, "threads=0 must be None or an integer >= 1"),
+        ({"stages": 2, "repeats": 0}, "repeats=0 must be a whole number >= 1"),
+        ({"stages": 2, "threads": 0}, "threads=0 must be a whole number >= 1 or None"),
     ],
 )
 def test_bad_input_gets_one_clear_error(small: nn.Module, kwargs: dict, match: str) -> None:

@@ -3,7 +3,7 @@
 Every compressed stage is a :class:`CompressedStage`: it takes a floating tensor of
 any dtype, casts it to what the stage runs in (fp16, bf16, channels-last), and returns
 a floating tensor, so stages with different recipes chain. Recipes are checked for
-every stage before any stage is compressed. See :mod:`dask_infer.partition.recipe`
+every stage before any stage is compressed. See :mod:`dask_infer.partition.compress.recipe`
 for the recipe grammar.
 """
 
@@ -16,19 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dask_infer.partition.prune import check_structured, prune_structured, prune_unstructured
-from dask_infer.partition.quantize import check_int8_device, compile_int8, int8_backend, quantize_int8
-from dask_infer.partition.recipe import CompressionError, CompressionPlan, CompressionRecipe
+from dask_infer.partition.compress.prune import check_structured, prune_structured, prune_unstructured
+from dask_infer.partition.compress.quantize import (
+    check_int8_device,
+    compile_int8,
+    int8_backend,
+    quantize_int8,
+)
+from dask_infer.partition.compress.recipe import CompressionError, CompressionPlan, CompressionRecipe
 
-__all__ = [
-    "CompressedStage",
-    "CompressionError",
-    "CompressionPlan",
-    "CompressionRecipe",
-    "check_recipe",
-    "compress_module",
-    "compress_stages",
-]
+__all__ = ["CompressedStage", "check_recipe", "compress_module", "compress_stages"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,6 +58,8 @@ class CompressedStage(nn.Module):
         output_dtype: torch.dtype | None = torch.float32,
     ) -> None:
         super().__init__()
+        # Inference only; set here, as eval() would reach an exported int8 graph, which refuses it.
+        self.training = False
         self.module = module
         self.recipe = recipe
         self.dtype = dtype

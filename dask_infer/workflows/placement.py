@@ -12,16 +12,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dask.utils import format_bytes
+
 from dask_infer.errors import DaskInferError
-from dask_infer.partition.plan import StagePlan
+from dask_infer.options import PLACEMENTS
+from dask_infer.partition.balance import imbalance
+from dask_infer.partition.stage_plan import StagePlan
 
 __all__ = [
     "DEVICE_RESOURCE",
     "Placement",
     "PlacementError",
     "WorkerInfo",
-    "plan_placement",
+    "choose_placement",
+    "check_memory",
     "stage_memory",
+    "with_plan",
     "workers_from_scheduler",
 ]
 
@@ -122,7 +128,7 @@ class Placement:
         return {
             "mode": self.mode,
             "replicas": self.replicas,
-            "stages": self.num_stages,
+            "num_stages": self.num_stages,
             "groups": [[list(group) for group in replica] for replica in self.groups],
             "reason": self.reason,
         }
@@ -137,14 +143,6 @@ class Placement:
                     prefix + "; ".join(f"stage {k} on {', '.join(group)}" for k, group in enumerate(replica))
                 )
         return "\n".join(lines)
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
 
 
 def stage_memory(plan: StagePlan, batch_size: int) -> tuple[int, ...]:
@@ -202,7 +200,7 @@ def _split(items: Sequence[str], weights: Sequence[float]) -> list[tuple[str, ..
     return out
 
 
-def _check_memory(
+def check_memory(
     placement: Placement, needs: Sequence[int], workers: Sequence[WorkerInfo], batch_size: int
 ) -> None:
     by_address = {w.address: w for w in workers}
@@ -213,9 +211,9 @@ def _check_memory(
             what = "the whole model" if len(stages) == len(needs) else f"stage(s) {list(stages)}"
             split = "more --stages" if placement.pipelined else "--stages with --placement pipeline"
             raise PlacementError(
-                f"{placement.mode} placement puts {what} on {address}, which needs {_size(need)} "
+                f"{placement.mode} placement puts {what} on {address}, which needs {format_bytes(need)} "
                 f"(weights plus activations for batch {batch_size}) but that worker has "
-                f"{_size(worker.memory_bytes)} ({worker.memory_kind}); use {split}, "
+                f"{format_bytes(worker.memory_bytes)} ({worker.memory_kind}); use {split}, "
                 "a smaller --batch-size, or workers with more memory"
             )
 
@@ -238,7 +236,7 @@ def _stage_times(plan: StagePlan | None, stages: int) -> tuple[float, ...]:
     return times if sum(times) > 0 else (1.0,) * stages
 
 
-def plan_placement(
+def choose_placement(
     mode: str,
     plan: StagePlan | None,
     workers: Sequence[WorkerInfo],
@@ -292,18 +290,18 @@ def plan_placement(
         if stages == 1:
             mode, reason = "data", "one stage: every worker runs the whole model"
         elif not smallest.memory_bytes or whole <= smallest.memory_bytes:
-            room = _size(smallest.memory_bytes) if smallest.memory_bytes else "no stated limit"
+            room = format_bytes(smallest.memory_bytes) if smallest.memory_bytes else "no stated limit"
             reason = (
-                f"{model} needs {_size(whole)} with batch {batch_size} and the smallest of {n} {what} "
+                f"{model} needs {format_bytes(whole)} with batch {batch_size} and the smallest of {n} {what} "
                 f"has {room}, so every worker holds all {stages} stages and no activations move"
             )
             mode = "data"
         else:
-            slowest = max(times) / (sum(times) / len(times))
+            slowest = imbalance(times)
             reason = (
-                f"{model} needs {_size(whole)} with batch {batch_size} but the smallest worker has "
-                f"{_size(smallest.memory_bytes)} ({smallest.memory_kind}); its {stages} stages need "
-                f"{', '.join(_size(b) for b in needs)}, measured stage times "
+                f"{model} needs {format_bytes(whole)} with batch {batch_size} but the smallest worker has "
+                f"{format_bytes(smallest.memory_bytes)} ({smallest.memory_kind}); its {stages} stages need "
+                f"{', '.join(format_bytes(b) for b in needs)}, measured stage times "
                 f"{', '.join(f'{t * 1e3:.2f}' for t in times)} ms (max/mean {slowest:.2f})"
             )
             mode = "hybrid" if n >= 2 * stages else "pipeline"
@@ -321,7 +319,7 @@ def plan_placement(
             placement = _pipeline(
                 "hybrid", devices, stages, count, times, reason + f"; {count} pipelines side by side"
             )
-        _check_memory(placement, needs, devices, batch_size)
+        check_memory(placement, needs, devices, batch_size)
         return placement
 
     if mode == "data":
@@ -345,6 +343,20 @@ def plan_placement(
         reason = f"{count} replicas of a {stages}-stage pipeline on {n} {what}"
         placement = _pipeline("hybrid", devices, stages, count, times, reason)
     else:
-        raise PlacementError(f"placement={mode!r} is not one of auto, data, pipeline, hybrid")
-    _check_memory(placement, needs, devices, batch_size)
+        raise PlacementError(f"placement={mode!r} is not one of {', '.join(PLACEMENTS)}")
+    check_memory(placement, needs, devices, batch_size)
     return placement
+
+
+def with_plan(
+    placement: Placement, plan: StagePlan, workers: Sequence[WorkerInfo], *, batch_size: int
+) -> Placement:
+    """``placement`` with its workers shared among the stages again by ``plan``'s times, checked to fit.
+
+    For a plan measured again after the placement was chosen (on a stage worker, with
+    its threads and the run's batch): the mode and the workers per replica stay.
+    """
+    after = placement.regrouped(_stage_times(plan, plan.num_stages))
+    devices = _devices(workers)
+    check_memory(after, stage_memory(plan, batch_size), devices, batch_size)
+    return after

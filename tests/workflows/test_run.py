@@ -72,7 +72,7 @@ def test_resizes_inside_the_graph(client: Client, small_weights: Path, tmp_path:
     import torch
     from torchvision.transforms import v2
 
-    from dask_infer.partition.models import build_model
+    from dask_infer.models.registry import build_model
 
     images = np.random.default_rng(5).integers(0, 256, (12, 48, 64, 3), dtype=np.uint8)
     src = tmp_path / "big.zarr"
@@ -217,9 +217,9 @@ def test_compressed_run_matches_in_process_compression(
     """bf16 on two stages: the workers' output equals the same recipe applied in-process."""
     import torch
 
-    from dask_infer.partition.compress import compress_stages
-    from dask_infer.partition.models import build_model
-    from dask_infer.workflows.preprocess import Preprocess
+    from dask_infer.models.preprocess import Preprocess
+    from dask_infer.models.registry import build_model
+    from dask_infer.partition.compress.apply import compress_stages
 
     run_small(client, small_dataset, tmp_path / "o.zarr", small_weights, compress="bf16", chunk_size=32)
     ds = xr.open_zarr(tmp_path / "o.zarr")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dask_infer.errors import reason
-from dask_infer.partition.recipe import CompressionError
+from dask_infer.partition.compress.recipe import CompressionError
 
 __all__ = ["compile_int8", "int8_backend", "quantize_int8"]
 

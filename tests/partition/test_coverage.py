@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dask_infer.errors import ModelError
-from dask_infer.partition import available_models, build_model, partition_model, run_stages
+from dask_infer.models import available_models, build_model
+from dask_infer.partition import partition_model, run_stages
 
 
 @pytest.mark.slow

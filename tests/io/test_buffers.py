@@ -7,12 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from distributed import Client
 
+from dask_infer.io.buffers import HostBufferPool, PoolStats, host_pool
 from dask_infer.io.images import describe_source, read_chunk
-from dask_infer.workflows.buffers import HostBufferPool, PoolStats, host_pool
 
 
 def test_buffers_come_back_and_are_reused() -> None:
@@ -104,18 +102,3 @@ def test_workers_reuse_buffers_during_a_run(
     )
     stats = client.run(lambda: host_pool().stats())
     assert sum(s.reused for s in stats.values()) > 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
-def test_activations_keep_dtype_and_memory_format_across_workers(
-    dtype: torch.dtype, fmt: torch.memory_format
-) -> None:
-    """Stage k+1 must see the layout stage k produced, or its kernels (and results) change."""
-    import pickle
-
-    from dask_infer.workflows.runtime import Activation
-
-    t = torch.randn(2, 3, 4, 5).to(dtype).contiguous(memory_format=fmt)
-    back = pickle.loads(pickle.dumps(Activation.from_tensor(t))).to_tensor()
-    assert torch.equal(back, t) and back.stride() == t.stride() and back.dtype == dtype

@@ -23,9 +23,9 @@ from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
 
 from dask_infer.errors import reason
-from dask_infer.partition.recipe import CompressionError
+from dask_infer.models.tracing import tracing
+from dask_infer.partition.compress.recipe import CompressionError
 from dask_infer.partition.split import trace_model
-from dask_infer.partition.tracing import tracing
 
 __all__ = ["PruneGroup", "check_structured", "find_prune_groups", "prune_structured", "prune_unstructured"]
 

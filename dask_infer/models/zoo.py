@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dask_infer.io.samples import digits_images, digits_split
-from dask_infer.partition.models import weights_metadata_key
-from dask_infer.workflows.preprocess import Preprocess
+from dask_infer.models import weights_metadata_key
+from dask_infer.models.preprocess import Preprocess
 
 __all__ = ["DIGITS_INPUT_SIZE", "default_cache_dir", "digits_model", "train_digits_model"]
 

@@ -8,8 +8,8 @@ import time
 import torch
 import torchvision
 
+from dask_infer.models.tracing import running_modules, tracing
 from dask_infer.partition.split import trace_model
-from dask_infer.partition.tracing import running_modules, tracing
 
 
 def test_tracing_waits_for_running_modules_and_blocks_new_ones() -> None:

@@ -1,14 +1,12 @@
-"""Model registry: torchvision classifiers by name, weights from local files only.
+"""Model registry: torchvision classifiers by name, their defaults, and building them.
 
-Weights are never downloaded. A state_dict (``.pt``/``.pth``/``.bin``, read with
-``torch.load(weights_only=True)``) or a ``.safetensors`` file is loaded into the
-torchvision architecture; without one the model is randomly initialised.
+Weights come from local files only (see :mod:`dask_infer.models.weights`); without
+them the model is randomly initialised, seeded, so every worker builds the same one.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,20 +16,21 @@ import torch
 import torchvision
 from torch import nn
 
-from dask_infer.errors import ModelError, reason
+from dask_infer.errors import ModelError
+from dask_infer.models.weights import fit_error, head_size, load_weights_file
+from dask_infer.options import check_positive_int
 
 __all__ = [
     "LoadedModel",
+    "ModelInfo",
+    "model_table",
     "ModelDefaults",
     "available_models",
     "build_model",
     "check_model_name",
-    "load_weights_file",
     "model_defaults",
-    "weights_metadata_key",
 ]
 
-weights_metadata_key = "dask_infer"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -87,60 +86,6 @@ def model_defaults(name: str) -> ModelDefaults:
     )
 
 
-def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a state_dict and its dask-infer metadata from a local file.
-
-    Parameters
-    ----------
-    path
-        ``.safetensors``, or a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``) holding
-        a state_dict, or a dict with a ``state_dict`` (or ``model``) entry and an
-        optional ``meta`` entry. Read with ``weights_only=True``: no code is executed.
-
-    Returns
-    -------
-    state_dict, metadata
-        ``metadata`` may hold ``model``, ``class_names``, ``input_size``, ``mean``, ``std``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(
-            f"weights file {str(path)!r} does not exist; give a local .pt, .pth or .safetensors file"
-        )
-    meta: dict[str, Any] = {}
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(p), device="cpu")
-            with safe_open(str(p), framework="pt") as f:
-                raw = (f.metadata() or {}).get(weights_metadata_key)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"weights file {str(path)!r} is not a readable safetensors file: {exc}") from exc
-        if raw:
-            meta = json.loads(raw)
-        return dict(state), meta
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(
-            f"weights file {str(path)!r} cannot be read as a state_dict with weights_only=True: "
-            f"{reason(exc)}; save it with torch.save(model.state_dict(), path)"
-        ) from exc
-    if isinstance(obj, dict) and isinstance(obj.get("meta"), dict):
-        meta = dict(obj["meta"])
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights file {str(path)!r} holds no state_dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
-    return state, meta
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A model ready for inference and what is known about its inputs and outputs."""
@@ -158,35 +103,6 @@ class LoadedModel:
     def pretrained(self) -> bool:
         """Whether real weights were loaded (otherwise the model is random)."""
         return self.weights is not None
-
-
-def _head_size(name: str, state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes implied by ``state`` for architecture ``name``."""
-    reference = torchvision.models.get_model(name, weights=None).state_dict()
-    for key, tensor in reversed(list(reference.items())):
-        if key in state and state[key].shape != tensor.shape and state[key].ndim >= 1:
-            return int(state[key].shape[0])
-    return None
-
-
-def _fit_error(name: str, path: str, module: nn.Module, state: dict[str, torch.Tensor]) -> ModelError:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            more = f" (+{len(items) - 2} more)" if len(items) > 2 else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:2])}{more}")
-    return ModelError(
-        f"weights file {path!r} does not fit model {name!r} ({'; '.join(parts)}); "
-        "check --model or the weights file"
-    )
 
 
 def build_model(
@@ -211,8 +127,7 @@ def build_model(
         Seed of the random initialisation when no weights are given.
     """
     check_model_name(name)
-    if num_classes is not None and num_classes < 1:
-        raise ModelError(f"num_classes={num_classes} must be >= 1")
+    check_positive_int("num_classes", num_classes, optional=True, error=ModelError)
     defaults = model_defaults(name)
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
@@ -224,7 +139,7 @@ def build_model(
                 f"use --model {meta['model']}"
             )
         if num_classes is None:
-            num_classes = _head_size(name, state)
+            num_classes = head_size(name, state)
     num_classes = num_classes or 1000
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name in ("inception_v3", "googlenet"):
@@ -242,7 +157,7 @@ def build_model(
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise _fit_error(name, str(weights), module, state) from exc
+            raise fit_error(name, str(weights), module, state) from exc
     module.eval()
     class_names = meta.get("class_names")
     if class_names is None and state is not None and num_classes == len(defaults.categories):
@@ -257,3 +172,32 @@ def build_model(
         class_names=tuple(str(c) for c in class_names) if class_names is not None else None,
         weights=str(weights) if weights is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``dask-infer models``: what a registry model does and what it takes."""
+
+    name: str
+    task: str
+    input_size: int
+    params: int | None
+
+    @property
+    def params_text(self) -> str:
+        """Parameters in millions, or ``?`` where torchvision does not say."""
+        return f"{self.params / 1e6:.1f}M" if self.params else "?"
+
+
+def model_table() -> list[ModelInfo]:
+    """Every registry model with its input size and parameter count, read from torchvision's
+    weight metadata: no model is built, so listing all of them takes milliseconds."""
+    rows = []
+    for name in available_models():
+        defaults = model_defaults(name)
+        try:
+            params = torchvision.models.get_model_weights(name).DEFAULT.meta.get("num_params")
+        except (ValueError, AttributeError):
+            params = None
+        rows.append(ModelInfo(name, "classification", defaults.input_size, params))
+    return rows

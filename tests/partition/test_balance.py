@@ -77,7 +77,7 @@ def test_large_input_is_fast_and_valid() -> None:
 @pytest.mark.parametrize(
     ("costs", "parts", "match"),
     [
-        ([1, 2], 0, "parts=0 must be an integer >= 1"),
+        ([1, 2], 0, "parts=0 must be a whole number >= 1"),
         ([1, 2], 3, "parts=3 but there are only 2 costs; use parts <= 2"),
         ([1, 2], True, "parts=True"),
         ([1, 2], 1.5, "parts=1.5"),

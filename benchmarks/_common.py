@@ -1,0 +1,220 @@
+"""Shared by the benchmark scripts: what machine ran them, and checks of their outputs.
+
+A benchmark's ratio means nothing if the faster side computes something else, so every
+script compares its outputs with the plain PyTorch reference it is timed against and
+exits non-zero with one line (``OUTPUT CHECK FAILED: ...``) when they disagree beyond
+the tolerance it states. The scripts are run as ``python benchmarks/NAME.py``, which puts
+this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Check",
+    "Tolerance",
+    "compare_logits",
+    "cpu_flags",
+    "cpu_model",
+    "exit_if_failed",
+    "machine_info",
+    "machine_line",
+]
+
+# The /proc/cpuinfo flags that decide which kernels fp32, bf16, fp16 and int8 get on x86.
+RELEVANT_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Those of :data:`RELEVANT_FLAGS` this CPU has (empty where ``/proc/cpuinfo`` is missing)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in RELEVANT_FLAGS if f in flags]
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, the flags that matter to low-precision kernels, torch and its CPU path."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    try:
+        load: float | None = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch_cpu_capability": capability,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1m": load,
+    }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line naming the CPU and its flags, for the top of a benchmark's output."""
+    info = info or machine_info()
+    flags = " ".join(info["cpu_flags"]) or "none of " + " ".join(RELEVANT_FLAGS)
+    load = info["load_average_1m"]
+    return (
+        f"CPU: {info['cpu_model']} ({info['machine']}, {info['cpus']} cores); flags: {flags}; "
+        f"torch {info['torch']} (CPU path {info['torch_cpu_capability']}), Python {info['python']}"
+        + ("" if load is None else f"; load average {load:.2f}")
+    )
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far outputs may stray from their reference.
+
+    Parameters
+    ----------
+    max_rel_err
+        Largest ``max|got - ref| / max|ref|`` allowed, or ``None`` for no bound.
+    min_agreement
+        Smallest fraction of rows whose top-1 (argmax) matches the reference, or ``None``.
+    exact
+        Require bit-identical outputs.
+    """
+
+    max_rel_err: float | None = None
+    min_agreement: float | None = None
+    exact: bool = False
+
+    def __str__(self) -> str:
+        parts = ["bit-identical"] if self.exact else []
+        if self.max_rel_err is not None:
+            parts.append(f"max rel err <= {self.max_rel_err:g}")
+        if self.min_agreement is not None:
+            parts.append(f"top-1 agreement >= {100 * self.min_agreement:g}%")
+        return ", ".join(parts) or "no bound"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of comparing one output with its reference."""
+
+    what: str
+    reference: str
+    tolerance: Tolerance
+    rows: int
+    max_abs_err: float
+    max_rel_err: float
+    agreement: float
+    identical: bool
+    ok: bool
+    note: str = ""
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        return (
+            f"{status} {self.what} vs {self.reference} on {self.rows} rows: "
+            f"max rel err {self.max_rel_err:.2e}, top-1 agreement {100 * self.agreement:.2f}%"
+            f"{', bit-identical' if self.identical else ''}{self.note} (tolerance: {self.tolerance})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "reference": self.reference,
+            "tolerance": str(self.tolerance),
+            "rows": self.rows,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "top1_agreement": self.agreement,
+            "bit_identical": self.identical,
+            "ok": self.ok,
+            "note": self.note.strip("; "),
+        }
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def compare_logits(what: str, got: Any, ref: Any, tolerance: Tolerance, *, reference: str) -> Check:
+    """Compare logits ``got`` (N, classes) with ``ref``; a shape mismatch or NaN fails."""
+    g, r = _as_numpy(got), _as_numpy(ref)
+    if g.shape != r.shape or g.size == 0:
+        note = f"; shape {g.shape} where the reference has {r.shape}"
+        return Check(
+            what, reference, tolerance, r.shape[0] if r.ndim else 0, np.inf, np.inf, 0.0, False, False, note
+        )
+    rows = g.reshape(len(g), -1) if g.ndim > 1 else g.reshape(1, -1)
+    refs = r.reshape(len(r), -1) if r.ndim > 1 else r.reshape(1, -1)
+    finite = bool(np.isfinite(g).all() and np.isfinite(r).all())
+    max_abs = float(np.abs(g - r).max()) if finite else float("inf")
+    scale = float(np.abs(r).max())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    agreement = float((rows.argmax(1) == refs.argmax(1)).mean())
+    identical = bool(np.array_equal(g, r))
+    ok = finite
+    if tolerance.exact:
+        ok = ok and identical
+    if tolerance.max_rel_err is not None:
+        ok = ok and max_rel <= tolerance.max_rel_err
+    if tolerance.min_agreement is not None:
+        ok = ok and agreement >= tolerance.min_agreement
+    return Check(what, reference, tolerance, len(refs), max_abs, max_rel, agreement, identical, ok)
+
+
+def exit_if_failed(checks: list[Check], benchmark: str) -> None:
+    """Exit with status 1 and one line naming every failed check; return if all passed."""
+    failed = [c for c in checks if not c.ok]
+    if not failed:
+        return
+    detail = "; ".join(
+        f"{c.what} vs {c.reference}: rel err {c.max_rel_err:.2e}, agreement {100 * c.agreement:.2f}%"
+        f"{c.note} (needs {c.tolerance})"
+        for c in failed
+    )
+    sys.stdout.flush()
+    raise SystemExit(
+        f"OUTPUT CHECK FAILED ({benchmark}, {len(failed)} of {len(checks)}): {detail}; "
+        "the timings above compare different computations and must not be reported"
+    )

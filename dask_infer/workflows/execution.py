@@ -1,0 +1,62 @@
+"""What a run has registered on the cluster: its runtimes, and the spec and placement they run.
+
+A re-cut registers a second runtime beside the first; both stay until the run ends, so
+chunks already submitted finish on the stages they were submitted to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import Client
+
+from dask_infer.workflows.placement import Placement
+from dask_infer.workflows.runtime import ModelRuntime
+from dask_infer.workflows.stages import RuntimeSpec
+from dask_infer.workflows.summary import stage_summary
+
+__all__ = ["Execution", "runtime_stats", "seconds_per_image"]
+
+
+def runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
+    """Each worker's figures for the runtime registered as ``name``, by worker address."""
+    return client.run(lambda dask_worker: dask_worker.plugins[name].stats())
+
+
+def seconds_per_image(stats: dict[str, dict[str, Any]], stages: int) -> tuple[float, ...]:
+    """Compute seconds per image of each stage, over the workers that ran it (0 if none did)."""
+    return tuple(row["work_seconds_per_image"] or 0.0 for row in stage_summary(stats, 1.0, stages))
+
+
+@dataclass
+class Execution:
+    """What a run has registered and decided so far: it changes when the stages are re-cut."""
+
+    spec: RuntimeSpec
+    placement: Placement
+    active: list[str] = field(default_factory=list)
+    loads: int = 0
+    last_start: float = 0.0
+
+    @property
+    def current(self) -> str:
+        """Name of the runtime new chunks are submitted to."""
+        return self.active[-1]
+
+    def register(self, client: Client) -> str:
+        """Register a runtime for the current spec; it loads on the workers before this returns."""
+        name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
+        client.register_plugin(ModelRuntime(self.spec, name), name=name)
+        self.active.append(name)
+        self.loads += sum(s["loads"] for s in runtime_stats(client, name).values())
+        return name
+
+    def release(self, client: Client) -> None:
+        """Unregister every runtime, which frees their stages on every worker."""
+        while self.active:
+            name = self.active.pop()
+            with contextlib.suppress(Exception):
+                client.unregister_worker_plugin(name)

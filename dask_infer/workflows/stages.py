@@ -1,0 +1,112 @@
+"""Building a worker's stages: the model from its name and weights file, cut, compressed, warmed up.
+
+What a worker builds is described by a :class:`RuntimeSpec`: names and files, never a
+pickled model. Building happens once per worker and runtime (in
+:meth:`~dask_infer.workflows.runtime.ModelRuntime.setup`); running the stages on the
+worker's device is :mod:`dask_infer.workflows.runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dask_infer.io.images import ImageSource, read_chunk
+from dask_infer.models import Preprocess, build_model
+from dask_infer.models.tracing import running_modules
+from dask_infer.partition import split_model
+from dask_infer.partition.compress import CompressionPlan, compress_stages
+
+__all__ = ["RuntimeSpec", "build_stages"]
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What a worker needs to rebuild the model: names and files, never a pickled model."""
+
+    model: str
+    weights: str | None
+    num_classes: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    outputs: tuple[str, ...]
+    top_k: int
+    batch_size: int | None = None
+    device: str = "auto"
+    torch_threads: int | None = None
+    cut_points: tuple[str, ...] = ()
+    compress: str | None = None
+    calibration: ImageSource | None = None
+    calibration_images: int = 64
+    stage_map: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Worker address -> the stages it holds; empty: every worker holds every stage."""
+    warmup_images: int = 0
+    """Images of a blank batch run through the stages at load, so first-call costs stay out of timings."""
+
+    @property
+    def num_stages(self) -> int:
+        """Stages the model is cut into."""
+        return len(self.cut_points) + 1
+
+    def stages_for(self, address: str | None) -> tuple[int, ...]:
+        """The stage indices the worker at ``address`` loads."""
+        if not self.stage_map:
+            return tuple(range(self.num_stages))
+        return dict(self.stage_map).get(address or "", ())
+
+
+@torch.inference_mode()
+def _warm_up(
+    stages: Sequence[nn.Module], preprocess: Preprocess, images: int, size: int, device: torch.device
+) -> None:
+    """Run a blank batch through ``stages`` in order: later stages need their real input shapes."""
+    x = preprocess(torch.zeros((images, size, size, 3), dtype=torch.uint8, device=device))
+    for stage in stages:
+        x = stage(x)
+
+
+def _calibration(spec: RuntimeSpec, preprocess: Preprocess, device: torch.device) -> torch.Tensor | None:
+    """The input's first images, preprocessed: what int8 recipes calibrate on, read on this worker."""
+    if spec.calibration is None:
+        return None
+    count = min(spec.calibration_images, spec.calibration.n_images)
+    images = read_chunk(spec.calibration, 0, count, pooled=False)
+    with torch.inference_mode():
+        return preprocess(torch.from_numpy(images).to(device))
+
+
+def build_stages(
+    spec: RuntimeSpec, held: tuple[int, ...], preprocess: Preprocess, device: torch.device, batch_size: int
+) -> dict[int, nn.Module]:
+    """The stages ``held`` of ``spec``'s model, on ``device``, in eval mode, ready to run.
+
+    Compressed stages are built from all stages before them (int8 calibrates stage k on
+    the outputs of stages < k), and compiled ones are run once here, so compilation is
+    not part of the first chunk's time. Uncompressed stages on a CPU run a blank batch
+    of ``spec.warmup_images`` for the same reason.
+    """
+    if not held:
+        return {}
+    module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
+    stages = (
+        list(split_model(module, list(spec.cut_points), copy_model=False)) if spec.cut_points else [module]
+    )
+    size = spec.input_size
+    if spec.compress is None:
+        if spec.warmup_images and device.type == "cpu":
+            with running_modules():
+                _warm_up(
+                    stages[: max(held) + 1], preprocess, min(spec.warmup_images, batch_size), size, device
+                )
+        return {i: stages[i].to(device).eval() for i in held}
+    plan = CompressionPlan.coerce(spec.compress)
+    calibration = _calibration(spec, preprocess, device) if plan.needs_calibration else None
+    ordered = [s.to(device).eval() for s in stages]
+    compressed = compress_stages(ordered, plan, calibration=calibration, device=device)
+    if any(plan.recipe_for(i).compile for i in range(len(compressed))):
+        _warm_up(compressed, preprocess, batch_size, size, device)
+    return {i: compressed[i] for i in held}

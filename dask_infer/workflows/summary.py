@@ -1,0 +1,125 @@
+"""What a run did: per-stage busy time and throughput, GPU use, and the run's summary.
+
+Stage timings are kept by each worker's runtime (:class:`~dask_infer.workflows.runtime.StageStats`)
+and gathered at the end with ``client.run``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunSummary", "format_stages", "gpu_summary", "stage_summary", "write_summary"]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did: counts, time, throughput and where the results are."""
+
+    images: int
+    seconds: float
+    images_per_second: float
+    output: str
+    model: str
+    pretrained: bool
+    chunks: int
+    chunk_size: int
+    workers: int
+    model_loads: int
+    cluster: str
+    dashboard: str | None
+    placement: dict[str, Any] = field(default_factory=dict)
+    loaded_stages: dict[str, list[int]] = field(default_factory=dict)
+    stage_stats: list[dict[str, Any]] = field(default_factory=list)
+    gpus: dict[str, Any] = field(default_factory=dict)
+    rebalance: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON and output attrs."""
+        return asdict(self)
+
+    def format(self) -> str:
+        """Human summary, a few lines."""
+        return (
+            f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s), "
+            f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]\n"
+            f"results: {self.output}  (xarray.open_zarr({self.output!r}))"
+        )
+
+
+def stage_summary(
+    stats: Mapping[str, Mapping[str, Any]], seconds: float, num_stages: int
+) -> list[dict[str, Any]]:
+    """Per-stage busy time, images and throughput over every worker.
+
+    Parameters
+    ----------
+    stats
+        Worker address -> its runtime's ``stats()``.
+    seconds
+        Wall time of the run.
+    num_stages
+        Number of stages.
+
+    Returns
+    -------
+    list of dict
+        One per stage: workers, images, busy seconds (wall time, summed), work seconds
+        (CPU time on a CPU, which other processes on the same cores do not inflate),
+        mean busy fraction of its workers over the run, seconds per image (busy and
+        work), images/s while busy and images/s over the run.
+    """
+    out = []
+    for k in range(num_stages):
+        busy = work = images = 0.0
+        workers = []
+        for address, s in stats.items():
+            stage = s.get("stages", {}).get(k)
+            if stage and stage["images"]:
+                busy += stage["busy_s"]
+                work += stage.get("work_s", stage["busy_s"])
+                images += stage["images"]
+                workers.append(address)
+        out.append(
+            {
+                "stage": k,
+                "workers": sorted(workers),
+                "images": int(images),
+                "busy_s": busy,
+                "work_s": work,
+                "busy_fraction": busy / (seconds * len(workers)) if workers and seconds > 0 else 0.0,
+                "seconds_per_image": busy / images if images else None,
+                "work_seconds_per_image": work / images if images else None,
+                "images_per_s_busy": images / busy if busy > 0 else None,
+                "images_per_s": images / seconds if seconds > 0 else None,
+            }
+        )
+    return out
+
+
+def gpu_summary(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Worker address -> NVML statistics, for workers that have a GPU."""
+    return {address: s["gpu"] for address, s in sorted(stats.items()) if s.get("gpu")}
+
+
+def format_stages(stages: Sequence[Mapping[str, Any]]) -> str:
+    """One line per stage: busy time, busy fraction and throughput."""
+    lines = []
+    for s in stages:
+        if not s["images"]:
+            continue
+        lines.append(
+            f"  stage {s['stage']}: {s['busy_s']:.2f} s busy on {len(s['workers'])} worker(s) "
+            f"({100 * s['busy_fraction']:.0f}%), {s['images_per_s_busy']:.1f} images/s while busy"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(path: str, summary: Mapping[str, Any]) -> None:
+    """Write ``summary`` as indented JSON to ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(summary, indent=2, default=str) + "\n")
