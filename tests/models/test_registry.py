@@ -1,16 +1,14 @@
-"""Model registry and weights files: .pt/.pth state_dicts and .safetensors, weights_only."""
+"""Model registry: names, defaults, seeded random models, errors that name the fix."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from dask_infer import ModelError
-from dask_infer.models import build_model, load_weights_file, model_defaults, weights_metadata_key
+from dask_infer.models import build_model, model_defaults
 
 
 def _x() -> torch.Tensor:
@@ -22,39 +20,6 @@ def test_random_model_is_seeded_and_in_eval_mode() -> None:
     assert not a.module.training and a.num_classes == 7 and not a.pretrained
     with torch.inference_mode():
         assert torch.equal(a.module(_x()), b.module(_x()))
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
-def test_weights_round_trip(tmp_path: Path, suffix: str) -> None:
-    src = build_model("mobilenet_v3_small", num_classes=4, seed=3)
-    path = tmp_path / f"w{suffix}"
-    state = {k: v.contiguous() for k, v in src.module.state_dict().items()}
-    if suffix == ".safetensors":
-        save_file(
-            state, str(path), metadata={weights_metadata_key: json.dumps({"class_names": list("abcd")})}
-        )
-    else:
-        torch.save({f"module.{k}": v for k, v in state.items()}, path)
-    loaded = build_model("mobilenet_v3_small", weights=path)
-    assert loaded.num_classes == 4 and loaded.pretrained
-    if suffix == ".safetensors":
-        assert loaded.class_names == tuple("abcd")
-    with torch.inference_mode():
-        assert torch.equal(loaded.module(_x()), src.module(_x()))
-
-
-def test_imagenet_sized_weights_get_imagenet_names(tmp_path: Path) -> None:
-    path = tmp_path / "r18.pt"
-    torch.save(build_model("resnet18").module.state_dict(), path)
-    loaded = build_model("resnet18", weights=path)
-    assert loaded.class_names is not None and loaded.class_names[0] == "tench"
-
-
-def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
-    path = tmp_path / "model.pt"
-    torch.save(build_model("resnet18", num_classes=2).module, path)  # a whole pickled module
-    with pytest.raises(ModelError, match="weights_only=True"):
-        load_weights_file(path)
 
 
 def test_errors_name_the_fix(tmp_path: Path) -> None:
