@@ -93,7 +93,7 @@ class RunConfig:
         Compression plan: one recipe for all stages (``"bf16+channels_last"``) or per
         stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.compress.recipe``.
     calibration_images
-        Images of the input (its first ones) that int8 recipes calibrate on.
+        Images of the input (its first ones) that int8 and structured pruning calibrate on.
     overwrite
         Replace an existing output store.
     progress

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ import torch
 import xarray as xr
 import zarr
 
+from dask_infer.io.samples import write_sample
 from tests.reference import assert_close_logits, reference_logits
 
 CLI = [sys.executable, "-m", "dask_infer.cli"]
@@ -198,3 +204,143 @@ def test_partition_and_evaluate_commands(small_dataset: Path, small_weights: Pat
     assert read_report(str(report)).to_dict()["compress"] is not None
     proc = _cli("evaluate", "--input", str(small_dataset), "--model", "resnet18", "--compress", "prune=1.5")
     assert proc.returncode == 2 and "prune" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- against `dask scheduler` and `dask worker` processes -----------------------------------------
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group ``proc`` leads (a worker's nanny and its worker), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def scheduler_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A `dask scheduler` on a random local port and one `dask worker` (nanny, 2 threads),
+    each a process of its own, found through the file the scheduler writes."""
+    from distributed import Client
+
+    folder = tmp_path_factory.mktemp("cluster")
+    path = folder / "scheduler.json"
+    dask_cli = [sys.executable, "-m", "dask"]
+    common = ["--host", "127.0.0.1", "--no-dashboard", "--scheduler-file", str(path)]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [open(folder / name, "wb") for name in ("scheduler.log", "worker.log")]  # noqa: SIM115
+    try:
+        procs.append(
+            subprocess.Popen(
+                [*dask_cli, "scheduler", "--port", "0", *common],
+                stdout=logs[0],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not path.is_file() and time.monotonic() < deadline:
+            assert procs[0].poll() is None, (folder / "scheduler.log").read_text()
+            time.sleep(0.1)
+        procs.append(
+            subprocess.Popen(
+                [*dask_cli, "worker", "--nworkers", "1", "--nthreads", "2", *common],
+                stdout=logs[1],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        with Client(scheduler_file=str(path), timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        yield path
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        for log in logs:
+            log.close()
+
+
+def test_run_on_scheduler_and_worker_processes(
+    scheduler_file: Path, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """`dask-infer run --scheduler-file` in a subprocess, on a cluster of `dask` CLI processes."""
+    out, summary = tmp_path / "out.zarr", tmp_path / "summary.json"
+    proc = _cli(
+        "run",
+        "--input",
+        str(small_dataset),
+        "--output",
+        str(out),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(small_weights),
+        "--scheduler-file",
+        str(scheduler_file),
+        "--chunk-size",
+        "32",
+        "--no-progress",
+        "--summary",
+        str(summary),
+    )
+    assert proc.returncode == 0, proc.stderr
+    address = json.loads(scheduler_file.read_text())["address"]
+    assert address.startswith("tcp://127.0.0.1:")
+    record = json.loads(summary.read_text())
+    assert record["cluster"] == f"scheduler {address}" and record["workers"] == 1 and record["images"] == 200
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    assert_close_logits(
+        xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 256 digits at 32x32 (gray), chunks of 32, with ``label`` and ``held_out``."""
+    path = tmp_path_factory.mktemp("digits") / "digits.zarr"
+    write_sample(str(path), kind="digits", size=32, count=256, chunk=32)
+    return path
+
+
+def test_run_bf16_from_the_command_line(
+    scheduler_file: Path, digits_store: Path, digits_weights: Path, tmp_path: Path
+) -> None:
+    """`--compress bf16 --calibration-images 8` reach the workers and the output's attrs."""
+    out = tmp_path / "out.zarr"
+    proc = _cli(
+        "run",
+        "--input",
+        str(digits_store),
+        "--output",
+        str(out),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(digits_weights),
+        "--scheduler-file",
+        str(scheduler_file),
+        "--compress",
+        "bf16",
+        "--calibration-images",
+        "8",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    ds = xr.open_zarr(out)
+    assert json.loads(ds.attrs["compression"])["default"]["precision"] == "bf16"
+    assert json.loads(ds.attrs["config"])["calibration_images"] == 8
+    got = ds["logits"].values
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    fp32 = reference_logits(images, "resnet18", str(digits_weights))
+    # bf16 keeps 8 bits of mantissa: 0.6% of the largest logit measured on these digits, 2% allowed.
+    assert_close_logits(got, fp32, rel=2e-2)
+    held, labels = ds["held_out"].values, ds["label"].values
+    assert held.sum() == 61
+    wrong_fp32 = int((fp32[held].argmax(1) != labels[held]).sum())
+    wrong_bf16 = int((got[held].argmax(1) != labels[held]).sum())
+    # The fp32 model misses at most 3 of the 61 held-out digits; bf16 at most 2 more (none seen).
+    assert wrong_fp32 <= 3 and wrong_bf16 <= wrong_fp32 + 2, (wrong_fp32, wrong_bf16)

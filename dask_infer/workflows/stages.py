@@ -8,8 +8,9 @@ worker's device is :mod:`dask_infer.workflows.runtime`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.models import Preprocess, build_model
 from dask_infer.models.tracing import running_modules
 from dask_infer.partition import split_model
-from dask_infer.partition.compress import CompressionPlan, compress_stages
+from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
 
 __all__ = ["RuntimeSpec", "build_stages"]
 
@@ -59,14 +60,28 @@ class RuntimeSpec:
         return dict(self.stage_map).get(address or "", ())
 
 
+def _eager(stage: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """The stage's forward without torch.compile."""
+    return stage.forward_eager if isinstance(stage, CompressedStage) else stage
+
+
 @torch.inference_mode()
 def _warm_up(
-    stages: Sequence[nn.Module], preprocess: Preprocess, images: int, size: int, device: torch.device
+    stages: Sequence[nn.Module],
+    held: tuple[int, ...],
+    preprocess: Preprocess,
+    images: int,
+    size: int,
+    device: torch.device,
 ) -> None:
-    """Run a blank batch through ``stages`` in order: later stages need their real input shapes."""
+    """Run a blank batch through stages ``0..max(held)``: later stages need their real input shapes.
+
+    Stages this worker does not hold only make the input of those it does: compressed ones
+    run eagerly, so a worker never compiles a stage it will not run.
+    """
     x = preprocess(torch.zeros((images, size, size, 3), dtype=torch.uint8, device=device))
-    for stage in stages:
-        x = stage(x)
+    for index, stage in enumerate(stages[: max(held) + 1]):
+        x = stage(x) if index in held else _eager(stage)(x)
 
 
 def _calibration(spec: RuntimeSpec, preprocess: Preprocess, device: torch.device) -> torch.Tensor | None:
@@ -85,8 +100,8 @@ def build_stages(
     """The stages ``held`` of ``spec``'s model, on ``device``, in eval mode, ready to run.
 
     Compressed stages are built from all stages before them (int8 calibrates stage k on
-    the outputs of stages < k), and compiled ones are run once here, so compilation is
-    not part of the first chunk's time. Uncompressed stages on a CPU run a blank batch
+    the outputs of stages < k), and the compiled ones among ``held`` are run once here, so
+    compilation is not part of the first chunk's time. Uncompressed stages on a CPU run a blank batch
     of ``spec.warmup_images`` for the same reason.
     """
     if not held:
@@ -99,14 +114,12 @@ def build_stages(
     if spec.compress is None:
         if spec.warmup_images and device.type == "cpu":
             with running_modules():
-                _warm_up(
-                    stages[: max(held) + 1], preprocess, min(spec.warmup_images, batch_size), size, device
-                )
+                _warm_up(stages, held, preprocess, min(spec.warmup_images, batch_size), size, device)
         return {i: stages[i].to(device).eval() for i in held}
     plan = CompressionPlan.coerce(spec.compress)
-    calibration = _calibration(spec, preprocess, device) if plan.needs_calibration else None
+    calibration = _calibration(spec, preprocess, device) if plan.uses_calibration else None
     ordered = [s.to(device).eval() for s in stages]
     compressed = compress_stages(ordered, plan, calibration=calibration, device=device)
-    if any(plan.recipe_for(i).compile for i in range(len(compressed))):
-        _warm_up(compressed, preprocess, batch_size, size, device)
+    if any(plan.recipe_for(i).compile for i in held):
+        _warm_up(compressed, held, preprocess, batch_size, size, device)
     return {i: compressed[i] for i in held}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zarr
@@ -12,7 +11,7 @@ import zarr
 from dask_infer.io.buffers import HostBufferPool
 from dask_infer.workflows.runtime import ModelRuntime
 from dask_infer.workflows.stages import RuntimeSpec
-from tests.reference import reference_logits
+from tests.reference import assert_close_logits, reference_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,26 +45,47 @@ def test_cuda_runtime_matches_cpu(small_dataset: Path, small_weights: Path) -> N
     runtime.load()
     got = runtime.forward(images).numpy()
     want = reference_logits(images, "resnet18", str(small_weights))
-    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
-    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    # fp32 on the GPU, where cuDNN runs convolutions in TF32 (10-bit mantissa) by default:
+    # 1.3e-3 of the largest logit measured on an H100, 5e-3 allowed.
+    assert_close_logits(got, want, rel=5e-3)
 
 
-def test_local_cuda_cluster_run(small_dataset: Path, small_weights: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 320 digits at 32x32 (gray), chunks of 32, with ``label`` and ``held_out``."""
+    from dask_infer.io.samples import write_sample
+
+    path = tmp_path_factory.mktemp("digits") / "digits.zarr"
+    write_sample(str(path), kind="digits", size=32, count=320, chunk=32)
+    return path
+
+
+def test_local_cuda_cluster_run(digits_store: Path, digits_weights: Path, tmp_path: Path) -> None:
+    """bf16 + channels-last on the trained digits model: within bf16 rounding of fp32 PyTorch
+    on the CPU, and the same held-out accuracy."""
     import xarray as xr
 
     import dask_infer
 
     summary = dask_infer.run(
-        str(small_dataset),
+        str(digits_store),
         str(tmp_path / "o.zarr"),
         model="resnet18",
-        weights=str(small_weights),
+        weights=str(digits_weights),
         compress="bf16+channels_last",
         progress=False,
         echo=None,
     )
     assert summary.cluster.startswith("LocalCUDACluster")
-    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
-    want = reference_logits(images, "resnet18", str(small_weights))
-    got = xr.open_zarr(tmp_path / "o.zarr")["logits"].values
-    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    want = reference_logits(images, "resnet18", str(digits_weights))
+    ds = xr.open_zarr(tmp_path / "o.zarr")
+    got = ds["logits"].values
+    # bf16 keeps 8 bits of mantissa: 0.6% of the largest logit measured on an H100, 2% allowed.
+    assert_close_logits(got, want, rel=2e-2)
+    held, labels = ds["held_out"].values, ds["label"].values
+    assert held.sum() == 78
+    wrong_fp32 = int((want[held].argmax(1) != labels[held]).sum())
+    wrong_bf16 = int((got[held].argmax(1) != labels[held]).sum())
+    # The fp32 model misses at most 3 of the 78 held-out digits; bf16 at most 2 more (none seen on an H100).
+    assert wrong_fp32 <= 3 and wrong_bf16 <= wrong_fp32 + 2, (wrong_fp32, wrong_bf16)

@@ -40,12 +40,24 @@ def _logits(path: Path | str) -> np.ndarray:
     return xr.open_zarr(path)["logits"].values
 
 
-def _no_tasks_left(client: Client, timeout: float = 10.0) -> bool:
-    """Whether every worker's processing queue empties within ``timeout`` seconds."""
+def _run_tasks(client: Client, known: frozenset[str] = frozenset()) -> list[str]:
+    """Keys of runs' tasks (reads, stages, writes) the scheduler knows, other than ``known``.
+
+    ``known``: those of earlier tests on the shared cluster (a failed chunk stays while its
+    exception holds the future).
+    """
+    keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+    prefixes = ("read-", "write-", "resnet18_stage_", "resnet18-infer-")
+    return [k for k in keys if k.startswith(prefixes) and k not in known]
+
+
+def _wait_until_idle(client: Client, known: frozenset[str], timeout: float = 10.0) -> None:
+    """Wait until no worker processes a task and the scheduler has forgotten every new run task."""
     deadline = time.monotonic() + timeout
-    while any(client.processing().values()) and time.monotonic() < deadline:
+    while (any(client.processing().values()) or _run_tasks(client, known)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not any(client.processing().values())
+    assert not any(client.processing().values()), client.processing()
+    assert not _run_tasks(client, known), _run_tasks(client, known)
 
 
 # --- compression built on the workers ----------------------------------------------------------
@@ -67,9 +79,10 @@ def test_a_compiled_stage_on_the_workers_matches_eager(
 ) -> None:
     """``1:compile`` on two stages: each worker compiles stage 1, logits stay those of eager PyTorch.
 
-    Chunks and batches are all 8 images, the size the workers warm up with, so each
-    worker compiles once. Inductor may reorder and fuse float32 arithmetic: 1e-4 of the
-    largest logit.
+    Cut by parameters, stage 1 is layer4's second block and the head, a small graph to
+    compile. Chunks and batches are all 8 images, the size the workers warm up with, so
+    each worker compiles once. Inductor reorders and fuses float32 arithmetic: 1.4e-6 of
+    the largest logit measured, 1e-4 allowed.
     """
     before = _dynamo_graphs(client)
     summary = run_small(
@@ -107,10 +120,12 @@ def digits_fp32(digits_store: Path, digits_weights: Path) -> np.ndarray:
     return reference_logits(_images(digits_store), "resnet18", str(digits_weights))
 
 
-def _held_out_accuracy(store: Path, logits: np.ndarray) -> float:
+def _held_out_mistakes(store: Path, logits: np.ndarray) -> int:
+    """Held-out digits (177 of the 640) whose top-1 class is not their label."""
     ds = xr.open_zarr(store)
     held = ds["held_out"].values
-    return float((logits[held].argmax(1) == ds["label"].values[held]).mean())
+    assert held.sum() == 177
+    return int((logits[held].argmax(1) != ds["label"].values[held]).sum())
 
 
 def _in_process(weights: Path, images: np.ndarray, recipe: str, calibration_images: int) -> np.ndarray:
@@ -127,13 +142,13 @@ def _in_process(weights: Path, images: np.ndarray, recipe: str, calibration_imag
 
 
 @pytest.mark.parametrize(
-    ("recipe", "rel", "max_drop"),
+    ("recipe", "rel", "more_mistakes"),
     [
         # int8 of the same calibration is the same graph with the same scales; a float32
         # rounding on the boundary of a quantisation step can move one step: 1e-3.
-        ("int8", 1e-3, 0.02),
+        ("int8", 1e-3, 3),
         # Pruning is float32 throughout; the channels it removes depend on the calibration.
-        ("prune=0.3", 1e-5, 0.1),
+        ("prune=0.3", 1e-5, 9),
     ],
 )
 def test_compression_calibrated_on_the_workers(
@@ -144,13 +159,13 @@ def test_compression_calibrated_on_the_workers(
     tmp_path: Path,
     recipe: str,
     rel: float,
-    max_drop: float,
+    more_mistakes: int,
 ) -> None:
     """Workers read the calibration images themselves: their stages equal the recipe applied here.
 
-    80 calibration images span two storage chunks. The held-out accuracy must stay within
-    ``max_drop`` of the fp32 model's (int8: 2 points, 4 of ~190 held-out digits; 30%
-    structured pruning, not retrained: 10 points).
+    80 calibration images span two storage chunks. Of the 177 held-out digits, the
+    compressed model may get ``more_mistakes`` more wrong than the fp32 model (int8: 3,
+    none seen; 30% structured pruning, not retrained: 9, none seen in-process).
     """
     out = tmp_path / "o.zarr"
     dask_infer.run(
@@ -169,9 +184,9 @@ def test_compression_calibrated_on_the_workers(
     got = _logits(out)
     assert json.loads(xr.open_zarr(out).attrs["config"])["calibration_images"] == 80
     assert_close_logits(got, _in_process(digits_weights, _images(digits_store), recipe, 80), rel=rel)
-    fp32 = _held_out_accuracy(digits_store, digits_fp32)
-    assert fp32 >= 0.95
-    assert _held_out_accuracy(digits_store, got) >= fp32 - max_drop
+    fp32 = _held_out_mistakes(digits_store, digits_fp32)
+    assert fp32 <= 5
+    assert _held_out_mistakes(digits_store, got) <= fp32 + more_mistakes
 
 
 # --- an interrupted run -------------------------------------------------------------------------
@@ -186,6 +201,7 @@ def test_an_interrupt_mid_run_cancels_the_rest(client: Client, small_weights: Pa
     src = tmp_path / "fine.zarr"
     write_image_dataset(str(src), random_images(80, seed=9), chunk=4)
     lines: list[str] = []
+    earlier = frozenset(_run_tasks(client))
 
     def echo(line: str) -> None:
         lines.append(line)
@@ -208,12 +224,10 @@ def test_an_interrupt_mid_run_cancels_the_rest(client: Client, small_weights: Pa
     assert lines[-1].startswith("rebalance:")
     out = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
     assert out.attrs["dask_infer_complete"] is False
-    assert _no_tasks_left(client)
-    # The cancelled run's tasks are gone from the scheduler, not only from the workers.
-    keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-    assert not [k for k in keys if k.startswith(("read-", "write-", "resnet18_stage_"))], keys
+    # The cancelled run's tasks are gone from the workers and from the scheduler.
+    _wait_until_idle(client, earlier)
     # Some chunks were written before the interrupt, and not all of them.
-    written = _logits(tmp_path / "o.zarr")
+    written = out["logits"][:]
     done = np.abs(written).sum(1) > 0
     assert 0 < done.sum() < 80
 
@@ -271,23 +285,32 @@ def test_overwrite_replaces_an_earlier_output(
 # --- clusters and placement ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the default cluster on a GPU machine is LocalCUDACluster")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the default cluster on a GPU machine is LocalCUDACluster"
+)
 def test_the_default_local_cluster(small_weights: Path, tmp_path: Path) -> None:
     """No client, scheduler or worker count: one worker process, 3 threads, torch on every core."""
     src = tmp_path / "few.zarr"
     images = random_images(32, seed=12)
     write_image_dataset(str(src), images, chunk=16)
     summary = dask_infer.run(
-        str(src), str(tmp_path / "o.zarr"), model="resnet18", weights=str(small_weights), progress=False, echo=None
+        str(src),
+        str(tmp_path / "o.zarr"),
+        model="resnet18",
+        weights=str(small_weights),
+        progress=False,
+        echo=None,
     )
     assert summary.cluster == f"LocalCluster: 1 worker(s) x 3 thread(s), torch threads {os.cpu_count()}"
     assert summary.workers == 1 and summary.model_loads == 1
-    assert_close_logits(_logits(tmp_path / "o.zarr"), reference_logits(images, "resnet18", str(small_weights)))
+    assert_close_logits(
+        _logits(tmp_path / "o.zarr"), reference_logits(images, "resnet18", str(small_weights))
+    )
 
 
 # Stage memory of ResNet-18 (32x32 input) cut in two by parameters, for batch 16: weights
-# plus activations, 33.4 MB and 19.1 MB (52.5 MB together). A 45 MB worker fits each stage
-# but not the whole model.
+# plus activations, 33.4 MB and 19.1 MB (52.5 MB, 50.10 MiB, together). A 45 MB worker
+# fits each stage but not the whole model.
 _STAGE_LIMIT = 45_000_000
 
 
@@ -318,6 +341,7 @@ def small_memory_client() -> Iterator[Client]:
 def test_auto_pipelines_a_model_too_big_for_one_worker(
     small_memory_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
+    """``placement="auto"`` reads the workers' memory_limit and pipelines the two stages."""
     lines: list[str] = []
     summary = run_small(
         small_memory_client,
@@ -335,6 +359,7 @@ def test_auto_pipelines_a_model_too_big_for_one_worker(
     assert placement["mode"] == "pipeline", placement["reason"]
     assert "but the smallest worker has 42.92 MiB (memory_limit)" in placement["reason"]
     assert [len(group) for group in placement["groups"][0]] == [1, 1]
+    assert any(line.startswith("placement: pipeline (resnet18 needs ") for line in lines), lines
     # each worker loaded only its own stage
     assert sorted(summary.loaded_stages.values()) == [[0], [1]]
     want = reference_logits(_images(small_dataset), "resnet18", str(small_weights))
@@ -365,14 +390,13 @@ def test_small_images_are_upscaled(client: Client, small_weights: Path, tmp_path
 def test_chunks_smaller_than_the_storage_chunks(
     client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
+    """``chunk_size=8`` over storage chunks of 16: tasks of 8 images, and the run says why it costs."""
     lines: list[str] = []
     summary = run_small(
         client, small_dataset, tmp_path / "o.zarr", small_weights, chunk_size=8, echo=lines.append
     )
     assert summary.chunk_size == 8 and summary.chunks == 25
-    assert any(
-        "chunk_size=8 splits the input's storage chunks of 16 images" in line for line in lines
-    ), lines
+    assert any("chunk_size=8 splits the input's storage chunks of 16 images" in line for line in lines), lines
     ds = xr.open_zarr(tmp_path / "o.zarr")
     assert ds["logits"].encoding["chunks"] == (8, 10)
     want = reference_logits(_images(small_dataset), "resnet18", str(small_weights))

@@ -164,7 +164,13 @@ def test_rebalance_recuts_an_unbalanced_pipeline(
     before, after = rebalance["before"], rebalance["after"]
     assert before["imbalance"] > 1.25 and before["cut_points"] != after["cut_points"]
     assert after["predicted_imbalance"] < before["imbalance"]
-    print("REBAL", before["stage_seconds_per_image"], before["imbalance"], after["predicted_stage_seconds_per_image"], after["predicted_imbalance"], after["stage_seconds_per_image"], after["imbalance"])
+    # What the re-cut achieved, measured on the workers over the chunks run on the new cut,
+    # not what the optimiser predicted. An imbalance is a ratio of stage times taken on the
+    # same workers over the same chunks, so a slowdown from other processes on a shared
+    # machine scales both stages and cancels; seen here: 1.42 before, 1.11 to 1.13 after.
+    measured = after["stage_seconds_per_image"]
+    assert len(measured) == 2 and all(t > 0 for t in measured), measured
+    assert after["imbalance"] < before["imbalance"], (before, after)
     assert any(line.startswith("rebalance:") and "re-cut at" in line for line in lines)
     np.testing.assert_array_equal(
         xr.open_zarr(tmp_path / "hybrid.zarr")["logits"].values,
@@ -241,7 +247,8 @@ def test_a_failed_recut_keeps_the_run_going(
         ),
         (
             {"stages": 2, "placement": "data", "batch_size": 10**7},
-            r"puts the whole model on tcp://.*, which needs .* GiB .*for batch 10000000.* \(memory_limit\)",
+            r"puts the whole model on tcp://.*, which needs [0-9.]+ TiB .*for batch 10000000.*"
+            r" \(memory_limit\)",
         ),
     ],
 )

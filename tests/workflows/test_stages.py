@@ -74,3 +74,22 @@ def test_stage_stats_count_chunks_only_with_images() -> None:
     stats.add(busy_s=0.5, work_s=0.25)
     stats.add(images=8, busy_s=1.0, work_s=0.75)
     assert stats == StageStats(chunks=1, images=8, busy_s=1.5, work_s=1.0)
+
+
+def test_a_worker_compiles_only_the_stages_it_holds(small_weights: Path) -> None:
+    """A pipeline's stage-0 worker runs stage 0 only: it must not pay for compiling stage 1."""
+    from torch._dynamo.utils import counters
+
+    loaded = build_model("resnet18", weights=str(small_weights))
+    cuts = tuple(partition_model(loaded.module, 2, balance="flops", sample=(1, 3, 32, 32)).plan.cut_points)
+    spec = _spec(small_weights, cut_points=cuts, compress="1:compile")
+    prep = Preprocess(spec.input_size, spec.mean, spec.std)
+    before = counters["stats"]["unique_graphs"]
+    first = build_stages(spec, (0,), prep, torch.device("cpu"), batch_size=2)
+    assert sorted(first) == [0] and counters["stats"]["unique_graphs"] == before
+    second = build_stages(spec, (1,), prep, torch.device("cpu"), batch_size=2)
+    assert counters["stats"]["unique_graphs"] > before
+    x = prep(torch.from_numpy(random_images(2, seed=9)))
+    with torch.inference_mode():
+        got, want = second[1](first[0](x)), loaded.module(x)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())

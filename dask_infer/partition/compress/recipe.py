@@ -139,6 +139,12 @@ class CompressionRecipe:
         """Whether applying the recipe needs real input data (int8 does)."""
         return self.quantize is not None
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether real input data changes the result: int8 needs it, structured pruning ranks
+        channels and refits on it when given."""
+        return self.needs_calibration or self.prune == "structured"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-safe dict of every field."""
         return dataclasses.asdict(self)
@@ -348,6 +354,11 @@ class CompressionPlan:
     def needs_calibration(self) -> bool:
         """Whether some stage's recipe needs calibration data."""
         return self.default.needs_calibration or any(r.needs_calibration for _, r in self.stages)
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether some stage's recipe uses calibration data (int8, structured pruning)."""
+        return self.default.uses_calibration or any(r.uses_calibration for _, r in self.stages)
 
     def to_string(self) -> str:
         """The short form that :meth:`parse` reads back."""
