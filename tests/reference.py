@@ -38,3 +38,18 @@ def run_small(client: Client, src: Path | str, out: Path, weights: Path, **kw: A
     return dask_infer.run(
         str(src), str(out), model="resnet18", weights=str(weights), client=client, **options
     )
+
+
+def assert_held_out_mistakes(
+    ds: Any, got: np.ndarray, fp32: np.ndarray, *, held_out: int, fp32_misses: int = 3, more: int = 2
+) -> None:
+    """On the dataset's held-out digits: fp32 misses at most ``fp32_misses``, ``got`` at most ``more`` more.
+
+    A trained model's top-1 depends on its input, so a compressed model that computes
+    something else shows here, where top-1 agreement of a random model on noise would not.
+    """
+    held, labels = ds["held_out"].values, ds["label"].values
+    assert held.sum() == held_out
+    wrong_fp32 = int((fp32[held].argmax(1) != labels[held]).sum())
+    wrong = int((got[held].argmax(1) != labels[held]).sum())
+    assert wrong_fp32 <= fp32_misses and wrong <= wrong_fp32 + more, (wrong_fp32, wrong)

@@ -17,7 +17,7 @@ from dask_infer import DaskInferError, InputError, ModelError
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.io.samples import write_sample
 from tests.conftest import random_images
-from tests.reference import assert_close_logits, reference_logits, run_small
+from tests.reference import assert_close_logits, assert_held_out_mistakes, reference_logits, run_small
 
 
 def test_matches_plain_pytorch(
@@ -247,12 +247,8 @@ def test_compressed_run_matches_in_process_compression(
     # bf16 keeps 8 bits of mantissa: 0.6% of the largest logit measured, 2% allowed.
     fp32 = reference_logits(images, "resnet18", str(digits_weights))
     assert_close_logits(got, fp32, rel=2e-2)
-    held, labels = ds["held_out"].values, ds["label"].values
-    assert held.sum() == 78
-    wrong_fp32 = int((fp32[held].argmax(1) != labels[held]).sum())
-    wrong_bf16 = int((got[held].argmax(1) != labels[held]).sum())
     # The fp32 model misses at most 3 of the 78 held-out digits; bf16 at most 2 more (none seen).
-    assert wrong_fp32 <= 3 and wrong_bf16 <= wrong_fp32 + 2, (wrong_fp32, wrong_bf16)
+    assert_held_out_mistakes(ds, got, fp32, held_out=78)
 
 
 def test_bad_compression_is_refused_before_work(small_dataset: Path, tmp_path: Path) -> None:
