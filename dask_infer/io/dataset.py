@@ -9,7 +9,7 @@ import xarray as xr
 
 from dask_infer.errors import InputError
 from dask_infer.io.outputs import quiet_zarr
-from dask_infer.io.stores import remove_store, store_exists
+from dask_infer.io.stores import WRITER_ATTR, replace_store, store_exists
 
 __all__ = ["write_image_dataset"]
 
@@ -42,7 +42,8 @@ def write_image_dataset(
     chunk
         Images per storage chunk.
     overwrite
-        Replace an existing store.
+        Replace an existing store that dask-infer wrote (or an empty folder); anything
+        else is refused.
     storage_options
         fsspec options for remote stores.
     """
@@ -51,7 +52,7 @@ def write_image_dataset(
     if store_exists(output, storage_options) and not overwrite:
         raise InputError(f"output {output!r} exists; pass --overwrite to replace it")
     if overwrite:
-        remove_store(output, storage_options)
+        replace_store(output, storage_options)
     n = images.shape[0]
     coords: dict[str, Any] = {"image": np.arange(n, dtype=np.int64)}
     if labels is not None:
@@ -61,7 +62,7 @@ def write_image_dataset(
     ds = xr.Dataset(
         {"images": (("image", "y", "x", "channel"), images)},
         coords=coords,
-        attrs=dict(attrs or {}),
+        attrs={WRITER_ATTR: "dataset", **(attrs or {})},
     )
     encoding = {"images": {"chunks": (min(chunk, n), *images.shape[1:])}}
     with quiet_zarr():

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dask_infer.errors import InputError
 from dask_infer.io.outputs import quiet_zarr
-from dask_infer.io.stores import remove_store, store_exists
+from dask_infer.io.stores import WRITER_ATTR, replace_store, store_exists
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "ingest_folder", "load_image"]
 
@@ -86,7 +86,8 @@ def ingest_folder(
     threads
         Decoding threads.
     overwrite
-        Replace an existing store.
+        Replace an existing store that dask-infer wrote (or an empty folder); anything
+        else is refused.
     """
     if size < 8:
         raise InputError(f"size={size} is too small; use >= 8")
@@ -94,7 +95,7 @@ def ingest_folder(
     if store_exists(output) and not overwrite:
         raise InputError(f"output {output!r} exists; pass --overwrite to replace it")
     if overwrite:
-        remove_store(output)
+        replace_store(output)
     n = len(files)
     root = Path(folder)
     import dask.array as da
@@ -111,7 +112,7 @@ def ingest_folder(
             "label": ("image", np.asarray(labels, dtype=np.int64)),
             "path": ("image", np.asarray([str(f.relative_to(root)) for f in files], dtype=str)),
         },
-        attrs={"class_names": classes, "description": f"ingested from {root.name}"},
+        attrs={WRITER_ATTR: "dataset", "class_names": classes, "description": f"ingested from {root.name}"},
     )
     encoding: dict[str, Any] = {"images": {"chunks": (chunk, size, size, 3)}}
     with quiet_zarr():

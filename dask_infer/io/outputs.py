@@ -17,7 +17,14 @@ import xarray as xr
 import zarr
 
 from dask_infer.errors import InputError
-from dask_infer.io.stores import is_url, normalise_location, remove_store, store_exists
+from dask_infer.io.stores import (
+    WRITER_ATTR,
+    check_replaceable,
+    is_url,
+    normalise_location,
+    replace_store,
+    store_exists,
+)
 
 __all__ = ["OutputTarget", "check_output_location", "create_output", "finalize_output", "write_chunk"]
 
@@ -42,15 +49,21 @@ class OutputTarget:
 
 
 def check_output_location(input_url: str, output_url: str, *, overwrite: bool, storage_options: dict) -> None:
-    """Refuse an output that is, contains or lies inside the input, or exists without ``overwrite``."""
+    """Refuse an output that is, contains or lies inside the input, or exists without ``overwrite``.
+
+    With ``overwrite``, what exists must be a store dask-infer wrote (or an empty folder):
+    anything else is refused here, before any work, and left untouched.
+    """
     src, dst = normalise_location(input_url), normalise_location(output_url)
     sep = "/" if is_url(dst) else os.sep
     if dst == src or dst.startswith(src + sep) or src.startswith(dst + sep):
         raise InputError(
             f"output {output_url!r} would overwrite the input {input_url!r}; choose another output path"
         )
-    if store_exists(output_url, storage_options) and not overwrite:
-        raise InputError(f"output {output_url!r} exists; pass --overwrite to replace it")
+    if store_exists(output_url, storage_options):
+        if not overwrite:
+            raise InputError(f"output {output_url!r} exists; pass --overwrite to replace it")
+        check_replaceable(output_url, storage_options)
 
 
 def create_output(
@@ -75,7 +88,7 @@ def create_output(
     """
     options = dict(storage_options or {})
     if overwrite:
-        remove_store(url, options)
+        replace_store(url, options)
     variables: dict[str, tuple[tuple[str, str], Any]] = {}
     if "logits" in outputs:
         variables["logits"] = (
@@ -102,6 +115,7 @@ def create_output(
     coords.setdefault("image", np.arange(n_images))
     if class_names is not None:
         coords["class_name"] = ("class", np.asarray(class_names, dtype=str))
+    attrs = {WRITER_ATTR: "predictions", **attrs}
     ds = xr.Dataset(variables, coords=coords, attrs={k: _attr(v) for k, v in attrs.items()})
     encoding = {name: {"chunks": (chunk, ds[name].shape[1])} for name in variables}
     with quiet_zarr():

@@ -28,6 +28,7 @@ from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
 from dask_infer.io.images import ImageSource, describe_source, image_coords
 from dask_infer.io.outputs import OutputTarget, check_output_location, create_output, finalize_output
+from dask_infer.io.stores import absolute_location
 from dask_infer.models import LoadedModel, build_model
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
@@ -38,7 +39,13 @@ from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per
 from dask_infer.workflows.feed import feed, min_chunks
 from dask_infer.workflows.graph import Chunks, chunk_target, split_chunks, submit_chunks, submit_pipeline
 from dask_infer.workflows.monitor import maybe_performance_report
-from dask_infer.workflows.placement import Placement, choose_placement, with_plan, workers_from_scheduler
+from dask_infer.workflows.placement import (
+    DEVICE_RESOURCE,
+    Placement,
+    choose_placement,
+    with_plan,
+    workers_from_scheduler,
+)
 from dask_infer.workflows.rebalance import Rebalance, Rebalancer
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary, format_stages, gpu_summary, stage_summary, write_summary
@@ -67,6 +74,8 @@ class _Layout:
     placement: Placement
     chunks: Chunks
     prepared: _Prepared
+    labelled: bool
+    """Whether the cluster labels its device workers (only they hold stages)."""
 
 
 def _gpu(config: RunConfig) -> bool:
@@ -240,7 +249,8 @@ def _lay_out(
             compression = _check_compression(config, loaded, tuple(profiled.cut_points))
         prepared = replace(prepared, plan=profiled, compression=compression)
     say(placement.describe())
-    return _Layout(placement, chunks, prepared)
+    labelled = any(float((r.get("resources") or {}).get(DEVICE_RESOURCE, 0)) > 0 for r in info.values())
+    return _Layout(placement, chunks, prepared, labelled)
 
 
 def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | None) -> RuntimeSpec:
@@ -261,7 +271,8 @@ def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | No
         compress=config.compress,
         calibration=layout.prepared.source,
         calibration_images=config.calibration_images,
-        stage_map=tuple(layout.placement.stages_on().items()),
+        stage_map=tuple(layout.placement.stages_on().items()) if layout.placement.pipelined else (),
+        device_resource=DEVICE_RESOURCE if layout.labelled else None,
         warmup_images=layout.chunks.size,
     )
 
@@ -418,6 +429,8 @@ def run_config(
         Where progress lines go; ``None`` for silence.
     """
     say = echo or (lambda _line: None)
+    # Workers may run elsewhere: they must read and write what the user named here.
+    config = config.replace(input=absolute_location(config.input), output=absolute_location(config.output))
     prepared = _prepare(config, say)
     with _connected(config, client) as (client, choice):
         say(f"dashboard: {client.dashboard_link}")

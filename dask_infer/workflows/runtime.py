@@ -115,7 +115,8 @@ class ModelRuntime(WorkerPlugin):
         if self.spec.torch_threads is None and self.spec.device != "cuda":
             # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
             torch.set_num_threads(max(1, worker.state.nthreads))
-        await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address)
+        resources = dict(worker.state.total_resources)
+        await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address, resources)
         name = compute_executor(self.name)
         worker.executors[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
 
@@ -129,8 +130,8 @@ class ModelRuntime(WorkerPlugin):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def load(self, address: str | None = None) -> None:
-        """Build the stages placed on the worker at ``address`` (all without a stage map)."""
+    def load(self, address: str | None = None, resources: dict[str, float] | None = None) -> None:
+        """Build the stages placed on the worker at ``address`` with ``resources`` (see ``stages_for``)."""
         spec = self.spec
         self.address = address
         if spec.torch_threads is not None:
@@ -138,7 +139,7 @@ class ModelRuntime(WorkerPlugin):
         self.device = _pick_device(spec.device)
         self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
         self.batch_size = spec.batch_size or default_batch_size(self.device.type == "cuda")
-        held = spec.stages_for(address)
+        held = spec.stages_for(address, resources)
         if not held:
             return
         self._stages = build_stages(spec, held, self.preprocess, self.device, self.batch_size)

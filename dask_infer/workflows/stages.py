@@ -8,7 +8,7 @@ worker's device is :mod:`dask_infer.workflows.runtime`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,10 @@ class RuntimeSpec:
     calibration: ImageSource | None = None
     calibration_images: int = 64
     stage_map: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    """Worker address -> the stages it holds; empty: every worker holds every stage."""
+    """Worker address -> the stages it holds (pipelines); empty: every eligible worker holds every
+    stage, so a worker that joins or is restarted (a new address) loads them like the others."""
+    device_resource: str | None = None
+    """Only workers with this resource hold stages (clusters that label their device workers)."""
     warmup_images: int = 0
     """Images of a blank batch run through the stages at load, so first-call costs stay out of timings."""
 
@@ -53,8 +56,12 @@ class RuntimeSpec:
         """Stages the model is cut into."""
         return len(self.cut_points) + 1
 
-    def stages_for(self, address: str | None) -> tuple[int, ...]:
-        """The stage indices the worker at ``address`` loads."""
+    def stages_for(
+        self, address: str | None, resources: Mapping[str, float] | None = None
+    ) -> tuple[int, ...]:
+        """The stage indices the worker at ``address``, with ``resources``, loads."""
+        if self.device_resource is not None and not (resources or {}).get(self.device_resource, 0):
+            return ()
         if not self.stage_map:
             return tuple(range(self.num_stages))
         return dict(self.stage_map).get(address or "", ())

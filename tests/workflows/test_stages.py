@@ -93,3 +93,13 @@ def test_a_worker_compiles_only_the_stages_it_holds(small_weights: Path) -> None
     with torch.inference_mode():
         got, want = second[1](first[0](x)), loaded.module(x)
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_data_parallel_specs_hold_by_resource_not_address(small_weights: Path) -> None:
+    """Without a stage map any worker (one restarted or added mid-run, at a new address) holds
+    every stage; on a cluster that labels its device workers, only those do."""
+    spec = _spec(small_weights, cut_points=("layer2",))
+    assert spec.stages_for("tcp://new:1") == (0, 1)
+    labelled = _spec(small_weights, cut_points=("layer2",), device_resource="GPU")
+    assert labelled.stages_for("tcp://new:1", {"GPU": 1.0}) == (0, 1)
+    assert labelled.stages_for("tcp://cpu-only:1", {}) == () and labelled.stages_for("tcp://x:1") == ()
