@@ -189,6 +189,13 @@ class RunConfig:
             "replicas",
         ):
             check_positive_int(name, getattr(self, name), optional=True)
+        for name in ("overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise DaskInferError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in ("model", "weights", "variable", "scheduler", "scheduler_file", "report", "summary"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise DaskInferError(f"{name}={value!r} must be text")
         if not isinstance(self.storage_options, dict):
             raise DaskInferError(
                 f"storage_options={self.storage_options!r} must be a mapping of fsspec options, "
@@ -224,7 +231,13 @@ class RunConfig:
         p = Path(path)
         if not p.is_file():
             raise DaskInferError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DaskInferError(
+                f"config file {str(path)!r} is not plain YAML ({first}); write options as key: value"
+            ) from None
         if not isinstance(data, dict):
             raise DaskInferError(f"config file {str(path)!r} must hold a mapping of options")
         data.update({k: v for k, v in overrides.items() if v is not None})

@@ -17,8 +17,10 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from safetensors.torch import save_file
 
 from dask_infer.io.samples import write_sample
+from dask_infer.models import build_model, weights_metadata_key
 from tests.reference import assert_close_logits, assert_held_out_mistakes, reference_logits
 
 CLI = [sys.executable, "-m", "dask_infer.cli"]
@@ -100,6 +102,19 @@ def int_images(tmp_path: Path) -> Path:
         ("model", "unknown model 'resnet5'"),
         ("weights", "does not fit model 'resnet18'"),
         ("weights-missing", "does not exist"),
+        ("overwrite-project", "is a folder of 1 entry that is not a Zarr store; --overwrite"),
+        ("overwrite-file", "is a file; --overwrite replaces only stores dask-infer wrote"),
+        ("file-url-input", "would overwrite the input"),
+        ("zero-size", "has images of zero size"),
+        ("yaml-syntax", "is not plain YAML"),
+        ("yaml-python-tag", "is not plain YAML"),
+        ("yaml-bool", "overwrite='no' must be true or false"),
+        ("yaml-text", "model=5 must be text"),
+        ("weights-meta-not-json", "that is not JSON"),
+        ("weights-input-size", "input_size=100000 in the metadata"),
+        ("weights-mean", "mean=[0.5] in the metadata"),
+        ("storage-options", "storage_options=[1] must be a mapping"),
+        ("scheduler-file", "does not exist; give the file that `dask scheduler --scheduler-file` wrote"),
     ],
 )
 def test_bad_input_one_line_no_traceback(
@@ -133,14 +148,49 @@ def test_bad_input_one_line_no_traceback(
         extra += ["--weights", str(misfit_weights)]
     elif case == "weights-missing":
         extra += ["--weights", str(tmp_path / "none.pt")]
-    before = _digest(Path(src)) if Path(src).exists() else None
+    elif case == "overwrite-project":
+        (tmp_path / "project").mkdir()
+        (tmp_path / "project" / "thesis.tex").write_text("years of work")
+        out, extra = str(tmp_path / "project"), [*extra, "--overwrite"]
+    elif case == "overwrite-file":
+        (tmp_path / "notes.txt").write_text("keep me")
+        out, extra = str(tmp_path / "notes.txt"), [*extra, "--overwrite"]
+    elif case == "file-url-input":
+        out, src, extra = src, f"file://{src}", [*extra, "--overwrite"]
+    elif case == "zero-size":
+        zarr.open_group(str(tmp_path / "z.zarr"), mode="w").create_array(
+            "images", shape=(4, 0, 8, 3), dtype="uint8"
+        )
+        src = str(tmp_path / "z.zarr")
+    elif case.startswith("yaml-"):
+        text = {
+            "yaml-syntax": "top_k: [1, 2\n",
+            "yaml-python-tag": "model: !!python/object/apply:os.getcwd []\n",
+            "yaml-bool": "overwrite: 'no'\n",
+            "yaml-text": "model: 5\n",
+        }[case]
+        (tmp_path / "run.yaml").write_text(text)
+        extra = ["--config", str(tmp_path / "run.yaml")]
+    elif case.startswith("weights-"):
+        meta = {"weights-input-size": {"input_size": 100000}, "weights-mean": {"mean": [0.5]}}.get(case)
+        state = {
+            k: v.contiguous() for k, v in build_model("resnet18", num_classes=10).module.state_dict().items()
+        }
+        raw = json.dumps(meta) if meta is not None else "{not json"
+        save_file(state, str(tmp_path / "w.safetensors"), metadata={weights_metadata_key: raw})
+        extra += ["--weights", str(tmp_path / "w.safetensors")]
+    elif case == "storage-options":
+        extra += ["--storage-options", "[1]"]
+    elif case == "scheduler-file":
+        extra += ["--scheduler-file", str(tmp_path / "none.json")]
+    watched = [Path(p) for p in (src.removeprefix("file://"), out) if Path(p).exists()]
+    before = {p: _digest(p) if p.is_dir() else p.read_bytes() for p in watched}
     proc = _cli("run", "--input", src, "--output", out, *extra)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    if before is not None:
-        assert _digest(Path(src)) == before
+    assert before == {p: _digest(p) if p.is_dir() else p.read_bytes() for p in watched}
 
 
 def test_sample_and_ingest_commands(tmp_path: Path) -> None:

@@ -159,6 +159,10 @@ def describe_source(
         )
     if shape[0] == 0:
         raise InputError(f"array {label!r} holds no images (shape {shape})")
+    if 0 in shape:
+        raise InputError(
+            f"array {label!r} has images of zero size (shape {shape}); give images of at least 1x1"
+        )
     channels = shape[3] if lay == "NHWC" else shape[1] if lay == "NCHW" else 1
     if channels not in (1, 3, 4):
         raise InputError(f"array {label!r} has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")

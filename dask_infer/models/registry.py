@@ -7,6 +7,7 @@ them the model is randomly initialised, seeded, so every worker builds the same 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -105,6 +106,36 @@ class LoadedModel:
         return self.weights is not None
 
 
+MAX_INPUT_SIZE = 4096
+"""Largest model input side accepted from a weights file's metadata (a 4096x4096 RGB batch of
+one is 200 MB in float32; larger values are mistakes that would exhaust a worker's memory)."""
+
+
+def _input_size(value: Any, weights: str | Path | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_INPUT_SIZE:
+        raise ModelError(
+            f"input_size={value!r} in the metadata of weights file {str(weights)!r} must be a whole "
+            f"number from 8 to {MAX_INPUT_SIZE}; fix the file's metadata"
+        )
+    return value
+
+
+def _channel_values(
+    name: str, value: Any, weights: str | Path | None, *, positive: bool = False
+) -> tuple[float, ...]:
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok or (positive and min(value) <= 0):
+        need = "positive " if positive else ""
+        raise ModelError(
+            f"{name}={value!r} in the metadata of weights file {str(weights)!r} must be 3 finite "
+            f"{need}numbers, one per RGB channel; fix the file's metadata"
+        )
+    return tuple(float(v) for v in value)
+
+
 def build_model(
     name: str,
     *,
@@ -166,9 +197,9 @@ def build_model(
         module=module,
         name=name,
         num_classes=num_classes,
-        input_size=int(meta.get("input_size", defaults.input_size)),
-        mean=tuple(meta.get("mean", defaults.mean)),
-        std=tuple(meta.get("std", defaults.std)),
+        input_size=_input_size(meta.get("input_size", defaults.input_size), weights),
+        mean=_channel_values("mean", meta.get("mean", defaults.mean), weights),
+        std=_channel_values("std", meta.get("std", defaults.std), weights, positive=True),
         class_names=tuple(str(c) for c in class_names) if class_names is not None else None,
         weights=str(weights) if weights is not None else None,
     )

@@ -56,7 +56,18 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelError(f"weights file {str(path)!r} is not a readable safetensors file: {exc}") from exc
         if raw:
-            meta = json.loads(raw)
+            try:
+                meta = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ModelError(
+                    f"weights file {str(path)!r} has metadata {weights_metadata_key!r} that is not JSON "
+                    f"({exc.msg}); write it with json.dumps"
+                ) from None
+            if not isinstance(meta, dict):
+                raise ModelError(
+                    f"weights file {str(path)!r} has metadata {weights_metadata_key!r} that is not a "
+                    f"mapping ({type(meta).__name__}); store a JSON object"
+                )
         return dict(state), meta
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)

@@ -12,7 +12,14 @@ from distributed import Client, LocalCluster
 from dask_infer.errors import DaskInferError, reason
 from dask_infer.options import DEVICES, check_choice
 
-__all__ = ["ClusterChoice", "choose_local_cluster", "cuda_device_count", "device_memory", "make_client"]
+__all__ = [
+    "ClusterChoice",
+    "check_scheduler_file",
+    "choose_local_cluster",
+    "cuda_device_count",
+    "device_memory",
+    "make_client",
+]
 
 
 def cuda_device_count() -> int:
@@ -90,6 +97,15 @@ def worker_environ() -> dict[str, object]:
     return environ
 
 
+def check_scheduler_file(path: str) -> None:
+    """Raise unless ``path`` is a file a scheduler could have written (checked before any work)."""
+    if not Path(path).is_file():
+        raise DaskInferError(
+            f"scheduler file {path!r} does not exist; give the file that "
+            "`dask scheduler --scheduler-file` wrote"
+        )
+
+
 def make_client(
     *,
     scheduler: str | None = None,
@@ -104,11 +120,7 @@ def make_client(
     existing scheduler). Local services listen on 127.0.0.1 only.
     """
     if scheduler_file is not None:
-        if not Path(scheduler_file).is_file():
-            raise DaskInferError(
-                f"scheduler file {scheduler_file!r} does not exist; give the file that "
-                "`dask scheduler --scheduler-file` wrote"
-            )
+        check_scheduler_file(scheduler_file)
         try:
             return Client(scheduler_file=scheduler_file, timeout="10s"), None
         except (OSError, TimeoutError, ValueError, KeyError) as exc:

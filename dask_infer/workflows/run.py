@@ -34,7 +34,13 @@ from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
 from dask_infer.partition.compress import CompressionPlan, check_recipe
 from dask_infer.partition.compress.measure import count_flops
-from dask_infer.workflows.cluster import ClusterChoice, cuda_device_count, device_memory, make_client
+from dask_infer.workflows.cluster import (
+    ClusterChoice,
+    check_scheduler_file,
+    cuda_device_count,
+    device_memory,
+    make_client,
+)
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import feed, min_chunks
 from dask_infer.workflows.graph import Chunks, chunk_target, split_chunks, submit_chunks, submit_pipeline
@@ -100,6 +106,8 @@ def _check_compression(
 
 def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
     """Everything checked before a cluster starts: bad input fails here, in one line."""
+    if config.scheduler_file is not None:
+        check_scheduler_file(config.scheduler_file)
     source = describe_source(
         config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
     )
