@@ -94,10 +94,10 @@ def _run_options(func: F) -> F:
         decls = [_flag(name), name]
         if name in _CHOICES:
             kwargs["type"] = click.Choice(_CHOICES[name])
-        elif name == "overwrite":
-            kwargs.update(is_flag=True)
         elif name == "progress":
             decls = ["--progress/--no-progress", name]
+        elif field.type == "bool":
+            kwargs.update(is_flag=True)
         elif name == "outputs":
             kwargs["metavar"] = "KIND[,KIND...]"
         elif name == "storage_options":

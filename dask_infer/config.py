@@ -95,7 +95,11 @@ class RunConfig:
     calibration_images
         Images of the input (its first ones) that int8 and structured pruning calibrate on.
     overwrite
-        Replace an existing output store.
+        Replace an existing output store (only one dask-infer wrote, or an empty folder).
+    resume
+        Finish an output an interrupted run left incomplete: only the chunks its manifest does
+        not record as written are computed. Refused when the input, model, weights, recipe or
+        outputs differ from the recorded run.
     progress
         Show a progress bar.
     storage_options
@@ -128,6 +132,7 @@ class RunConfig:
     compress: str | None = None
     calibration_images: int = 64
     overwrite: bool = False
+    resume: bool = False
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +150,10 @@ class RunConfig:
             raise DaskInferError(
                 f"scheduler={self.scheduler!r} and scheduler_file={self.scheduler_file!r} both given; "
                 "give one of them"
+            )
+        if self.resume is True and self.overwrite is True:
+            raise DaskInferError(
+                "resume=True and overwrite=True both given; resume keeps the output, keep one"
             )
         if self.replicas is not None and self.placement != "hybrid":
             raise DaskInferError(
@@ -189,7 +198,7 @@ class RunConfig:
             "replicas",
         ):
             check_positive_int(name, getattr(self, name), optional=True)
-        for name in ("overwrite", "progress"):
+        for name in ("overwrite", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise DaskInferError(f"{name}={getattr(self, name)!r} must be true or false")
         for name in ("model", "weights", "variable", "scheduler", "scheduler_file", "report", "summary"):

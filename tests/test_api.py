@@ -49,7 +49,8 @@ EVERYTHING: dict[str, Any] = {
     "summary": "s.json",
     "compress": "0:bf16,1:fp16",
     "calibration_images": 16,
-    "overwrite": True,
+    "overwrite": False,
+    "resume": True,
     "progress": False,
     "storage_options": {"anon": True},
 }
@@ -60,7 +61,7 @@ CLI_ARGS = [
     "--top-k", "3", "--chunk-size", "8", "--batch-size", "4", "--scheduler-file", "scheduler.json",
     "--workers", "3", "--threads", "2", "--device", "cpu", "--stages", "2", "--balance", "flops",
     "--placement", "hybrid", "--replicas", "1", "--rebalance", "1.5", "--report", "r.html",
-    "--summary", "s.json", "--compress", "0:bf16,1:fp16", "--calibration-images", "16", "--overwrite",
+    "--summary", "s.json", "--compress", "0:bf16,1:fp16", "--calibration-images", "16", "--resume",
     "--no-progress", "--storage-options", '{"anon": true}',
 ]  # fmt: skip
 
@@ -69,7 +70,9 @@ def test_everything_covers_every_field() -> None:
     assert set(EVERYTHING) == FIELDS
     defaults = RunConfig(input="a", output="b")
     assert all(
-        getattr(defaults, k) != v for k, v in EVERYTHING.items() if k not in ("input", "output", "scheduler")
+        getattr(defaults, k) != v
+        for k, v in EVERYTHING.items()
+        if k not in ("input", "output", "scheduler", "overwrite")  # overwrite excludes resume
     )
 
 

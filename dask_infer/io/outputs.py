@@ -26,7 +26,21 @@ from dask_infer.io.stores import (
     store_exists,
 )
 
-__all__ = ["OutputTarget", "check_output_location", "create_output", "finalize_output", "write_chunk"]
+__all__ = [
+    "MANIFEST",
+    "OutputTarget",
+    "check_output_location",
+    "create_output",
+    "done_chunks",
+    "finalize_output",
+    "open_output",
+    "write_chunk",
+]
+
+MANIFEST = "dask_infer/done"
+"""Array in the output store with one element (and one stored chunk) per task chunk: 1 once
+that chunk's results are written. xarray does not read it (it lives in a subgroup), and as 1
+is not the fill value, a stored element is proof of a finished write."""
 
 
 @contextmanager
@@ -47,8 +61,17 @@ class OutputTarget:
     chunk: int
     storage_options: dict[str, Any] = field(default_factory=dict)
 
+    def open(self, mode: str = "r+") -> zarr.Group:
+        """The output's root group."""
+        kwargs: dict[str, Any] = {"mode": mode}
+        if self.storage_options:
+            kwargs["storage_options"] = self.storage_options
+        return zarr.open_group(store=self.url, **kwargs)
 
-def check_output_location(input_url: str, output_url: str, *, overwrite: bool, storage_options: dict) -> None:
+
+def check_output_location(
+    input_url: str, output_url: str, *, overwrite: bool, storage_options: dict, resume: bool = False
+) -> None:
     """Refuse an output that is, contains or lies inside the input, or exists without ``overwrite``.
 
     With ``overwrite``, what exists must be a store dask-infer wrote (or an empty folder):
@@ -60,9 +83,11 @@ def check_output_location(input_url: str, output_url: str, *, overwrite: bool, s
         raise InputError(
             f"output {output_url!r} would overwrite the input {input_url!r}; choose another output path"
         )
-    if store_exists(output_url, storage_options):
+    if store_exists(output_url, storage_options) and not resume:
         if not overwrite:
-            raise InputError(f"output {output_url!r} exists; pass --overwrite to replace it")
+            raise InputError(
+                f"output {output_url!r} exists; pass --overwrite to replace it, or --resume to finish it"
+            )
         check_replaceable(output_url, storage_options)
 
 
@@ -127,7 +152,42 @@ def create_output(
             encoding=encoding,
             storage_options=options or None,
         )
-    return OutputTarget(url=url, variables=tuple(variables), chunk=chunk, storage_options=options)
+    target = OutputTarget(url=url, variables=tuple(variables), chunk=chunk, storage_options=options)
+    target.open().create_array(
+        MANIFEST, shape=(-(-n_images // chunk),), chunks=(1,), dtype="uint8", fill_value=0
+    )
+    return target
+
+
+def open_output(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[OutputTarget, dict[str, Any]]:
+    """An existing output to resume, and its attrs.
+
+    Raises
+    ------
+    InputError
+        When ``url`` is not an output dask-infer wrote with a completion manifest.
+    """
+    options = dict(storage_options or {})
+    try:
+        group = OutputTarget(url, (), 1, options).open("r")
+        group[MANIFEST]
+    except Exception as exc:  # a missing store, group or manifest: all say the same to the user
+        raise InputError(
+            f"output {url!r} holds no run to resume (no {MANIFEST} manifest); run without --resume"
+        ) from exc
+    variables = tuple(
+        name for name in ("logits", "probabilities", "top_k_class", "top_k_probability") if name in group
+    )
+    chunk = int(group[variables[0]].chunks[0])  # type: ignore[union-attr]
+    return OutputTarget(url, variables, chunk, options), dict(group.attrs)
+
+
+def done_chunks(target: OutputTarget) -> set[int]:
+    """Indices of the chunks whose results the manifest records as written."""
+    flags = np.asarray(target.open("r")[MANIFEST][:])  # type: ignore[index]
+    return {int(i) for i in np.flatnonzero(flags)}
 
 
 def _attr(value: Any) -> Any:
@@ -152,6 +212,8 @@ def write_chunk(target: OutputTarget, start: int, stop: int, result: dict[str, n
         if values.shape[0] != stop - start:
             raise RuntimeError(f"{name} for images {start}:{stop} has {values.shape[0]} rows")
         group[name][start:stop] = values  # type: ignore[index]
+    # Only after every variable is written: a chunk marked done is a chunk complete on disk.
+    group[MANIFEST][start // target.chunk] = 1  # type: ignore[index]
     return stop - start
 
 

@@ -82,21 +82,21 @@ def track(
 
 def feed(
     placement: Placement,
-    n_chunks: int,
+    indices: Sequence[int],
     submit: Callable[[list[int]], list[Future]],
     *,
     progress: bool,
     on_done: Callable[[int], None],
     after_write: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Submit chunks ``0..n_chunks-1`` and wait for them to be written.
+    """Submit the chunks ``indices`` (those not yet written) and wait for them to be written.
 
     Parameters
     ----------
     placement
         Data-parallel runs submit every chunk at once; pipelines through :func:`window`.
-    n_chunks
-        Chunks in the run.
+    indices
+        The chunks to compute, in order.
     submit
         Submits the chunks of the given indices and returns their write futures.
     progress, on_done
@@ -106,11 +106,13 @@ def feed(
         the number not yet submitted (a re-cut judges and switches here), before the
         next chunk is submitted.
     """
-    if not placement.pipelined:
-        track(submit(list(range(n_chunks))), progress=progress, on_done=on_done)
+    if not indices:
         return
-    size = min(window(placement), n_chunks)
-    pending = list(range(size, n_chunks))
+    if not placement.pipelined:
+        track(submit(list(indices)), progress=progress, on_done=on_done)
+        return
+    size = min(window(placement), len(indices))
+    pending = list(indices[size:])
     written = 0
 
     def refill() -> list[Future]:
@@ -120,4 +122,4 @@ def feed(
             after_write(written, len(pending))
         return submit([pending.pop(0)]) if pending else []
 
-    track(submit(list(range(size))), progress=progress, on_done=on_done, refill=refill)
+    track(submit(list(indices[:size])), progress=progress, on_done=on_done, refill=refill)

@@ -98,24 +98,26 @@ def submit_chunks(
     chunks: Chunks,
     *,
     label: str,
+    indices: Sequence[int] | None = None,
     workers: Sequence[str] | None = None,
 ) -> list[Future]:
-    """Submit every chunk's read, infer and write tasks; return the write futures.
+    """Submit the read, infer and write tasks of the chunks ``indices`` (all by default).
 
     Only the write futures are returned, so the scheduler releases each chunk's
     images and logits as soon as they are written. ``workers`` restricts the infer
     tasks (to the workers holding a device); ``None`` lets every worker run them.
     """
     token = tokenize(source, target, runtime, chunks)
-    starts = [b[0] for b in chunks.bounds]
-    stops = [b[1] for b in chunks.bounds]
-    n = len(starts)
+    order = list(range(len(chunks.bounds))) if indices is None else list(indices)
+    starts = [chunks.bounds[i][0] for i in order]
+    stops = [chunks.bounds[i][1] for i in order]
+    n = len(order)
     reads = client.map(
         read_chunk,
         [source] * n,
         starts,
         stops,
-        key=[f"read-{token}-{i}" for i in range(n)],
+        key=[f"read-{token}-{i}" for i in order],
         priority=_READ,
     )
     with dask.annotate(executor=compute_executor(runtime)):
@@ -123,7 +125,7 @@ def submit_chunks(
             infer_chunk,
             [runtime] * n,
             reads,
-            key=[f"{label}-infer-{token}-{i}" for i in range(n)],
+            key=[f"{label}-infer-{token}-{i}" for i in order],
             priority=_INFER,
             workers=list(workers) if workers else None,
         )
@@ -133,7 +135,7 @@ def submit_chunks(
         starts,
         stops,
         logits,
-        key=[f"write-{token}-{i}" for i in range(n)],
+        key=[f"write-{token}-{i}" for i in order],
         priority=_WRITE,
     )
 

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,10 +27,17 @@ from tqdm.auto import tqdm
 
 from dask_infer._version import __version__
 from dask_infer.config import RunConfig
-from dask_infer.errors import DaskInferError
+from dask_infer.errors import DaskInferError, InputError
 from dask_infer.io.images import ImageSource, describe_source, image_coords
-from dask_infer.io.outputs import OutputTarget, check_output_location, create_output, finalize_output
-from dask_infer.io.stores import absolute_location
+from dask_infer.io.outputs import (
+    OutputTarget,
+    check_output_location,
+    create_output,
+    done_chunks,
+    finalize_output,
+    open_output,
+)
+from dask_infer.io.stores import absolute_location, normalise_location
 from dask_infer.models import LoadedModel, build_model
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
@@ -56,7 +65,10 @@ from dask_infer.workflows.rebalance import Rebalance, Rebalancer
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary, format_stages, gpu_summary, stage_summary, write_summary
 
-__all__ = ["run_config"]
+__all__ = ["RUN_ATTR", "run_config"]
+
+RUN_ATTR = "dask_infer_run"
+"""Output attr recording what the results depend on (input, model, weights hash, options)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,11 @@ class _Prepared:
     loaded: LoadedModel
     plan: StagePlan | None
     compression: dict[str, Any] | None
+    fingerprint: dict[str, Any]
+    resumed: OutputTarget | None = None
+    """The incomplete output a resume continues."""
+    done: frozenset[int] = frozenset()
+    """Chunks that output's manifest records as written."""
 
     @property
     def cuts(self) -> tuple[str, ...]:
@@ -112,7 +129,11 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
     )
     check_output_location(
-        config.input, config.output, overwrite=config.overwrite, storage_options=config.storage_options
+        config.input,
+        config.output,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
     )
     loaded = build_model(config.model, weights=config.weights, num_classes=config.num_classes)
     if not loaded.pretrained:
@@ -128,7 +149,56 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         ).plan
         say(format_plan(plan))
     cuts = tuple(plan.cut_points) if plan is not None else ()
-    return _Prepared(source, loaded, plan, _check_compression(config, loaded, cuts))
+    prepared = _Prepared(
+        source, loaded, plan, _check_compression(config, loaded, cuts), _fingerprint(config, source, loaded)
+    )
+    return _resumable(config, prepared, say) if config.resume else prepared
+
+
+def _fingerprint(config: RunConfig, source: ImageSource, loaded: LoadedModel) -> dict[str, Any]:
+    """What a run's results depend on: a resume must match it exactly to continue an output."""
+    digest = None
+    if loaded.weights is not None:
+        h = hashlib.sha256()
+        with open(loaded.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {
+        "input": normalise_location(config.input),
+        "variable": source.variable,
+        "images": source.n_images,
+        "model": loaded.name,
+        "weights_sha256": digest,
+        "num_classes": loaded.num_classes,
+        "input_size": loaded.input_size,
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "compress": config.compress,
+        "outputs": list(config.outputs),
+        "top_k": min(config.top_k, loaded.num_classes),
+    }
+
+
+def _resumable(config: RunConfig, prepared: _Prepared, say: Callable[[str], None]) -> _Prepared:
+    """The incomplete output to continue, checked to come from the same input, model and options."""
+    target, attrs = open_output(config.output, storage_options=config.storage_options)
+    recorded = json.loads(attrs.get(RUN_ATTR, "{}"))
+    differ = [k for k in prepared.fingerprint if recorded.get(k) != prepared.fingerprint[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} then, {prepared.fingerprint[k]!r} now" for k in differ)
+        raise InputError(
+            f"cannot resume {config.output!r}: it was written with other {', '.join(differ)} ({shown}); "
+            "resume with the same options, or start again with --overwrite"
+        )
+    if config.chunk_size is not None and config.chunk_size != target.chunk:
+        raise InputError(
+            f"cannot resume {config.output!r} with chunk_size={config.chunk_size}: it is written in "
+            f"chunks of {target.chunk}; leave chunk_size out to resume"
+        )
+    done = frozenset(done_chunks(target))
+    say(f"resuming {config.output}: {len(done)} chunk(s) of {target.chunk} images already written")
+    return replace(prepared, resumed=target, done=done)
 
 
 @contextlib.contextmanager
@@ -202,6 +272,8 @@ def _chunks(
 ) -> Chunks:
     """Images per task: as asked, or from the model's FLOPs per image and the decoded image size."""
     source, loaded = prepared.source, prepared.loaded
+    if prepared.resumed is not None:
+        return split_chunks(source.n_images, source.storage_chunk, target=prepared.resumed.chunk, exact=True)
     if config.chunk_size is not None:
         if config.chunk_size % source.storage_chunk:
             say(
@@ -295,6 +367,8 @@ def _class_names(loaded: LoadedModel, source: ImageSource) -> tuple[str, ...] | 
 
 def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> OutputTarget:
     source, loaded = layout.prepared.source, layout.prepared.loaded
+    if layout.prepared.resumed is not None:
+        return layout.prepared.resumed
     return create_output(
         config.output,
         n_images=source.n_images,
@@ -304,7 +378,7 @@ def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> Out
         outputs=config.outputs,
         image_coords=image_coords(source),
         class_names=_class_names(loaded, source),
-        attrs={"dask_infer_complete": False},
+        attrs={"dask_infer_complete": False, RUN_ATTR: layout.prepared.fingerprint},
         overwrite=config.overwrite,
         storage_options=config.storage_options,
     )
@@ -338,15 +412,16 @@ def _execute(
             workers=None if len(placement.workers) == every else placement.workers,
         )
 
+    todo = [i for i in range(len(chunks.bounds)) if i not in layout.prepared.done]
     rebalancer = None
     if config.rebalance is not None:
         batch = min(config.batch_size or default_batch_size(False), chunks.size)
-        rebalancer = Rebalancer(client, run, config.rebalance, len(chunks.bounds), batch, say)
+        rebalancer = Rebalancer(client, run, config.rebalance, len(todo), batch, say)
     start = run.last_start = time.perf_counter()
     with tqdm(total=source.n_images, unit="img", disable=not config.progress, desc=label, leave=True) as bar:
         feed(
             run.placement,
-            len(chunks.bounds),
+            todo,
             submit,
             progress=config.progress,
             on_done=bar.update,
@@ -364,14 +439,15 @@ def _summarise(
     rebalance: Rebalance | None,
     choice: ClusterChoice | None,
 ) -> RunSummary:
-    placement, source = run.placement, layout.prepared.source
+    placement, done = run.placement, layout.prepared.done
     stats = runtime_stats(client, run.current)
     if rebalance is not None and rebalance.recut:
         rebalance = replace(rebalance, measured_after=seconds_per_image(stats, placement.num_stages))
+    images = sum(b - a for i, (a, b) in enumerate(layout.chunks.bounds) if i not in done)
     return RunSummary(
-        images=source.n_images,
+        images=images,
         seconds=seconds,
-        images_per_second=source.n_images / seconds,
+        images_per_second=images / seconds if seconds > 0 else 0.0,
         output=config.output,
         model=layout.prepared.loaded.name,
         pretrained=layout.prepared.loaded.pretrained,
@@ -386,6 +462,7 @@ def _summarise(
         stage_stats=stage_summary(stats, time.perf_counter() - run.last_start, placement.num_stages),
         gpus=gpu_summary(stats),
         rebalance=rebalance.to_dict() if rebalance else None,
+        skipped_chunks=len(done),
     )
 
 

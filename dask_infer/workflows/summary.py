@@ -36,6 +36,8 @@ class RunSummary:
     stage_stats: list[dict[str, Any]] = field(default_factory=list)
     gpus: dict[str, Any] = field(default_factory=dict)
     rebalance: dict[str, Any] | None = None
+    skipped_chunks: int = 0
+    """Chunks a resume found already written, and did not compute again."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON and output attrs."""
@@ -43,8 +45,11 @@ class RunSummary:
 
     def format(self) -> str:
         """Human summary, a few lines."""
+        resumed = (
+            f" (resumed: {self.skipped_chunks} chunks were already written)" if self.skipped_chunks else ""
+        )
         return (
-            f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s), "
+            f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s){resumed}, "
             f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]\n"
             f"results: {self.output}  (xarray.open_zarr({self.output!r}))"
         )

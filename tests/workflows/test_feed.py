@@ -61,7 +61,7 @@ def test_a_pipeline_is_fed_through_its_window(client: Client) -> None:
     calls: list[tuple[int, int]] = []
     feed(
         placement,
-        40,
+        range(40),
         submit,
         progress=False,
         on_done=done.append,
@@ -82,8 +82,8 @@ def test_data_parallel_submits_everything_at_once(client: Client) -> None:
         return client.map(_slow, indices, pure=False)
 
     done: list[int] = []
-    feed(_placement("data", 1), 10, submit, progress=False, on_done=done.append)
-    assert batches == [list(range(10))] and sorted(done) == list(range(10))
+    feed(_placement("data", 1), [0, 2, 3, 5, 6, 7, 8, 9], submit, progress=False, on_done=done.append)
+    assert batches == [[0, 2, 3, 5, 6, 7, 8, 9]] and sorted(done) == [0, 2, 3, 5, 6, 7, 8, 9]
 
 
 def _wait_for(name: str) -> int:

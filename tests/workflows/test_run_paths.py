@@ -271,7 +271,10 @@ def test_overwrite_replaces_an_earlier_output(
     stamp = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     with pytest.raises(InputError) as info:
         run_small(client, small_dataset, out, small_weights)
-    assert str(info.value) == f"output {str(out)!r} exists; pass --overwrite to replace it"
+    assert (
+        str(info.value)
+        == f"output {str(out)!r} exists; pass --overwrite to replace it, or --resume to finish it"
+    )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == stamp
     run_small(client, small_dataset, out, small_weights, chunk_size=16, overwrite=True)
     run_small(client, small_dataset, fresh, small_weights, chunk_size=16)
