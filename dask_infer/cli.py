@@ -136,7 +136,14 @@ def run(config_file: str | None, no_rebalance: bool, **options: Any) -> None:
     """Run a model over an image dataset and write predictions to Zarr."""
     from dask_infer.api import run as run_api
 
-    run_api(config=config_file, echo=_echo, **_parse_run_options(options, no_rebalance))
+    try:
+        run_api(config=config_file, echo=_echo, **_parse_run_options(options, no_rebalance))
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: the output is incomplete; run the same command with --resume to finish it",
+            err=True,
+        )
+        sys.exit(130)
 
 
 @main.command()

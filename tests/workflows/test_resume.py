@@ -135,3 +135,26 @@ def test_the_cli_killed_mid_run_then_resumed(small_weights: Path, tmp_path: Path
     got = xr.open_zarr(out)["logits"].values
     np.testing.assert_array_equal(got, xr.open_zarr(tmp_path / "calm.zarr")["logits"].values)
     assert_close_logits(got, reference_logits(images, "resnet18", str(small_weights)))
+
+
+def test_ctrl_c_exits_130_saying_how_to_resume(small_weights: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.zarr"
+    write_image_dataset(str(src), random_images(480, seed=24), chunk=4)
+    out = tmp_path / "out.zarr"
+    cli = [sys.executable, "-m", "dask_infer.cli", "run", "--input", str(src), "--output", str(out)]
+    args = ["--model", "resnet18", "--weights", str(small_weights), "--workers", "1", "--chunk-size", "4"]
+    proc = subprocess.Popen(
+        [*cli, *args, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "dask_infer").exists() and _written(out).sum() >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: the output is incomplete; run the same command with --resume to finish it"
+    )
+    assert zarr.open_group(str(out), mode="r").attrs["dask_infer_complete"] is False
