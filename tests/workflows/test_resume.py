@@ -39,6 +39,13 @@ def _interrupted(client: Client, src: Path, out: Path, weights: Path) -> int:
 
     with pytest.raises(KeyboardInterrupt):
         run_small(client, src, out, weights, echo=echo, **PIPELINE)
+    # Cancelling cannot stop a task already running: a write under way still lands (and is
+    # recorded, after its region). Wait for those, so the manifest read below is final.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        client.run(lambda dask_worker: len(dask_worker.state.executing)).values()
+    ):
+        time.sleep(0.05)
     assert zarr.open_group(str(out), mode="r").attrs["dask_infer_complete"] is False
     return int(_written(out).sum())
 
