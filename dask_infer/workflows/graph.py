@@ -44,14 +44,19 @@ _RATE_CPU = 5e10
 _TASK_SECONDS_GPU = 0.05
 _TASK_SECONDS_CPU = 2.0
 _MAX_CHUNK_BYTES = 256 << 20
+_MEMORY_SHARE = 16
 
 
-def chunk_target(flops_per_image: float, bytes_per_image: int, *, gpu: bool) -> int:
-    """Images per task, from the model's cost and the images' size.
+def chunk_target(
+    flops_per_image: float, bytes_per_image: int, *, gpu: bool, memory_limit: int | None = None
+) -> int:
+    """Images per task, from the model's cost, the images' size and the workers' memory.
 
     A task should compute for tens of milliseconds on a GPU and a couple of seconds on a
     CPU worker (rates assumed: 50 TFLOP/s and 50 GFLOP/s), far above Dask's 0.2-1 ms
-    per-task overhead, while its decoded images stay under 256 MiB.
+    per-task overhead, while its decoded images stay under 256 MiB and under 1/16 of the
+    smallest worker memory limit: a worker holds a few chunks at once (read ahead, being
+    computed, being written), each also as float32 at the model's input, beside the model.
 
     Parameters
     ----------
@@ -61,10 +66,13 @@ def chunk_target(flops_per_image: float, bytes_per_image: int, *, gpu: bool) -> 
         Decoded bytes of one image.
     gpu
         Whether the model runs on a GPU.
+    memory_limit
+        The smallest ``memory_limit`` of the workers, in bytes; ``None`` or 0 when unknown.
     """
     rate, seconds = (_RATE_GPU, _TASK_SECONDS_GPU) if gpu else (_RATE_CPU, _TASK_SECONDS_CPU)
     images = seconds * rate / max(flops_per_image, 1.0)
-    cap = max(1, _MAX_CHUNK_BYTES // max(bytes_per_image, 1))
+    budget = min(_MAX_CHUNK_BYTES, memory_limit // _MEMORY_SHARE) if memory_limit else _MAX_CHUNK_BYTES
+    cap = max(1, budget // max(bytes_per_image, 1))
     return int(min(max(images, 16), 4096, cap))
 
 

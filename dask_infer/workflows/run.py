@@ -268,7 +268,12 @@ def _profile_on(
 
 
 def _chunks(
-    config: RunConfig, prepared: _Prepared, placement: Placement, workers: int, say: Callable[[str], None]
+    config: RunConfig,
+    prepared: _Prepared,
+    placement: Placement,
+    workers: int,
+    memory_limit: int,
+    say: Callable[[str], None],
 ) -> Chunks:
     """Images per task: as asked, or from the model's FLOPs per image and the decoded image size."""
     source, loaded = prepared.source, prepared.loaded
@@ -284,7 +289,7 @@ def _chunks(
         return split_chunks(source.n_images, source.storage_chunk, target=config.chunk_size, exact=True)
     size = loaded.input_size
     flops = count_flops(loaded.module, torch.zeros(1, 3, size, size))
-    target = chunk_target(flops, source.bytes_per_image, gpu=_gpu(config))
+    target = chunk_target(flops, source.bytes_per_image, gpu=_gpu(config), memory_limit=memory_limit)
     return split_chunks(
         source.n_images,
         source.storage_chunk,
@@ -316,7 +321,9 @@ def _lay_out(
         batch_size=batch,
         model=loaded.name,
     )
-    chunks = _chunks(config, prepared, placement, len(info), say)
+    limits = [int(r.get("memory_limit") or 0) for r in info.values()]
+    smallest = min((m for m in limits if m), default=0)
+    chunks = _chunks(config, prepared, placement, len(info), smallest, say)
     plan = prepared.plan
     if plan is not None and placement.pipelined and config.balance == "time" and not _gpu(config):
         worker = placement.stage_workers(0)[0]

@@ -45,3 +45,15 @@ def test_bytes_per_image_counts_the_stored_dtype(dtype: str, itemsize: int) -> N
     if dtype == "float64":
         big = ImageSource("x.zarr", "images", "NHWC", (10, 1024, 1024, 3), dtype, 5)
         assert chunk_target(1e6, big.bytes_per_image, gpu=False) == (256 << 20) // (1024 * 1024 * 3 * 8) == 10
+
+
+def test_chunks_fit_the_smallest_worker_memory_limit() -> None:
+    """264 MB chunks on 2 GB workers stall them; a sixteenth of the limit leaves room for the rest."""
+    rgb224 = 224 * 224 * 3
+    unlimited = chunk_target(1e6, rgb224, gpu=False)
+    assert unlimited == (256 << 20) // rgb224
+    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=2 << 30) == (2 << 30) // 16 // rgb224 == 891
+    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=1 << 30) == 445
+    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=0) == unlimited
+    # A limit that cannot hold one image still gives tasks of one image.
+    assert chunk_target(1e6, 64 << 20, gpu=False, memory_limit=512 << 20) == 1
