@@ -119,3 +119,42 @@ def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
         xr.open_zarr(tmp_path / "calm.zarr")["logits"].values,
     )
     assert undisturbed.images == summary.images == 240
+
+
+def test_a_worker_added_mid_run_loads_the_model(small_weights: Path, tmp_path: Path) -> None:
+    """Scale a one-worker cluster to two after a few chunks: the newcomer loads the model and may
+    take work; the logits equal the reference."""
+    src = tmp_path / "long.zarr"
+    images = random_images(720, seed=12)
+    write_image_dataset(str(src), images, chunk=4)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        first = set(client.scheduler_info()["workers"])
+        scaled = threading.Event()
+
+        def scale_after_a_few_chunks() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if _writes_done(client) >= 4:
+                    cluster.scale(2)
+                    scaled.set()
+                    return
+                time.sleep(0.01)
+
+        grower = threading.Thread(target=scale_after_a_few_chunks, daemon=True)
+        grower.start()
+        summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=4)
+        grower.join(timeout=5)
+        assert scaled.is_set(), "the run ended before the cluster could grow"
+    # The newcomer joined while the run went on, and holds the model as the first worker does.
+    assert len(summary.loaded_stages) == 2 and set(summary.loaded_stages) - first, summary.loaded_stages
+    assert all(held == [0] for held in summary.loaded_stages.values()), summary.loaded_stages
+    assert summary.images == 720
+    assert_close_logits(
+        xr.open_zarr(tmp_path / "o.zarr")["logits"].values,
+        reference_logits(images, "resnet18", str(small_weights)),
+    )
