@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,28 @@ def _writes_done(client: Client) -> int:
     )
 
 
+@contextlib.contextmanager
+def _after_chunks_written(
+    client: Client, chunks: int, action: Callable[[], object]
+) -> Iterator[threading.Event]:
+    """Run ``action`` from a thread once ``chunks`` chunks are written; the event says it ran."""
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if _writes_done(client) >= chunks:
+                action()
+                done.set()
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    yield done
+    watcher.join(timeout=5)
+
+
 def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
     small_weights: Path, tmp_path: Path
 ) -> None:
@@ -95,21 +119,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
         undisturbed = run_small(client, src, tmp_path / "calm.zarr", small_weights, chunk_size=4)
         pids = client.run(os.getpid)
         victim = sorted(pids)[0]
-        killed = threading.Event()
-
-        def kill_after_a_few_chunks() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if _writes_done(client) >= 4:
-                    os.kill(pids[victim], signal.SIGKILL)
-                    killed.set()
-                    return
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_after_a_few_chunks, daemon=True)
-        killer.start()
-        summary = run_small(client, src, tmp_path / "hit.zarr", small_weights, chunk_size=4)
-        killer.join(timeout=5)
+        with _after_chunks_written(client, 4, lambda: os.kill(pids[victim], signal.SIGKILL)) as killed:
+            summary = run_small(client, src, tmp_path / "hit.zarr", small_weights, chunk_size=4)
         assert killed.is_set(), "the run ended before a worker could be killed"
         # The restarted worker (a new address) holds the model, as every worker does.
         assert victim not in summary.loaded_stages
@@ -134,21 +145,8 @@ def test_a_worker_added_mid_run_loads_the_model(small_weights: Path, tmp_path: P
         Client(cluster) as client,
     ):
         first = set(client.scheduler_info()["workers"])
-        scaled = threading.Event()
-
-        def scale_after_a_few_chunks() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if _writes_done(client) >= 4:
-                    cluster.scale(2)
-                    scaled.set()
-                    return
-                time.sleep(0.01)
-
-        grower = threading.Thread(target=scale_after_a_few_chunks, daemon=True)
-        grower.start()
-        summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=4)
-        grower.join(timeout=5)
+        with _after_chunks_written(client, 4, lambda: cluster.scale(2)) as scaled:
+            summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=4)
         assert scaled.is_set(), "the run ended before the cluster could grow"
     # The newcomer joined while the run went on, and holds the model as the first worker does.
     assert len(summary.loaded_stages) == 2 and set(summary.loaded_stages) - first, summary.loaded_stages
