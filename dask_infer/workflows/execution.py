@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distributed import Client
+from distributed.comm.core import CommClosedError
 
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import ModelRuntime
@@ -20,10 +21,24 @@ from dask_infer.workflows.summary import stage_summary
 
 __all__ = ["Execution", "runtime_stats", "seconds_per_image"]
 
+_GONE = (CommClosedError, OSError)
+"""What talking to a worker that died raises."""
+
 
 def runtime_stats(client: Client, name: str) -> dict[str, dict[str, Any]]:
-    """Each worker's figures for the runtime registered as ``name``, by worker address."""
-    return client.run(lambda dask_worker: dask_worker.plugins[name].stats())
+    """Each worker's figures for the runtime registered as ``name``, by worker address.
+
+    A worker that is gone by the time it is asked (killed, restarted) is left out.
+    """
+    answers = client.run(lambda dask_worker: dask_worker.plugins[name].stats(), on_error="return")
+    out = {}
+    for address, answer in answers.items():
+        if isinstance(answer, _GONE):
+            continue
+        if isinstance(answer, BaseException):
+            raise answer
+        out[address] = answer
+    return out
 
 
 def seconds_per_image(stats: dict[str, dict[str, Any]], stages: int) -> tuple[float, ...]:
@@ -40,6 +55,8 @@ class Execution:
     active: list[str] = field(default_factory=list)
     loads: int = 0
     last_start: float = 0.0
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    """Each re-placement of the stages after workers were lost or joined."""
 
     @property
     def current(self) -> str:
@@ -49,7 +66,10 @@ class Execution:
     def register(self, client: Client) -> str:
         """Register a runtime for the current spec; it loads on the workers before this returns."""
         name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
-        client.register_plugin(ModelRuntime(self.spec, name), name=name)
+        # A worker may die while the plugin is sent: the scheduler keeps the plugin for the
+        # workers that join, and a pipeline re-places its stages when it sees the loss.
+        with contextlib.suppress(*_GONE):
+            client.register_plugin(ModelRuntime(self.spec, name), name=name)
         self.active.append(name)
         self.loads += sum(s["loads"] for s in runtime_stats(client, name).values())
         return name

@@ -3,12 +3,16 @@
 Data-parallel runs submit every chunk at once and let Dask order them. A pipeline is fed
 through a window, one chunk submitted per chunk written, so the chunks in flight (and
 the activations held between stages) stay bounded however long the dataset. If a chunk
-fails or the wait is interrupted, every chunk still running is cancelled.
+fails or the wait is interrupted, every chunk still running is cancelled. A pipeline that
+loses a stage's worker cancels its chunks in flight, has its stages re-placed, and
+submits again those of them not yet written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from distributed import Future, as_completed
@@ -16,7 +20,7 @@ from distributed import Future, as_completed
 from dask_infer.workflows.monitor import in_notebook
 from dask_infer.workflows.placement import Placement
 
-__all__ = ["feed", "min_chunks", "track", "wave", "window"]
+__all__ = ["WorkersChanged", "feed", "min_chunks", "track", "wave", "window"]
 
 
 def wave(placement: Placement) -> int:
@@ -38,18 +42,46 @@ def min_chunks(placement: Placement) -> int:
     return 2 * window(placement) if placement.pipelined else 0
 
 
+class WorkersChanged(Exception):
+    """The workers a pipeline's stages are placed on are no longer all there.
+
+    Raised by a ``check`` callback of :func:`track` to stop waiting: the chunks in flight
+    are cancelled, and :func:`feed` submits them again once the stages are re-placed.
+    """
+
+    def __init__(self, lost: Sequence[str]) -> None:
+        super().__init__(f"lost worker(s) {', '.join(lost)}")
+        self.lost = tuple(lost)
+
+
+def _wait_ready(waiting: as_completed, seconds: float) -> bool:
+    """Wait up to ``seconds`` for a finished future in ``waiting``; whether one is ready."""
+    with waiting.thread_condition:
+        if not waiting.has_ready():
+            waiting.thread_condition.wait(timeout=seconds)
+    return waiting.has_ready()
+
+
 def track(
-    futures: Sequence[Future],
+    futures: list[Future],
     *,
     progress: bool,
     on_done: Callable[[int], None],
     refill: Callable[[], list[Future]] | None = None,
+    check: Callable[[], None] | None = None,
+    check_every: float = 1.0,
+    on_future: Callable[[Future], None] | None = None,
 ) -> None:
     """Wait for ``futures``, calling ``on_done(result)`` for each as it finishes.
 
-    ``refill``, when given, is called after each finished future and returns futures
-    to wait for as well (the next chunks of a pipeline fed in a window). If a future
-    fails or the wait is interrupted, every future still running is cancelled.
+    ``futures`` is emptied: a finished future is dropped as soon as it is seen, so the
+    scheduler may forget its result, and a worker lost later does not make it compute
+    a written chunk again. ``refill``, when given, is called after each finished future and returns futures
+    to wait for as well (the next chunks of a pipeline fed in a window). ``check``, when
+    given, is called at least every ``check_every`` seconds while waiting, and stops the
+    wait by raising (:class:`WorkersChanged` when a pipeline lost a stage's worker).
+    ``on_future`` sees each future just before its ``on_done``. If a future fails, the
+    wait is interrupted, or ``check`` raises, every future still running is cancelled.
 
     In a Jupyter kernel with ``progress`` set, ``distributed.progress`` also draws its
     per-task-group widget (read, each stage, write) for the futures known at the start;
@@ -64,17 +96,32 @@ def track(
     # (and keep the scheduler holding) every chunk it has written.
     live = set(futures)
     waiting = as_completed(futures)
+    futures.clear()
+    checked = time.monotonic()
     try:
-        for future in waiting:
+        while not waiting.is_empty():
+            if check is not None:
+                ready = _wait_ready(waiting, check_every)
+                if not ready or time.monotonic() - checked >= check_every:
+                    check()
+                    checked = time.monotonic()
+                if not ready:
+                    continue
+            future = next(waiting)
             live.discard(future)
-            on_done(future.result())
+            result = future.result()
+            if on_future is not None:
+                on_future(future)
+            del future
+            on_done(result)
             if refill is not None:
-                for more in refill():
-                    live.add(more)
-                    waiting.add(more)
+                more = refill()
+                live.update(more)
+                waiting.update(more)
+                del more
     except BaseException:
-        # A failed chunk or an interrupt: stop the rest, so no task outlives the run's
-        # runtime on the workers (what was written stays, marked incomplete).
+        # A failed chunk, an interrupt or lost workers: stop the rest, so no task outlives
+        # the run's runtime on the workers (what was written stays, marked incomplete).
         for future in live:
             future.cancel()
         raise
@@ -88,6 +135,8 @@ def feed(
     progress: bool,
     on_done: Callable[[int], None],
     after_write: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
+    recover: Callable[[WorkersChanged, list[int]], list[int]] | None = None,
 ) -> None:
     """Submit the chunks ``indices`` (those not yet written) and wait for them to be written.
 
@@ -105,21 +154,56 @@ def feed(
         Pipelines only: called after each written chunk with the number written and
         the number not yet submitted (a re-cut judges and switches here), before the
         next chunk is submitted.
+    check
+        Pipelines only: called about every second; raises :class:`WorkersChanged` when a
+        worker holding a stage is gone.
+    recover
+        Pipelines only: called with what ``check`` raised and the chunks that were in
+        flight (now cancelled); re-places the stages and returns those of the chunks to
+        submit again (those not written meanwhile). Without it, the exception propagates.
     """
     if not indices:
         return
     if not placement.pipelined:
         track(submit(list(indices)), progress=progress, on_done=on_done)
         return
-    size = min(window(placement), len(indices))
-    pending = list(indices[size:])
+    pending = deque(indices)
+    chunk_of: dict[Future, int] = {}
     written = 0
+
+    def send(count: int) -> list[Future]:
+        batch = [pending.popleft() for _ in range(min(count, len(pending)))]
+        futures = submit(batch) if batch else []
+        chunk_of.update(zip(futures, batch, strict=True))
+        return futures
+
+    def finished(future: Future) -> None:
+        chunk_of.pop(future, None)
 
     def refill() -> list[Future]:
         nonlocal written
         written += 1
         if after_write is not None:
             after_write(written, len(pending))
-        return submit([pending.pop(0)]) if pending else []
+        return send(1)
 
-    track(submit(list(indices[:size])), progress=progress, on_done=on_done, refill=refill)
+    first = send(window(placement))
+    while True:
+        try:
+            track(
+                first,
+                progress=progress,
+                on_done=on_done,
+                refill=refill,
+                check=check,
+                on_future=finished,
+            )
+            return
+        except WorkersChanged as changed:
+            if recover is None:
+                raise
+            in_flight = sorted(chunk_of.values())
+            chunk_of.clear()
+            again = recover(changed, in_flight)
+            pending.extendleft(reversed(again))
+            first = send(window(placement))

@@ -24,8 +24,9 @@ __all__ = [
     "Placement",
     "PlacementError",
     "WorkerInfo",
-    "choose_placement",
     "check_memory",
+    "choose_placement",
+    "on_workers",
     "stage_memory",
     "with_plan",
     "workers_from_scheduler",
@@ -359,4 +360,40 @@ def with_plan(
     after = placement.regrouped(_stage_times(plan, plan.num_stages))
     devices = _devices(workers)
     check_memory(after, stage_memory(plan, batch_size), devices, batch_size)
+    return after
+
+
+def on_workers(
+    placement: Placement,
+    workers: Sequence[WorkerInfo],
+    times: Sequence[float],
+    *,
+    needs: Sequence[int] | None = None,
+    batch_size: int = 1,
+) -> Placement:
+    """``placement``'s stages placed again on ``workers`` (after some were lost or joined).
+
+    The mode and the number of stages stay; replicas are as many as the workers allow
+    (at most as many as before), and each replica's workers are shared among its stages by
+    ``times``. ``needs`` (bytes per stage), when given, is checked against each worker.
+
+    Raises
+    ------
+    PlacementError
+        When fewer workers than stages are left; the message says how many are needed.
+    """
+    if not placement.pipelined:
+        return placement
+    devices = _devices(workers)
+    stages, n = placement.num_stages, len(devices)
+    if n < stages:
+        raise PlacementError(
+            f"the {placement.mode} placement needs {stages} workers (1 per stage) and {n} are left"
+        )
+    replicas = max(1, min(placement.replicas, n // stages))
+    mode = placement.mode if replicas > 1 or placement.mode == "pipeline" else "pipeline"
+    reason = f"{stages} stages placed again on the {n} workers present"
+    after = _pipeline(mode, devices, stages, replicas, times, reason)
+    if needs is not None:
+        check_memory(after, needs, devices, batch_size)
     return after

@@ -147,6 +147,15 @@ class Rebalancer:
         self.measured: tuple[float, ...] = ()
         self.record: Rebalance | None = None
 
+    def stop(self, reason: str) -> None:
+        """Judge and re-cut no more (the stages were placed again); a pending re-cut is dropped."""
+        if self.recut is not None:
+            self.recut.cancel()
+            self.recut = None
+        if self.wave and self.record is None:
+            self.say(f"rebalance: not judged ({reason})")
+        self.wave = 0
+
     def after_write(self, written: int, pending: int) -> None:
         """Called after each written chunk, with the count written and the count not yet submitted."""
         if self.wave and written == self.wave:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ import dask_infer
 from dask_infer import InputError
 from dask_infer.io.dataset import write_image_dataset
 from tests.conftest import random_images
+from tests.faults import WriteCounter, after_chunks_written
 from tests.reference import assert_close_logits, reference_logits, run_small
 
 
@@ -70,38 +67,6 @@ def test_relative_paths_are_the_users_not_the_workers(
     assert ds.attrs["source"] == str(tmp_path / "here.zarr")
 
 
-def _writes_done(client: Client) -> int:
-    return client.run_on_scheduler(
-        lambda dask_scheduler: sum(
-            1
-            for ts in dask_scheduler.tasks.values()
-            if str(ts.key).startswith("write-") and ts.state == "memory"
-        )
-    )
-
-
-@contextlib.contextmanager
-def _after_chunks_written(
-    client: Client, chunks: int, action: Callable[[], object]
-) -> Iterator[threading.Event]:
-    """Run ``action`` from a thread once ``chunks`` chunks are written; the event says it ran."""
-    done = threading.Event()
-
-    def watch() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if _writes_done(client) >= chunks:
-                action()
-                done.set()
-                return
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    yield done
-    watcher.join(timeout=5)
-
-
 def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
     small_weights: Path, tmp_path: Path
 ) -> None:
@@ -119,9 +84,15 @@ def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
         undisturbed = run_small(client, src, tmp_path / "calm.zarr", small_weights, chunk_size=4)
         pids = client.run(os.getpid)
         victim = sorted(pids)[0]
-        with _after_chunks_written(client, 4, lambda: os.kill(pids[victim], signal.SIGKILL)) as killed:
+        counter = WriteCounter()
+        cluster.scheduler.add_plugin(counter)
+        with after_chunks_written(
+            tmp_path / "hit.zarr", 4, lambda: os.kill(pids[victim], signal.SIGKILL)
+        ) as killed:
             summary = run_small(client, src, tmp_path / "hit.zarr", small_weights, chunk_size=4)
         assert killed.is_set(), "the run ended before a worker could be killed"
+        # Every chunk written once: none written before the kill was computed again.
+        assert len(counter.writes) == 60 and not counter.rewritten(), counter.writes
         # The restarted worker (a new address) holds the model, as every worker does.
         assert victim not in summary.loaded_stages
         assert all(held == [0] for held in summary.loaded_stages.values())
@@ -145,7 +116,7 @@ def test_a_worker_added_mid_run_loads_the_model(small_weights: Path, tmp_path: P
         Client(cluster) as client,
     ):
         first = set(client.scheduler_info()["workers"])
-        with _after_chunks_written(client, 4, lambda: cluster.scale(2)) as scaled:
+        with after_chunks_written(tmp_path / "o.zarr", 4, lambda: cluster.scale(2)) as scaled:
             summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=4)
         assert scaled.is_set(), "the run ended before the cluster could grow"
     # The newcomer joined while the run went on, and holds the model as the first worker does.
