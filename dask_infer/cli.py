@@ -13,13 +13,20 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
 from dask_infer.config import RunConfig, option_help
 from dask_infer.errors import DaskInferError
-from dask_infer.options import BALANCE_MODES, DEFAULT_BALANCE, DEVICES, LAYOUTS, PLACEMENTS
+from dask_infer.options import (
+    BALANCE_MODES,
+    DEFAULT_BALANCE,
+    DEVICES,
+    LAYOUTS,
+    MISSING_CHUNKS,
+    PLACEMENTS,
+)
 
 __all__ = ["main"]
 
@@ -44,7 +51,41 @@ def _echo(line: str) -> None:
     click.echo(line, err=line.startswith("warning:"))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A bad option or argument, shown like every other bad input: one ``error:`` line."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Write the one line to ``file`` (stderr by default)."""
+        hint = f"; see '{self.ctx.command_path} --help'" if self.ctx is not None else ""
+        click.echo(f"error: {self.format_message().rstrip('.')}{hint}", file=file, err=True)
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """``exc`` shown in one line; a bare command's help (no arguments given) stays as it is."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError | _OneLineUsageError):
+        return exc
+    return _OneLineUsageError(exc.format_message(), exc.ctx)
+
+
+class _Group(click.Group):
+    """A command group whose usage errors, its own and its commands', are one line and exit 2."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dask-infer")
 def main() -> None:
     """Batch inference of torchvision models over Zarr image datasets, on Dask."""
@@ -64,7 +105,13 @@ def _flag(name: str) -> str:
 
 
 _FLAGS = {"n_workers": "--workers", "threads_per_worker": "--threads"}
-_CHOICES = {"layout": LAYOUTS, "device": DEVICES, "balance": BALANCE_MODES, "placement": PLACEMENTS}
+_CHOICES = {
+    "layout": LAYOUTS,
+    "missing_chunks": MISSING_CHUNKS,
+    "device": DEVICES,
+    "balance": BALANCE_MODES,
+    "placement": PLACEMENTS,
+}
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:

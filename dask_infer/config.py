@@ -22,6 +22,7 @@ from dask_infer.options import (
     DEFAULT_BALANCE,
     DEVICES,
     LAYOUTS,
+    MISSING_CHUNKS,
     OUTPUT_KINDS,
     PLACEMENTS,
     check_choice,
@@ -29,6 +30,9 @@ from dask_infer.options import (
 )
 
 __all__ = ["RunConfig", "option_help"]
+
+_TLS = ("tls_ca_file", "tls_cert", "tls_key")
+"""The TLS options, for a ``tls://`` scheduler."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class RunConfig:
         Name of the image array in the input store, when it holds several.
     layout
         ``"NHWC"`` (image, y, x, channel), ``"NCHW"``, or ``"auto"`` to tell by names and shape.
+    missing_chunks
+        Storage chunks absent from the input (Zarr reads them as the fill value): ``"refuse"``
+        the run, naming them, or ``"fill"`` to read them as the fill value, marked in the output.
     outputs
         Which results to write: any of ``logits``, ``probabilities``, ``top_k``.
     top_k
@@ -66,10 +73,21 @@ class RunConfig:
     scheduler_file
         JSON file a Dask scheduler wrote (``dask scheduler --scheduler-file``, dask-jobqueue);
         an alternative to ``scheduler``.
+    tls_ca_file
+        CA certificate (PEM file) that a ``tls://`` scheduler's and workers' certificates
+        are checked against. Without the TLS options, dask's own ``distributed.comm.tls``
+        config applies.
+    tls_cert
+        This client's certificate (PEM file), signed by that CA, for a ``tls://`` scheduler.
+    tls_key
+        This client's private key (PEM file); leave it out when ``tls_cert`` holds the key too.
     n_workers
         Workers of the local cluster; ``None``: one per GPU, else one.
     threads_per_worker
         Threads of each local worker; ``None`` picks from the machine.
+    memory_limit
+        Memory limit of each local worker (``"4GB"``, or bytes); its nanny restarts a worker
+        that exceeds it. ``None``: the machine's memory shared between the workers.
     device
         ``"auto"`` (CUDA when the worker has it), ``"cpu"`` or ``"cuda"``.
     stages
@@ -113,14 +131,19 @@ class RunConfig:
     num_classes: int | None = None
     variable: str | None = None
     layout: str = "auto"
+    missing_chunks: str = "refuse"
     outputs: tuple[str, ...] = ("logits", "top_k")
     top_k: int = 5
     chunk_size: int | None = None
     batch_size: int | None = None
     scheduler: str | None = None
     scheduler_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
+    memory_limit: str | int | None = None
     device: str = "auto"
     stages: int = 1
     balance: str = DEFAULT_BALANCE
@@ -143,6 +166,7 @@ class RunConfig:
                 verb = "to write" if name == "output" else "to read"
                 raise DaskInferError(f"{name}={value!r}: give the path or URL of a Zarr store {verb}")
         check_choice("layout", self.layout, LAYOUTS)
+        check_choice("missing_chunks", self.missing_chunks, MISSING_CHUNKS)
         check_choice("device", self.device, DEVICES)
         check_choice("balance", self.balance, BALANCE_MODES)
         check_choice("placement", self.placement, PLACEMENTS)
@@ -201,15 +225,36 @@ class RunConfig:
         for name in ("overwrite", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise DaskInferError(f"{name}={getattr(self, name)!r} must be true or false")
-        for name in ("model", "weights", "variable", "scheduler", "scheduler_file", "report", "summary"):
+        texts = ("model", "weights", "variable", "scheduler", "scheduler_file", "report", "summary")
+        for name in (*texts, *_TLS):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise DaskInferError(f"{name}={value!r} must be text")
+        self._check_tls()
+        _check_memory_limit(self.memory_limit)
         if not isinstance(self.storage_options, dict):
             raise DaskInferError(
                 f"storage_options={self.storage_options!r} must be a mapping of fsspec options, "
                 'e.g. {"anon": true}'
             )
+
+    def _check_tls(self) -> None:
+        """TLS options go with a scheduler that is not local, and a key with its certificate."""
+        given = [name for name in _TLS if getattr(self, name) is not None]
+        if not given:
+            return
+        if self.scheduler is None and self.scheduler_file is None:
+            raise DaskInferError(
+                f"{given[0]}={getattr(self, given[0])!r} applies to a tls:// scheduler; give --scheduler "
+                "tls://HOST:PORT or --scheduler-file (a local cluster listens on 127.0.0.1 only)"
+            )
+        if self.scheduler is not None and not self.scheduler.startswith(("tls://", "wss://")):
+            raise DaskInferError(
+                f"{given[0]} given but scheduler={self.scheduler!r} is not encrypted; "
+                "use its tls:// address, or leave the TLS options out"
+            )
+        if self.tls_key is not None and self.tls_cert is None:
+            raise DaskInferError(f"tls_key={self.tls_key!r} given without tls_cert; give the certificate too")
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
@@ -251,6 +296,23 @@ class RunConfig:
             raise DaskInferError(f"config file {str(path)!r} must hold a mapping of options")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+def _check_memory_limit(value: Any) -> None:
+    """Raise unless ``value`` is ``None``, a whole number of bytes >= 1, or text like ``"4GB"``."""
+    if value is None:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    if isinstance(value, str):
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(value) >= 1:
+                return
+        except (ValueError, TypeError):
+            pass
+    raise DaskInferError(f"memory_limit={value!r} must be a size such as '4GB' or '512MiB', or bytes")
 
 
 @cache

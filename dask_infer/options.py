@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_BALANCE",
     "DEVICES",
     "LAYOUTS",
+    "MISSING_CHUNKS",
     "OUTPUT_KINDS",
     "PLACEMENTS",
     "check_choice",
@@ -41,6 +42,9 @@ PLACEMENTS = ("auto", "data", "pipeline", "hybrid")
 
 OUTPUT_KINDS = ("logits", "probabilities", "top_k")
 """Results a run can write."""
+
+MISSING_CHUNKS = ("refuse", "fill")
+"""What a run does with storage chunks absent from the input: refuse it, or read them as the fill value."""
 
 _BATCH_CUDA = 256
 _BATCH_CPU = 32

@@ -54,7 +54,11 @@ def after_chunks_written(
 
 
 class WriteCounter(SchedulerPlugin):
-    """Counts the chunk writes a scheduler saw finish: more than the chunks means some were redone."""
+    """Counts the chunk writes a scheduler saw finish: a chunk index seen twice was written twice.
+
+    A write cancelled while it ran (a pipeline re-placing its stages) still lands, but the
+    scheduler has forgotten it by then, so it is not counted.
+    """
 
     def __init__(self) -> None:
         self.writes: list[str] = []

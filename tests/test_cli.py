@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from dask_infer.io.samples import write_sample
 from dask_infer.models import build_model, weights_metadata_key
+from tests.certificates import Certificates, make_certificates
 from tests.reference import assert_close_logits, assert_held_out_mistakes, reference_logits
 
 CLI = [sys.executable, "-m", "dask_infer.cli"]
@@ -90,6 +91,82 @@ def int_images(tmp_path: Path) -> Path:
     return path
 
 
+_NO_CHECKS = "{tmp}/notes.txt"
+"""A file that exists but is no certificate: TLS checks get past 'does not exist' and fail on loading."""
+
+_TLS_NOWHERE = ["--weights", "{weights}", "--scheduler", "tls://127.0.0.1:1"]
+
+# case: (options after --input/--output/--model, with {tmp} and {weights} filled in; the message)
+_BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
+    "outputs-unknown": (["--outputs", "logits,bogus"], "outputs=['logits', 'bogus']: choose one or more of"),
+    "top-k-zero": (["--top-k", "0"], "Invalid value for '--top-k': 0 is not in the range x>=1"),
+    "stages-zero": (["--stages", "0"], "Invalid value for '--stages': 0 is not in the range x>=1"),
+    "chunk-size-negative": (["--chunk-size", "-3"], "Invalid value for '--chunk-size': -3 is not in"),
+    "workers-zero": (["--workers", "0"], "Invalid value for '--workers': 0 is not in the range x>=1"),
+    "placement-unknown": (["--placement", "bogus"], "'--placement': 'bogus' is not one of 'auto', 'data'"),
+    "device-unknown": (["--device", "tpu"], "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    "balance-unknown": (["--balance", "bogus"], "'--balance': 'bogus' is not one of 'time', 'flops'"),
+    "layout-unknown": (["--layout", "XYZ"], "'--layout': 'XYZ' is not one of 'auto', 'NHWC', 'NCHW'"),
+    "flag-unknown": (
+        ["--chunksize", "4"],
+        "No such option '--chunksize'. (Did you mean one of: '--batch-size', '--chunk-size'?)",
+    ),
+    "compress-unknown": (["--compress", "nonsense"], "unknown recipe term 'nonsense' in 'nonsense'"),
+    "compress-stage": (["--stages", "2", "--compress", "0-3:int8"], "names stage(s) [2, 3] but the model"),
+    "config-missing": (["--config", "{tmp}/none.yaml"], "none.yaml' does not exist"),
+    "config-list": (["--config", "{tmp}/run.yaml"], "run.yaml' must hold a mapping of options"),
+    "config-unknown-key": (["--config", "{tmp}/run.yaml"], "unknown config keys ['bogus_key']; known keys:"),
+    "folder-as-weights": (["--weights", "{tmp}/folder"], "folder' does not exist; give a local .pt, .pth"),
+    "text-as-weights": (["--weights", "{tmp}/notes.txt"], "notes.txt' cannot be read as a state_dict"),
+    "num-classes": (["--weights", "{weights}", "--num-classes", "7"], "fc.weight (10, 512) != (7, 512)"),
+    "variable": (["--variable", "pixels"], "has no array 'pixels'; it has: image, images, label"),
+    "layout-wrong": (["--layout", "NCHW"], "has 32 channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)"),
+    "input-file": (["--input", "{tmp}/notes.txt"], "notes.txt' is not a readable Zarr store"),
+    "resume-nothing": (["--weights", "{weights}", "--resume"], "holds no run to resume"),
+    "resume-overwrite": (
+        ["--resume", "--overwrite"],
+        "resume=True and overwrite=True both given; resume keeps the output",
+    ),
+    "replicas": (["--replicas", "2"], "replicas=2 applies to placement='hybrid' only, not 'auto'"),
+    "rebalance-below-one": (["--rebalance", "0.5"], "rebalance=0.5 must be a max/mean stage time ratio"),
+    "rebalance-twice": (["--rebalance", "1.5", "--no-rebalance"], "--rebalance and --no-rebalance both"),
+    "stages-too-many": (["--weights", "{weights}", "--stages", "99"], "stages=99 but resnet18 has only"),
+    "storage-options-json": (["--storage-options", "{{anon"], "--storage-options '{{anon' is not JSON"),
+    "memory-limit": (["--memory-limit", "lots"], "memory_limit='lots' must be a size such as '4GB'"),
+    "output-under-a-file": (["--output", "{tmp}/notes.txt/o.zarr"], "notes.txt' is a file, not a folder"),
+    "output-unwritable": (["--output", "/proc/self/o.zarr"], "may not write in the folder '/proc/self'"),
+    "summary-folder": (["--summary", "{tmp}/folder"], "folder' cannot be written: it is a folder"),
+    "summary-under-a-file": (["--summary", "{tmp}/notes.txt/s.json"], "notes.txt' is a file, not a folder"),
+    "report-under-a-file": (["--report", "{tmp}/notes.txt/r.html"], "notes.txt' is a file, not a folder"),
+    "report-not-html": (["--report", "{tmp}/r.txt"], "report='{tmp}/r.txt' must name an .html file"),
+    "scheduler-scheme": (["--scheduler", "foo://x:1"], "'foo://x:1' has unknown scheme 'foo'; give one of"),
+    "scheduler-no-port": (["--scheduler", "tcp://"], "scheduler 'tcp://' is not an address"),
+    "scheduler-and-file": (
+        ["--scheduler", "tcp://127.0.0.1:1", "--scheduler-file", "{tmp}/s.json"],
+        "scheduler='tcp://127.0.0.1:1' and scheduler_file='{tmp}/s.json' both given; give one of them",
+    ),
+    "scheduler-file-not-json": (["--scheduler-file", "{tmp}/notes.txt"], "notes.txt' is not a scheduler's"),
+    "scheduler-unreachable": (
+        ["--weights", "{weights}", "--scheduler", "tcp://127.0.0.1:1"],
+        "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'",
+    ),
+    "tls-without-certificates": (_TLS_NOWHERE, "needs TLS but no --tls-ca-file or --tls-cert is set"),
+    "tls-certificate-missing": (
+        [*_TLS_NOWHERE, "--tls-ca-file", _NO_CHECKS, "--tls-cert", "{tmp}/none.pem"],
+        "--tls-cert '{tmp}/none.pem' does not exist",
+    ),
+    "tls-not-pem": (
+        [*_TLS_NOWHERE, "--tls-ca-file", _NO_CHECKS, "--tls-cert", _NO_CHECKS],
+        "the TLS files do not load",
+    ),
+    "tls-for-local-cluster": (["--tls-ca-file", _NO_CHECKS], "applies to a tls:// scheduler; give"),
+    "tls-for-tcp": (
+        ["--scheduler", "tcp://127.0.0.1:1", "--tls-ca-file", _NO_CHECKS],
+        "scheduler='tcp://127.0.0.1:1' is not encrypted; use its tls:// address",
+    ),
+}
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
@@ -115,18 +192,36 @@ def int_images(tmp_path: Path) -> Path:
         ("weights-mean", "mean=[0.5] in the metadata"),
         ("storage-options", "storage_options=[1] must be a mapping"),
         ("scheduler-file", "does not exist; give the file that `dask scheduler --scheduler-file` wrote"),
+        *[(case, match) for case, (_, match) in _BAD_OPTIONS.items()],
+        pytest.param(
+            "cuda-without-gpu",
+            "device='cuda' but no CUDA device is visible; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_input_one_line_no_traceback(
     case: str,
     match: str,
     small_dataset: Path,
+    small_weights: Path,
     tmp_path: Path,
     misfit_weights: Path,
     gray2d: Path,
     int_images: Path,
 ) -> None:
     src, out, extra = str(small_dataset), str(tmp_path / "o.zarr"), ["--model", "resnet18"]
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    places = {"tmp": str(tmp_path), "weights": str(small_weights)}
+    if case in _BAD_OPTIONS:
+        extra += [arg.format(**places) for arg in _BAD_OPTIONS[case][0]]
+        match = match.format(**places)
+    elif case == "cuda-without-gpu":
+        extra += ["--weights", str(small_weights), "--device", "cuda"]
+    if case in ("config-list", "config-unknown-key"):
+        text = {"config-list": "- a\n- b\n", "config-unknown-key": "bogus_key: 1\n"}[case]
+        (tmp_path / "run.yaml").write_text(text)
     if case == "missing":
         src = str(tmp_path / "nope.zarr")
     elif case == "no-image-array":
@@ -153,7 +248,6 @@ def test_bad_input_one_line_no_traceback(
         (tmp_path / "project" / "thesis.tex").write_text("years of work")
         out, extra = str(tmp_path / "project"), [*extra, "--overwrite"]
     elif case == "overwrite-file":
-        (tmp_path / "notes.txt").write_text("keep me")
         out, extra = str(tmp_path / "notes.txt"), [*extra, "--overwrite"]
     elif case == "file-url-input":
         out, src, extra = src, f"file://{src}", [*extra, "--overwrite"]
@@ -184,13 +278,15 @@ def test_bad_input_one_line_no_traceback(
     elif case == "scheduler-file":
         extra += ["--scheduler-file", str(tmp_path / "none.json")]
     watched = [Path(p) for p in (src.removeprefix("file://"), out) if Path(p).exists()]
+    watched.append(tmp_path)
     before = {p: _digest(p) if p.is_dir() else p.read_bytes() for p in watched}
     proc = _cli("run", "--input", src, "--output", out, *extra)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert before == {p: _digest(p) if p.is_dir() else p.read_bytes() for p in watched}
+    assert not Path(out).exists() or Path(out) in watched
 
 
 def test_sample_and_ingest_commands(tmp_path: Path) -> None:
@@ -390,3 +486,159 @@ def test_run_bf16_from_the_command_line(
     assert_close_logits(got, fp32, rel=2e-2)
     # The fp32 model misses at most 3 of the 61 held-out digits; bf16 at most 2 more (none seen).
     assert_held_out_mistakes(ds, got, fp32, held_out=61)
+
+
+# --- a cluster that speaks only TLS ---------------------------------------------------------------
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A `dask` CLI process of its own session (so :func:`_stop` reaches its children), logging to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dask", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Certificates]]:
+    """`dask scheduler` and `dask worker` on 127.0.0.1 speaking only TLS, with certificates made here.
+
+    The commands are the README's, with port 0 so tests never collide.
+    """
+    from distributed import Client
+    from distributed.security import Security
+
+    folder = tmp_path_factory.mktemp("tls")
+    certs = make_certificates(folder / "certs")
+    path = folder / "scheduler.json"
+    bind = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    procs = [
+        _spawn(
+            [
+                "scheduler",
+                "--protocol",
+                "tls",
+                "--port",
+                "0",
+                *bind,
+                *certs.flags(),
+                "--scheduler-file",
+                str(path),
+            ],
+            folder / "scheduler.log",
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not path.is_file() and time.monotonic() < deadline:
+            assert procs[0].poll() is None, (folder / "scheduler.log").read_text()
+            time.sleep(0.1)
+        address = json.loads(path.read_text())["address"]
+        procs.append(
+            _spawn(["worker", address, "--nthreads", "2", *bind, *certs.flags()], folder / "worker.log")
+        )
+        security = Security(
+            tls_ca_file=str(certs.ca),
+            tls_client_cert=str(certs.cert),
+            tls_client_key=str(certs.key),
+            require_encryption=True,
+        )
+        with Client(address, security=security, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            served = [*workers, *(w["nanny"] for w in workers.values())]
+        assert all(a.startswith("tls://127.0.0.1:") for a in served), served
+        yield address, certs
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _run_small(
+    address: str, dataset: Path, weights: Path, out: Path, *extra: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`dask-infer run` of the small ResNet-18 on the scheduler at ``address``, ``env`` added."""
+    args = ["run", "--input", str(dataset), "--output", str(out), "--model", "resnet18"]
+    args += ["--weights", str(weights), "--scheduler", address, "--chunk-size", "32", "--no-progress", *extra]
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
+
+
+def _assert_reference(out: Path, dataset: Path, weights: Path) -> None:
+    images = zarr.open_group(str(dataset), mode="r")["images"][:]
+    assert_close_logits(
+        xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(weights))
+    )
+
+
+def test_run_on_a_tls_cluster(
+    tls_cluster: tuple[str, Certificates], small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """`--scheduler tls://... --tls-ca-file --tls-cert --tls-key` runs; without them, one line and exit 2."""
+    address, certs = tls_cluster
+    assert address.startswith("tls://127.0.0.1:")
+    out, summary = tmp_path / "out.zarr", tmp_path / "summary.json"
+    proc = _run_small(address, small_dataset, small_weights, out, *certs.flags(), "--summary", str(summary))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(summary.read_text())
+    assert record["cluster"] == f"scheduler {address}" and record["workers"] == 1 and record["images"] == 200
+    _assert_reference(out, small_dataset, small_weights)
+
+    bare = _run_small(address, small_dataset, small_weights, tmp_path / "bare.zarr")
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert bare.stderr.strip().splitlines() == [
+        f"error: scheduler {address!r} needs TLS but no --tls-ca-file or --tls-cert is set; give "
+        "--tls-ca-file, --tls-cert and --tls-key (PEM files), or set distributed.comm.tls.ca-file, "
+        ".client.cert and .client.key in dask's config"
+    ]
+    assert not (tmp_path / "bare.zarr").exists()
+
+
+def test_tls_certificates_from_dask_config(
+    tls_cluster: tuple[str, Certificates], small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """No TLS options: dask's distributed.comm.tls config (here from its environment variables) applies."""
+    address, certs = tls_cluster
+    env = {
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(certs.ca),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(certs.cert),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(certs.key),
+    }
+    proc = _run_small(address, small_dataset, small_weights, tmp_path / "out.zarr", **env)
+    assert proc.returncode == 0, proc.stderr
+    _assert_reference(tmp_path / "out.zarr", small_dataset, small_weights)
+
+
+def test_tls_cluster_refuses_a_certificate_from_another_ca(
+    tls_cluster: tuple[str, Certificates], small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    address, _ = tls_cluster
+    stranger = make_certificates(tmp_path / "stranger")
+    out = tmp_path / "out.zarr"
+    proc = _run_small(address, small_dataset, small_weights, out, *stranger.flags())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the Dask scheduler at {address!r}")
+    assert "check --tls-ca-file, --tls-cert and --tls-key" in lines[0] and not out.exists()
+
+
+def test_worker_over_its_memory_limit_is_one_line(
+    small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """A local worker whose memory limit is below what torch and the model need is restarted by its
+    nanny before any task: the run ends with one line saying so and what to do, exit 2."""
+    out = tmp_path / "out.zarr"
+    proc = _cli(
+        "run", "--input", str(small_dataset), "--output", str(out), "--model", "resnet18",
+        "--weights", str(small_weights), "--workers", "1", "--memory-limit", "300MB", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr
+    assert "was restarted by its nanny" in errors[0] and "of its 286.10 MiB memory limit" in errors[0]
+    assert "(--memory-limit for a local cluster" in errors[0]

@@ -39,12 +39,17 @@ class HostBufferPool:
         ordinary array, so a read never blocks on the pool.
     pinned
         Allocate page-locked memory (only meaningful with CUDA).
+    max_bytes
+        Most bytes the pool's buffers may hold together (``None``: no bound). The pool's
+        memory counts against a Dask worker's ``memory_limit`` as unmanaged memory.
     """
 
-    def __init__(self, capacity: int = 8, *, pinned: bool = False) -> None:
+    def __init__(self, capacity: int = 8, *, pinned: bool = False, max_bytes: int | None = None) -> None:
         self.capacity = capacity
         self.pinned = pinned
+        self.max_bytes = max_bytes
         self._free: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
         self._count = 0
         self._lock = threading.Lock()
         self._reused = self._allocated = self._overflow = 0
@@ -58,9 +63,10 @@ class HostBufferPool:
             if free:
                 buffer = free.pop()
                 self._reused += 1
-            elif self._count < self.capacity or self._evict_one_free():
+            elif self._room(nbytes):
                 buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
                 self._count += 1
+                self._bytes += nbytes
                 self._allocated += 1
             else:
                 self._overflow += 1
@@ -68,6 +74,15 @@ class HostBufferPool:
         array = buffer.numpy().view(dt).reshape(shape)
         weakref.finalize(array, self._give_back, nbytes, buffer)
         return array
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether a new buffer of ``nbytes`` fits, after dropping free ones if need be; hold the lock."""
+        while self._count >= self.capacity or (
+            self.max_bytes is not None and self._bytes + nbytes > self.max_bytes
+        ):
+            if not self._evict_one_free():
+                return False
+        return True
 
     def _evict_one_free(self) -> bool:
         """Drop one free buffer of another size (a chunk size no longer in use); hold the lock."""
@@ -77,6 +92,7 @@ class HostBufferPool:
                 if not free:
                     del self._free[size]
                 self._count -= 1
+                self._bytes -= size
                 return True
         return False
 
@@ -94,10 +110,25 @@ _POOL: HostBufferPool | None = None
 _POOL_LOCK = threading.Lock()
 
 
+_POOL_SHARE = 8
+"""A Dask worker's pool holds at most this share of its memory_limit."""
+
+
+def _pool_bytes() -> int | None:
+    """1/8 of this Dask worker's ``memory_limit``; ``None`` outside a worker or without a limit."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError):
+        return None
+    return int(limit) // _POOL_SHARE if limit else None
+
+
 def host_pool() -> HostBufferPool:
     """This process's pool: pinned when CUDA is available."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = HostBufferPool(capacity=8, pinned=torch.cuda.is_available())
+            _POOL = HostBufferPool(capacity=8, pinned=torch.cuda.is_available(), max_bytes=_pool_bytes())
         return _POOL

@@ -64,7 +64,8 @@ def write_image_dataset(
         coords=coords,
         attrs={WRITER_ATTR: "dataset", **(attrs or {})},
     )
-    encoding = {"images": {"chunks": (min(chunk, n), *images.shape[1:])}}
+    # Every chunk stored, all-zero ones too: a run refuses absent chunks as possibly lost.
+    encoding = {"images": {"chunks": (min(chunk, n), *images.shape[1:]), "write_empty_chunks": True}}
     with quiet_zarr():
         ds.to_zarr(
             output, mode="w", encoding=encoding, storage_options=storage_options or None, consolidated=True

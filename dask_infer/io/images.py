@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -11,12 +12,24 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.sync import sync
 
 from dask_infer.errors import InputError
 from dask_infer.io.buffers import host_pool
 from dask_infer.io.stores import open_store_node, store_exists
 
-__all__ = ["SUPPORTED_DTYPES", "ImageSource", "describe_source", "image_coords", "open_images", "read_chunk"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "ImageSource",
+    "MissingChunks",
+    "check_missing_chunks",
+    "describe_source",
+    "find_missing_chunks",
+    "image_coords",
+    "non_finite_pixels",
+    "open_images",
+    "read_chunk",
+]
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
 _CHANNEL_NAMES = ("channel", "channels", "c", "band", "bands", "rgb")
@@ -220,6 +233,154 @@ def read_chunk(source: ImageSource, start: int, stop: int, *, pooled: bool = Tru
     else:
         out[..., 0] = arr[start:stop]
     return out
+
+
+def non_finite_pixels(images: np.ndarray, *, block: int = 64) -> np.ndarray:
+    """Count of NaN and infinite values in each image of ``images`` (image first).
+
+    Integer images hold none and are not scanned. Floats are scanned ``block`` images at
+    a time, so the temporary mask stays small beside the chunk.
+    """
+    n = images.shape[0]
+    counts = np.zeros(n, dtype=np.int64)
+    if images.dtype.kind != "f" or images.size == 0:
+        return counts
+    flat = images.reshape(n, -1)
+    for i in range(0, n, block):
+        part = flat[i : i + block]
+        counts[i : i + block] = part.shape[1] - np.count_nonzero(np.isfinite(part), axis=1)
+    return counts
+
+
+@dataclass(frozen=True)
+class MissingChunks:
+    """Storage chunks (shards, where the array is sharded) of the image array absent from its store.
+
+    Attributes
+    ----------
+    label
+        The array and store, as messages name them.
+    chunks
+        Grid coordinates of each absent chunk, in order.
+    total
+        Storage chunks the array's grid has.
+    images_per_chunk
+        Images along the first axis of one storage chunk.
+    n_images
+        Images in the array.
+    fill_value
+        What Zarr returns for an absent chunk's elements.
+    """
+
+    label: str
+    chunks: tuple[tuple[int, ...], ...]
+    total: int
+    images_per_chunk: int
+    n_images: int
+    fill_value: Any
+
+    @property
+    def image_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Merged ``(start, stop)`` ranges of the images that lie in absent chunks."""
+        ranges: list[tuple[int, int]] = []
+        step = self.images_per_chunk
+        for first in sorted({c[0] for c in self.chunks}):
+            start, stop = first * step, min((first + 1) * step, self.n_images)
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return tuple(ranges)
+
+    @property
+    def n_filled(self) -> int:
+        """Images with at least some pixels in an absent chunk."""
+        return sum(stop - start for start, stop in self.image_ranges)
+
+    def _images_of(self, chunk: tuple[int, ...]) -> str:
+        start = chunk[0] * self.images_per_chunk
+        return f"{start}-{min(start + self.images_per_chunk, self.n_images) - 1}"
+
+    def describe(self, shown: int = 3) -> str:
+        """The first ``shown`` absent chunks with their images, and the counts."""
+        parts = [f"chunk {','.join(map(str, c))} (images {self._images_of(c)})" for c in self.chunks[:shown]]
+        more = f" and {len(self.chunks) - shown} more" if len(self.chunks) > shown else ""
+        return (
+            f"{len(self.chunks)} of {self.total} storage chunks of {self.label} are absent: "
+            f"{', '.join(parts)}{more}; {self.n_filled} images in all"
+        )
+
+
+def _fill_value(arr: zarr.Array) -> Any:
+    value = arr.fill_value
+    if value is None:
+        return 0
+    return value.item() if isinstance(value, np.generic) else value
+
+
+async def _list_keys(store: Any, prefix: str) -> set[str]:
+    return {key async for key in store.list_prefix(prefix)}
+
+
+def _stored_keys(arr: zarr.Array) -> set[str]:
+    """The array's stored keys relative to the array, from one listing of its prefix."""
+    path = arr.store_path.path
+    prefix = f"{path}/" if path else ""
+    keys = sync(_list_keys(arr.store_path.store, prefix))
+    return {key[len(prefix) :] for key in keys}
+
+
+def find_missing_chunks(source: ImageSource) -> MissingChunks:
+    """Which storage chunks of ``source``'s image array the store lacks.
+
+    Zarr does not store a chunk whose every element equals the fill value (unless the
+    writer set ``write_empty_chunks``), and reads an absent chunk as the fill value, so a
+    lost chunk reads as blank images without a word. The store is listed once, under the
+    array's prefix, whatever the number of chunks (local or fsspec, Zarr v2 or v3 keys);
+    for a sharded array the shards are checked, not the chunks inside them.
+    """
+    node = open_store_node(source.url, source.storage_options)
+    arr = node if isinstance(node, zarr.Array) else node[source.variable]
+    assert isinstance(arr, zarr.Array)
+    unit = tuple(int(s) for s in (arr.shards or arr.chunks))
+    grid = tuple(-(-int(n) // u) for n, u in zip(arr.shape, unit, strict=True))
+    stored = _stored_keys(arr)
+    encode = arr.metadata.encode_chunk_key
+    absent = tuple(
+        coords for coords in itertools.product(*(range(g) for g in grid)) if encode(coords) not in stored
+    )
+    label = (
+        f"input array {source.variable!r} in {source.url!r}" if source.variable else f"input {source.url!r}"
+    )
+    return MissingChunks(
+        label=label,
+        chunks=absent,
+        total=int(np.prod(grid)),
+        images_per_chunk=unit[0],
+        n_images=source.n_images,
+        fill_value=_fill_value(arr),
+    )
+
+
+def check_missing_chunks(source: ImageSource, policy: str) -> MissingChunks:
+    """Refuse an input with absent chunks unless ``policy`` is ``"fill"``; what is absent.
+
+    Raises
+    ------
+    InputError
+        With ``policy="refuse"``, when any storage chunk is absent: one line naming the
+        first ones, their images and counts, and the fix.
+    """
+    missing = find_missing_chunks(source)
+    if missing.chunks and policy != "fill":
+        fill = missing.fill_value
+        raise InputError(
+            f"{missing.describe()}. Zarr reads an absent chunk as the fill value ({fill!r}) without "
+            f"a word, and a writer with write_empty_chunks=False skips chunks whose every value is {fill!r}, "
+            f"so these are lost data or images that are all {fill!r}; pass --missing-chunks fill "
+            f"(missing_chunks='fill') to read them as {fill!r} (the output's 'filled' flag marks them)"
+        )
+    return missing
 
 
 def image_coords(source: ImageSource) -> dict[str, np.ndarray]:

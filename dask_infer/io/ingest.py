@@ -117,7 +117,9 @@ def ingest_folder(
     encoding: dict[str, Any] = {"images": {"chunks": (chunk, size, size, 3)}}
     with quiet_zarr():
         template.to_zarr(output, mode="w", compute=False, encoding=encoding, consolidated=False)
-        array = zarr.open_group(output, mode="r+")["images"]
+        # Every chunk stored, all-black ones too: a run refuses absent chunks as possibly lost.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            array = zarr.open_group(output, mode="r+")["images"]
         with ThreadPoolExecutor(threads) as pool:
             for start in range(0, n, chunk):
                 batch = list(pool.map(lambda f: load_image(f, size), files[start : start + chunk]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,12 +27,14 @@ from dask_infer.io.stores import (
 )
 
 __all__ = [
+    "FILLED_ATTR",
     "MANIFEST",
     "OutputTarget",
     "check_output_location",
     "create_output",
     "done_chunks",
     "finalize_output",
+    "invalid_images",
     "open_output",
     "write_chunk",
 ]
@@ -41,6 +43,16 @@ MANIFEST = "dask_infer/done"
 """Array in the output store with one element (and one stored chunk) per task chunk: 1 once
 that chunk's results are written. xarray does not read it (it lives in a subgroup), and as 1
 is not the fill value, a stored element is proof of a finished write."""
+
+FILLED_ATTR = "dask_infer_filled_images"
+"""Output attr: ``[start, stop)`` ranges of the images read as the fill value (absent input chunks)."""
+
+_FLAGS = ("valid", "filled")
+"""Per-image coordinates the output adds: ``valid`` (written by each chunk's task: every pixel
+finite) and ``filled`` (known up front: some pixels lay in an absent input chunk)."""
+
+_RESULTS = ("logits", "probabilities", "top_k_class", "top_k_probability", "valid")
+"""What a chunk's task writes, where the output has it."""
 
 
 @contextmanager
@@ -104,12 +116,17 @@ def create_output(
     attrs: dict[str, Any],
     overwrite: bool,
     storage_options: dict[str, Any] | None = None,
+    filled: Sequence[tuple[int, int]] = (),
 ) -> OutputTarget:
     """Write the output's metadata and coordinates; data chunks are written by tasks.
 
     The output is an xarray Dataset with ``logits``/``probabilities`` (image, class)
     and ``top_k_class``/``top_k_probability`` (image, rank), chunked along ``image``
-    exactly as the tasks are, so each task writes whole chunks of its own.
+    exactly as the tasks are, so each task writes whole chunks of its own. Two boolean
+    per-image coordinates flag bad data: ``valid`` (every pixel finite; written with
+    the results) and ``filled`` (images ``filled``, ``(start, stop)`` ranges, were read
+    from absent input chunks as the fill value; also listed in the ``dask_infer_filled_images``
+    attr). An input coordinate with one of those names is kept as ``input_<name>``.
     """
     options = dict(storage_options or {})
     if overwrite:
@@ -136,13 +153,15 @@ def create_output(
         )
     coords: dict[str, Any] = {"class": np.arange(num_classes), "rank": np.arange(top_k)}
     for name, values in image_coords.items():
-        coords[name] = ("image", values)
+        coords[f"input_{name}" if name in _FLAGS else name] = ("image", values)
     coords.setdefault("image", np.arange(n_images))
     if class_names is not None:
         coords["class_name"] = ("class", np.asarray(class_names, dtype=str))
-    attrs = {WRITER_ATTR: "predictions", **attrs}
+    coords["valid"] = ("image", da.zeros(n_images, dtype=bool, chunks=chunk))
+    coords["filled"] = ("image", _filled_flags(n_images, filled))
+    attrs = {WRITER_ATTR: "predictions", FILLED_ATTR: [[int(a), int(b)] for a, b in filled], **attrs}
     ds = xr.Dataset(variables, coords=coords, attrs={k: _attr(v) for k, v in attrs.items()})
-    encoding = {name: {"chunks": (chunk, ds[name].shape[1])} for name in variables}
+    encoding = {name: {"chunks": (chunk, *ds[name].shape[1:])} for name in (*variables, *_FLAGS)}
     with quiet_zarr():
         ds.to_zarr(
             url,
@@ -152,7 +171,7 @@ def create_output(
             encoding=encoding,
             storage_options=options or None,
         )
-    target = OutputTarget(url=url, variables=tuple(variables), chunk=chunk, storage_options=options)
+    target = OutputTarget(url=url, variables=(*variables, "valid"), chunk=chunk, storage_options=options)
     target.open().create_array(
         MANIFEST, shape=(-(-n_images // chunk),), chunks=(1,), dtype="uint8", fill_value=0
     )
@@ -177,9 +196,7 @@ def open_output(
         raise InputError(
             f"output {url!r} holds no run to resume (no {MANIFEST} manifest); run without --resume"
         ) from exc
-    variables = tuple(
-        name for name in ("logits", "probabilities", "top_k_class", "top_k_probability") if name in group
-    )
+    variables = tuple(name for name in _RESULTS if name in group)
     chunk = int(group[variables[0]].chunks[0])  # type: ignore[union-attr]
     return OutputTarget(url, variables, chunk, options), dict(group.attrs)
 
@@ -188,6 +205,20 @@ def done_chunks(target: OutputTarget) -> set[int]:
     """Indices of the chunks whose results the manifest records as written."""
     flags = np.asarray(target.open("r")[MANIFEST][:])  # type: ignore[index]
     return {int(i) for i in np.flatnonzero(flags)}
+
+
+def _filled_flags(n_images: int, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    flags = np.zeros(n_images, dtype=bool)
+    for start, stop in ranges:
+        flags[start:stop] = True
+    return flags
+
+
+def invalid_images(target: OutputTarget) -> int:
+    """Images of the output whose ``valid`` flag is false (0 for an output without the flag)."""
+    if "valid" not in target.variables:
+        return 0
+    return int(np.count_nonzero(~np.asarray(target.open("r")["valid"][:])))  # type: ignore[index]
 
 
 def _attr(value: Any) -> Any:

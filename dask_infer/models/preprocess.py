@@ -8,6 +8,9 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["Preprocess"]
 
+_FLOAT_BYTES = 64 << 20
+"""Most bytes of full-size float32 pixels converted at once."""
+
 
 class Preprocess(nn.Module):
     """uint8/uint16/float (N, y, x, C) images -> normalised float (N, 3, size, size).
@@ -45,6 +48,15 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Large images are converted to float a few at a time: a batch of 32 images of
+        # 1024x1024 would otherwise take 400 MB of float32 before it is resized to the
+        # model's input. Each image is resized on its own, so the result is the same.
+        step = max(1, _FLOAT_BYTES // max(1, images[0].numel() * 4)) if len(images) else 1
+        if len(images) > step and tuple(images.shape[1:3]) != (self.size, self.size):
+            return torch.cat([self._convert(images[i : i + step]) for i in range(0, len(images), step)])
+        return self._convert(images)
+
+    def _convert(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)
         if x.dtype == torch.uint8 or x.dtype == torch.uint16:
             x = TF.to_dtype(x, torch.float32, scale=True)

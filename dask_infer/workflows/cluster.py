@@ -1,25 +1,57 @@
-"""Make or connect a Dask cluster: a GPU machine, a CPU machine, or an address."""
+"""Make or connect a Dask cluster: a GPU machine, a CPU machine, or an address (TLS or not).
+
+Addresses, certificates and scheduler files are checked before connecting; a local
+cluster listens on 127.0.0.1 only; workers lost while a run loads or runs its model
+end the run with one line saying why.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
 from dask_infer.errors import DaskInferError, reason
 from dask_infer.options import DEVICES, check_choice
 
 __all__ = [
+    "LOCAL_HOST",
     "ClusterChoice",
+    "address_schemes",
+    "check_scheduler",
+    "check_scheduler_address",
     "check_scheduler_file",
+    "client_security",
     "choose_local_cluster",
     "cuda_device_count",
     "device_memory",
+    "lost_workers",
     "make_client",
+    "wait_for_a_worker",
+    "worker_deaths",
 ]
+
+LOCAL_HOST = "127.0.0.1"
+"""The only interface a local cluster's scheduler, workers, nannies and dashboard listen on."""
+
+CONNECT_TIMEOUT = "10s"
+"""How long a client tries to reach a scheduler."""
+
+WORKER_TIMEOUT = 60.0
+"""Seconds a scheduler is given to have a worker before a run gives up."""
+
+_ENCRYPTED = ("tls", "wss")
+"""Address schemes whose connections are TLS."""
 
 
 def cuda_device_count() -> int:
@@ -106,6 +138,187 @@ def check_scheduler_file(path: str) -> None:
         )
 
 
+def _address_in(path: str) -> str:
+    """The scheduler address that ``path`` (a scheduler file) names."""
+    check_scheduler_file(path)
+    try:
+        address = json.loads(Path(path).read_text()).get("address")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DaskInferError(
+            f"scheduler file {path!r} is not a scheduler's JSON ({reason(exc)}); give the file that "
+            "`dask scheduler --scheduler-file` wrote"
+        ) from None
+    if not isinstance(address, str):
+        raise DaskInferError(
+            f"scheduler file {path!r} names no address; give the file that "
+            "`dask scheduler --scheduler-file` wrote"
+        )
+    return address
+
+
+def address_schemes() -> tuple[str, ...]:
+    """The address schemes distributed registers (its own and those of installed plugins)."""
+    from distributed.comm.registry import backends  # importing distributed.comm registers its own
+
+    plugins = {ep.name for ep in entry_points(group="distributed.comm.backends")}
+    return tuple(sorted(set(backends) | plugins))
+
+
+def _scheme(address: str) -> str:
+    scheme, sep, _ = address.partition("://")
+    return scheme if sep else str(dask.config.get("distributed.comm.default-scheme"))
+
+
+def check_scheduler_address(address: str) -> None:
+    """Raise, naming the accepted forms, unless ``address`` is a scheduler address distributed reads.
+
+    Raises
+    ------
+    DaskInferError
+        For an unknown scheme (``foo://``) or an address without a host or a port.
+    """
+    from distributed.comm.addressing import get_address_host_port
+
+    schemes = address_schemes()
+    # inproc:// reaches a scheduler in this same process only: valid, but not one to suggest
+    forms = ", ".join(f"{s}://HOST:PORT" for s in schemes if s != "inproc")
+    scheme = _scheme(address)
+    if scheme not in schemes:
+        raise DaskInferError(f"scheduler {address!r} has unknown scheme {scheme!r}; give one of {forms}")
+    if scheme == "inproc":
+        return
+    try:
+        host, _ = get_address_host_port(address if "://" in address else f"{scheme}://{address}")
+    except Exception as exc:
+        raise DaskInferError(
+            f"scheduler {address!r} is not an address ({reason(exc)}); give {forms}"
+        ) from None
+    if not host:
+        raise DaskInferError(f"scheduler {address!r} names no host; give {forms}")
+
+
+_TLS_FLAGS = {
+    "tls_ca_file": ("--tls-ca-file", "distributed.comm.tls.ca-file"),
+    "tls_client_cert": ("--tls-cert", "distributed.comm.tls.client.cert"),
+    "tls_client_key": ("--tls-key", "distributed.comm.tls.client.key"),
+}
+"""Security's client fields: the dask-infer option and the dask config key that set each."""
+
+_TLS_HELP = (
+    "give --tls-ca-file, --tls-cert and --tls-key (PEM files), or set distributed.comm.tls.ca-file, "
+    ".client.cert and .client.key in dask's config"
+)
+
+
+def client_security(
+    address: str | None,
+    *,
+    tls_ca_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Security | None:
+    """The TLS settings a client of the scheduler at ``address`` connects with.
+
+    Parameters
+    ----------
+    address
+        The scheduler's address; ``None`` for a local cluster.
+    tls_ca_file, tls_cert, tls_key
+        PEM files; those not given come from dask's ``distributed.comm.tls`` config.
+
+    Returns
+    -------
+    Security or None
+        ``None`` for an unencrypted scheduler given no TLS option; else settings that
+        require encryption, their files loaded once here.
+
+    Raises
+    ------
+    DaskInferError
+        A ``tls://`` address without a CA or a certificate, a file that does not exist,
+        or files that do not load as a certificate, its key and a CA.
+    """
+    given = {
+        name: value
+        for name, value in zip(_TLS_FLAGS, (tls_ca_file, tls_cert, tls_key), strict=True)
+        if value is not None
+    }
+    if not given and (address is None or _scheme(address) not in _ENCRYPTED):
+        return None
+    security = Security(require_encryption=True, **given)
+    missing = [_TLS_FLAGS[n][0] for n in ("tls_ca_file", "tls_client_cert") if not getattr(security, n)]
+    if missing:
+        raise DaskInferError(
+            f"scheduler {address!r} needs TLS but no {' or '.join(missing)} is set; {_TLS_HELP}"
+        )
+    for name, (flag, key) in _TLS_FLAGS.items():
+        value = getattr(security, name)
+        # dask's config may hold the PEM text itself rather than a file name
+        if value and "\n" not in value and not Path(value).is_file():
+            source = flag if name in given else f"dask config {key}"
+            what = "is not a file" if Path(value).exists() else "does not exist"
+            raise DaskInferError(f"{source} {value!r} {what}; {_TLS_HELP}")
+    try:
+        security.get_connection_args("client")
+    except (ssl.SSLError, OSError) as exc:
+        raise DaskInferError(
+            f"the TLS files do not load ({reason(exc)}); --tls-cert and --tls-key must be a PEM "
+            "certificate and its private key, and --tls-ca-file the CA that signed the cluster's"
+        ) from None
+    return security
+
+
+def check_scheduler(
+    scheduler: str | None,
+    scheduler_file: str | None,
+    *,
+    tls_ca_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Security | None:
+    """Check a scheduler address or file and the TLS settings, before connecting.
+
+    Returns
+    -------
+    Security or None
+        What the client connects with (see :func:`client_security`).
+    """
+    address = _address_in(scheduler_file) if scheduler_file is not None else scheduler
+    if address is not None:
+        check_scheduler_address(address)
+        tls = any(value is not None for value in (tls_ca_file, tls_cert, tls_key))
+        if tls and _scheme(address) not in _ENCRYPTED:
+            raise DaskInferError(
+                f"TLS options given but the scheduler {address!r} is not encrypted; "
+                "use its tls:// address, or leave the TLS options out"
+            )
+    return client_security(address, tls_ca_file=tls_ca_file, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _connect(scheduler: str | None, scheduler_file: str | None, security: Security | None) -> Client:
+    """A client of the scheduler at ``scheduler`` or named in ``scheduler_file``."""
+    where = f"named in {scheduler_file!r}" if scheduler_file is not None else f"at {scheduler!r}"
+    try:
+        if scheduler_file is not None:
+            return Client(scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT, security=security)
+        return Client(scheduler, timeout=CONNECT_TIMEOUT, security=security)
+    except (OSError, TimeoutError, ValueError, KeyError) as exc:
+        hint = "; check --tls-ca-file, --tls-cert and --tls-key" if security is not None else ""
+        raise DaskInferError(f"cannot reach the Dask scheduler {where}: {reason(exc)}{hint}") from None
+
+
+def wait_for_a_worker(client: Client, timeout: float) -> None:
+    """Return once the scheduler has a worker; raise in one line after ``timeout`` seconds without."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        address = client.scheduler.address if client.scheduler is not None else "?"
+        raise DaskInferError(
+            f"the Dask scheduler at {address} has no workers after {timeout:g} s; "
+            f"start some with `dask worker {address}` (and the same TLS options), then run again"
+        ) from None
+
+
 def make_client(
     *,
     scheduler: str | None = None,
@@ -113,46 +326,139 @@ def make_client(
     device: str = "auto",
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
+    memory_limit: str | int | None = None,
+    tls_ca_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    worker_timeout: float = WORKER_TIMEOUT,
 ) -> tuple[Client, ClusterChoice | None]:
     """Connect to ``scheduler`` or ``scheduler_file``, or start the local cluster this machine suits.
 
     Returns the client and the local cluster choice (``None`` when connected to an
-    existing scheduler). Local services listen on 127.0.0.1 only.
+    existing scheduler). Local services listen on 127.0.0.1 only. A scheduler is
+    waited on for ``worker_timeout`` seconds to have a worker.
     """
-    if scheduler_file is not None:
-        check_scheduler_file(scheduler_file)
+    if scheduler_file is not None or scheduler is not None:
+        security = check_scheduler(
+            scheduler, scheduler_file, tls_ca_file=tls_ca_file, tls_cert=tls_cert, tls_key=tls_key
+        )
+        client = _connect(scheduler, scheduler_file, security)
         try:
-            return Client(scheduler_file=scheduler_file, timeout="10s"), None
-        except (OSError, TimeoutError, ValueError, KeyError) as exc:
-            raise DaskInferError(
-                f"cannot reach the Dask scheduler named in {scheduler_file!r}: {reason(exc)}"
-            ) from exc
-    if scheduler is not None:
-        try:
-            return Client(scheduler, timeout="10s"), None
-        except (OSError, TimeoutError) as exc:
-            raise DaskInferError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from exc
+            wait_for_a_worker(client, worker_timeout)
+        except BaseException:
+            client.close()
+            raise
+        return client, None
     choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
-        cluster = _start_cluster(choice)
+        cluster = _start_cluster(choice, memory_limit)
     return Client(cluster), choice
 
 
-def _start_cluster(choice: ClusterChoice) -> LocalCluster:
-    if choice.kind == "LocalCUDACluster":
-        from dask_cuda import LocalCUDACluster
+def _start_cluster(choice: ClusterChoice, memory_limit: str | int | None = None) -> LocalCluster:
+    """Start ``choice``'s local cluster, every service on 127.0.0.1; one line if its workers cannot start."""
+    limit: dict[str, str | int] = {} if memory_limit is None else {"memory_limit": memory_limit}
+    try:
+        if choice.kind == "LocalCUDACluster":
+            from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(
+            return LocalCUDACluster(
+                n_workers=choice.n_workers,
+                threads_per_worker=choice.threads_per_worker,
+                host=LOCAL_HOST,
+                dashboard_address=f"{LOCAL_HOST}:8787",
+                **limit,
+            )
+        return LocalCluster(
             n_workers=choice.n_workers,
             threads_per_worker=choice.threads_per_worker,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787",
+            processes=True,
+            host=LOCAL_HOST,
+            dashboard_address=f"{LOCAL_HOST}:8787",
+            **limit,
         )
-    cluster = LocalCluster(
-        n_workers=choice.n_workers,
-        threads_per_worker=choice.threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:8787",
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise DaskInferError(
+            f"the local {choice.kind} could not start its {choice.n_workers} worker(s) "
+            f"({_root_reason(exc)}); fix what the workers' log names (their Python environment, "
+            "dask's worker config, --memory-limit), then run again"
+        ) from None
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The first line of the innermost error ``exc`` was raised from."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {reason(exc)}"
+
+
+def _memory_restarts(client: Client) -> list[dict[str, Any]]:
+    """The nannies' reports of workers they restarted for exceeding their memory limit."""
+    try:
+        events = client.get_events("worker-restart-memory")
+    except Exception:
+        return []
+    return [msg for _, msg in events if isinstance(msg, dict)]
+
+
+def _limit_of(client: Client, memory_limit: str | int | None) -> int | None:
+    """The workers' memory limit in bytes: as configured, else the largest the scheduler reports."""
+    from dask.utils import parse_bytes
+
+    if memory_limit is not None:
+        return parse_bytes(memory_limit)
+    try:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+    except Exception:
+        return None
+    return max((int(r.get("memory_limit") or 0) for r in info.values()), default=0) or None
+
+
+def lost_workers(
+    client: Client, exc: BaseException, *, model: str, memory_limit: str | int | None = None
+) -> DaskInferError:
+    """One line for a run whose workers died: why, as the nannies reported it, and what to do.
+
+    Parameters
+    ----------
+    client
+        The run's client, whose scheduler holds the nannies' reports.
+    exc
+        What the run raised when it lost them.
+    model
+        The model being loaded or run, for the message.
+    memory_limit
+        The local workers' configured memory limit, if any.
+    """
+    from dask.utils import format_bytes
+
+    restarts = _memory_restarts(client)
+    if not restarts:
+        return DaskInferError(
+            f"the run lost its workers ({reason(exc)}): a worker process died or was killed; see the "
+            "workers' logs for why, fix it, then run again (with --resume to keep chunks already written)"
+        )
+    last = restarts[-1]
+    limit = _limit_of(client, memory_limit)
+    fraction = dask.config.get("distributed.worker.memory.terminate", default=0.95)
+    over = (
+        f"over {100 * fraction:.0f}% of its {format_bytes(limit)} memory limit" if limit else "over its limit"
     )
-    return cluster
+    return DaskInferError(
+        f"worker {last.get('worker')} was restarted by its nanny {len(restarts)} time(s) for using "
+        f"{format_bytes(int(last.get('rss') or 0))}, {over}, while loading or running {model}; give "
+        "each worker more memory (--memory-limit for a local cluster, `dask worker --memory-limit` "
+        "for others) or fewer threads, then run again"
+    )
+
+
+@contextlib.contextmanager
+def worker_deaths(client: Client, *, model: str, memory_limit: str | int | None = None) -> Iterator[None]:
+    """Turn a run's lost workers (a dead connection, a task whose workers all died) into one line."""
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except (CommClosedError, KilledWorker) as exc:
+        raise lost_workers(client, exc, model=model, memory_limit=memory_limit) from None

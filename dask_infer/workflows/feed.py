@@ -155,8 +155,8 @@ def feed(
         the number not yet submitted (a re-cut judges and switches here), before the
         next chunk is submitted.
     check
-        Pipelines only: called about every second; raises :class:`WorkersChanged` when a
-        worker holding a stage is gone.
+        Called about every second while waiting (see :func:`track`); in a pipeline it raises
+        :class:`WorkersChanged` when a worker holding a stage is gone.
     recover
         Pipelines only: called with what ``check`` raised and the chunks that were in
         flight (now cancelled); re-places the stages and returns those of the chunks to
@@ -165,7 +165,7 @@ def feed(
     if not indices:
         return
     if not placement.pipelined:
-        track(submit(list(indices)), progress=progress, on_done=on_done)
+        track(submit(list(indices)), progress=progress, on_done=on_done, check=check)
         return
     pending = deque(indices)
     chunk_of: dict[Future, int] = {}

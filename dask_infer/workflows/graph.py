@@ -19,14 +19,24 @@ from typing import Any
 
 import dask
 from dask.base import tokenize
+from dask.utils import format_bytes
 from distributed import Client, Future
 
+from dask_infer.errors import DaskInferError
 from dask_infer.io.images import ImageSource, read_chunk
 from dask_infer.io.outputs import OutputTarget, write_chunk
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import compute_executor, infer_chunk, run_stage
 
-__all__ = ["Chunks", "chunk_target", "split_chunks", "stage_prefix", "submit_chunks", "submit_pipeline"]
+__all__ = [
+    "ChunkMemoryError",
+    "Chunks",
+    "chunk_target",
+    "split_chunks",
+    "stage_prefix",
+    "submit_chunks",
+    "submit_pipeline",
+]
 
 _READ, _INFER, _WRITE = 0, 1, 2
 
@@ -44,19 +54,33 @@ _RATE_CPU = 5e10
 _TASK_SECONDS_GPU = 0.05
 _TASK_SECONDS_CPU = 2.0
 _MAX_CHUNK_BYTES = 256 << 20
-_MEMORY_SHARE = 16
+_ROOM_SHARE = 0.6
+"""Share of a worker's memory_limit a run plans to use: dask pauses a worker at 80%."""
+_CHUNKS_HELD = 8
+"""Chunks a worker may hold at once: being read, waiting, computing, being written, pooled."""
+
+
+class ChunkMemoryError(DaskInferError):
+    """The workers' memory cannot hold the model and even the smallest chunk."""
 
 
 def chunk_target(
-    flops_per_image: float, bytes_per_image: int, *, gpu: bool, memory_limit: int | None = None
+    flops_per_image: float,
+    bytes_per_image: int,
+    *,
+    gpu: bool,
+    memory_limit: int | None = None,
+    model_bytes: int = 0,
+    worker_bytes: int = 0,
 ) -> int:
     """Images per task, from the model's cost, the images' size and the workers' memory.
 
     A task should compute for tens of milliseconds on a GPU and a couple of seconds on a
     CPU worker (rates assumed: 50 TFLOP/s and 50 GFLOP/s), far above Dask's 0.2-1 ms
-    per-task overhead, while its decoded images stay under 256 MiB and under 1/16 of the
-    smallest worker memory limit: a worker holds a few chunks at once (read ahead, being
-    computed, being written), each also as float32 at the model's input, beside the model.
+    per-task overhead, while its decoded images stay under 256 MiB. With a
+    ``memory_limit``, the worker plans to use 60% of it (dask pauses a worker at 80%):
+    what its process already uses and the model (weights and a batch's activations) come
+    first, and the rest is shared by the few chunks a worker holds at once.
 
     Parameters
     ----------
@@ -68,10 +92,31 @@ def chunk_target(
         Whether the model runs on a GPU.
     memory_limit
         The smallest ``memory_limit`` of the workers, in bytes; ``None`` or 0 when unknown.
+    model_bytes
+        Host memory the model takes on a worker: weights and a batch's activations (0 on
+        a GPU, whose memory placement checks).
+    worker_bytes
+        Memory the worker's process uses before the run (Python, Dask, torch).
+
+    Raises
+    ------
+    ChunkMemoryError
+        When the room left cannot hold a few single images: one line with the figures.
     """
     rate, seconds = (_RATE_GPU, _TASK_SECONDS_GPU) if gpu else (_RATE_CPU, _TASK_SECONDS_CPU)
     images = seconds * rate / max(flops_per_image, 1.0)
-    budget = min(_MAX_CHUNK_BYTES, memory_limit // _MEMORY_SHARE) if memory_limit else _MAX_CHUNK_BYTES
+    budget = _MAX_CHUNK_BYTES
+    if memory_limit:
+        room = int(memory_limit * _ROOM_SHARE) - worker_bytes - model_bytes
+        if room < _CHUNKS_HELD * bytes_per_image:
+            raise ChunkMemoryError(
+                f"workers with memory_limit={format_bytes(memory_limit)} have no room for images: the worker "
+                f"process uses {format_bytes(worker_bytes)}, the model {format_bytes(model_bytes)} (weights "
+                f"and a batch's activations), and {_CHUNKS_HELD} images of {format_bytes(bytes_per_image)} "
+                f"must fit in {_ROOM_SHARE:.0%} of the limit; use workers with more memory (--memory-limit), "
+                "a smaller --batch-size, or a smaller model"
+            )
+        budget = min(budget, room // _CHUNKS_HELD)
     cap = max(1, budget // max(bytes_per_image, 1))
     return int(min(max(images, 16), 4096, cap))
 

@@ -89,6 +89,8 @@ class PipelineGuard:
         to not check (the cut changed since they were measured).
     grace_s, wait_s
         See :data:`RESTART_GRACE_S` and :data:`RESTART_WAIT_S`.
+    on_change
+        Called before the stages are placed again (a pending re-cut stops here).
     """
 
     def __init__(
@@ -104,12 +106,14 @@ class PipelineGuard:
         batch_size: int = 1,
         grace_s: float | None = None,
         wait_s: float | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.client, self.run, self.say = client, run, say
         self.workers, self.times, self.written, self.needs = workers, times, written, needs
         self.batch_size = batch_size
         self.grace_s = RESTART_GRACE_S if grace_s is None else grace_s
         self.wait_s = RESTART_WAIT_S if wait_s is None else wait_s
+        self.on_change = on_change
         self.records: list[Recovery] = []
 
     def _present(self) -> list[str]:
@@ -118,10 +122,17 @@ class PipelineGuard:
         return sorted(labelled or info)
 
     def check(self) -> None:
-        """Raise :class:`WorkersChanged` when a stage's worker is gone or a worker joined."""
+        """Raise :class:`WorkersChanged` when a stage's worker is gone; take in workers that joined.
+
+        Workers that join change nothing for the chunks in flight: the stages are placed
+        again over every worker for the chunks submitted from now on, beside the runtime
+        the chunks in flight finish on.
+        """
         lost, joined = _changed(self.run.placement.workers, self._present())
-        if lost or joined:
+        if lost:
             raise WorkersChanged(lost)
+        if joined:
+            self._place(self.workers(), start=time.monotonic(), lost=(), in_flight=[], release=False)
 
     def _wait_for_workers(self, before: int) -> list[WorkerInfo]:
         """The workers once ``before`` are back, or after the grace with enough for a stage each."""
@@ -154,25 +165,40 @@ class PipelineGuard:
                 f"lost worker(s) {named}: {len(in_flight)} chunk(s) in flight were cancelled; "
                 "placing the stages again on the workers present"
             )
-        workers = self._wait_for_workers(len(before.workers)) if changed.lost else self.workers()
+        workers = self._wait_for_workers(len(before.workers))
+        return self._place(workers, start=start, lost=changed.lost, in_flight=in_flight, release=True)
+
+    def _place(
+        self,
+        workers: list[WorkerInfo],
+        *,
+        start: float,
+        lost: Sequence[str],
+        in_flight: list[int],
+        release: bool,
+    ) -> list[int]:
+        """Place the stages on ``workers``, load them, and return the chunks of ``in_flight`` not written."""
+        self.on_change()
+        before = self.run.placement
         done = self.written()
         try:
             after = on_workers(before, workers, self.times(), needs=self.needs(), batch_size=self.batch_size)
         except PlacementError as exc:
             raise WorkersLostError(
-                f"{exc} after losing {', '.join(changed.lost)}; {len(done)} chunk(s) are written and "
+                f"{exc} after losing {', '.join(lost)}; {len(done)} chunk(s) are written and "
                 "recorded: rerun the same command with --resume once the cluster has enough workers"
             ) from None
-        lost, joined = _changed(before.workers, after.workers)
-        # The old runtimes' chunks were all cancelled: free their stages before loading the new ones.
-        self.run.release(self.client)
+        gone, joined = _changed(before.workers, after.workers)
+        if release:
+            # The old runtimes' chunks were all cancelled: free their stages before loading the new ones.
+            self.run.release(self.client)
         self.run.placement = after
         self.run.spec = replace(self.run.spec, stage_map=tuple(after.stages_on().items()))
         self.run.register(self.client)
         self.run.last_start = time.perf_counter()
         again = [i for i in in_flight if i not in done]
         record = Recovery(
-            lost=tuple(changed.lost) or lost,
+            lost=tuple(lost) or gone,
             joined=joined,
             written_before=len(done),
             resubmitted=tuple(again),
@@ -180,8 +206,9 @@ class PipelineGuard:
             placement_after=after.to_dict(),
         )
         self.records.append(record)
+        what = f"{len(again)} chunk(s) submitted again" if release else f"{', '.join(joined)} joined"
         self.say(
-            f"stages placed again in {record.seconds:.1f} s; {len(again)} chunk(s) submitted again, "
-            f"{len(done)} already written are kept\n{after.describe()}"
+            f"stages placed again in {record.seconds:.1f} s; {what}, {len(done)} already written are kept\n"
+            f"{after.describe()}"
         )
         return again

@@ -28,40 +28,47 @@ from tqdm.auto import tqdm
 from dask_infer._version import __version__
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError, InputError
-from dask_infer.io.images import ImageSource, describe_source, image_coords
+from dask_infer.io.images import ImageSource, check_missing_chunks, describe_source, image_coords
 from dask_infer.io.outputs import (
     OutputTarget,
     check_output_location,
     create_output,
     done_chunks,
     finalize_output,
+    invalid_images,
     open_output,
 )
 from dask_infer.io.stores import absolute_location, normalise_location
+from dask_infer.io.writable import check_run_targets
 from dask_infer.models import LoadedModel, build_model
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
 from dask_infer.partition.compress import CompressionPlan, check_recipe
-from dask_infer.partition.compress.measure import count_flops
+from dask_infer.partition.compress.measure import forward_cost
 from dask_infer.workflows.cluster import (
     ClusterChoice,
-    check_scheduler_file,
+    check_scheduler,
     cuda_device_count,
     device_memory,
     make_client,
+    worker_deaths,
 )
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import feed, min_chunks
 from dask_infer.workflows.graph import Chunks, chunk_target, split_chunks, submit_chunks, submit_pipeline
 from dask_infer.workflows.monitor import maybe_performance_report
+from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.placement import (
     DEVICE_RESOURCE,
     Placement,
+    WorkerInfo,
     choose_placement,
+    stage_memory,
     with_plan,
     workers_from_scheduler,
 )
 from dask_infer.workflows.rebalance import Rebalance, Rebalancer
+from dask_infer.workflows.recovery import PipelineGuard
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary, format_stages, gpu_summary, stage_summary, write_summary
 
@@ -84,6 +91,8 @@ class _Prepared:
     """The incomplete output a resume continues."""
     done: frozenset[int] = frozenset()
     """Chunks that output's manifest records as written."""
+    filled: tuple[tuple[int, int], ...] = ()
+    """``(start, stop)`` ranges of images in absent input chunks, read as the fill value."""
 
     @property
     def cuts(self) -> tuple[str, ...]:
@@ -123,11 +132,22 @@ def _check_compression(
 
 def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
     """Everything checked before a cluster starts: bad input fails here, in one line."""
-    if config.scheduler_file is not None:
-        check_scheduler_file(config.scheduler_file)
+    check_scheduler(
+        config.scheduler,
+        config.scheduler_file,
+        tls_ca_file=config.tls_ca_file,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+    )
     source = describe_source(
         config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
     )
+    missing = check_missing_chunks(source, config.missing_chunks)
+    if missing.chunks:
+        say(
+            f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r} "
+            "(missing_chunks='fill'); the output's 'filled' coordinate marks those images"
+        )
     check_output_location(
         config.input,
         config.output,
@@ -135,6 +155,7 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         resume=config.resume,
         storage_options=config.storage_options,
     )
+    check_run_targets(config.output, summary=config.summary, report=config.report)
     loaded = build_model(config.model, weights=config.weights, num_classes=config.num_classes)
     if not loaded.pretrained:
         say(
@@ -150,7 +171,12 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         say(format_plan(plan))
     cuts = tuple(plan.cut_points) if plan is not None else ()
     prepared = _Prepared(
-        source, loaded, plan, _check_compression(config, loaded, cuts), _fingerprint(config, source, loaded)
+        source,
+        loaded,
+        plan,
+        _check_compression(config, loaded, cuts),
+        _fingerprint(config, source, loaded),
+        filled=missing.image_ranges,
     )
     return _resumable(config, prepared, say) if config.resume else prepared
 
@@ -205,7 +231,8 @@ def _resumable(config: RunConfig, prepared: _Prepared, say: Callable[[str], None
 def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Client, ClusterChoice | None]]:
     """The caller's client, or one to ``config``'s scheduler or a new local cluster (closed after)."""
     if client is not None:
-        yield client, None
+        with worker_deaths(client, model=config.model):
+            yield client, None
         return
     n_workers = config.n_workers
     if n_workers is None and config.scheduler is None and config.placement in ("pipeline", "hybrid"):
@@ -216,9 +243,14 @@ def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Clien
         device=config.device,
         n_workers=n_workers,
         threads_per_worker=config.threads_per_worker,
+        memory_limit=config.memory_limit,
+        tls_ca_file=config.tls_ca_file,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
     )
     try:
-        yield own, choice
+        with worker_deaths(own, model=config.model, memory_limit=config.memory_limit):
+            yield own, choice
     finally:
         cluster = own.cluster
         own.close()
@@ -267,15 +299,28 @@ def _profile_on(
     return StagePlan.from_dict(future.result())
 
 
+def _smallest_memory(info: dict[str, Any]) -> tuple[int, int]:
+    """The smallest worker ``memory_limit`` (0: none set) and what that worker's process uses now."""
+    limited = [r for r in info.values() if int(r.get("memory_limit") or 0)]
+    if not limited:
+        return 0, 0
+    record = min(limited, key=lambda r: int(r["memory_limit"]))
+    return int(record["memory_limit"]), int((record.get("metrics") or {}).get("memory") or 0)
+
+
 def _chunks(
     config: RunConfig,
     prepared: _Prepared,
     placement: Placement,
     workers: int,
-    memory_limit: int,
+    memory: tuple[int, int],
     say: Callable[[str], None],
 ) -> Chunks:
-    """Images per task: as asked, or from the model's FLOPs per image and the decoded image size."""
+    """Images per task: as asked, or from the model's cost, the decoded image size and the workers' memory.
+
+    ``memory`` is the smallest worker ``memory_limit`` (0 when none is set) and the memory
+    that worker's process uses already.
+    """
     source, loaded = prepared.source, prepared.loaded
     if prepared.resumed is not None:
         return split_chunks(source.n_images, source.storage_chunk, target=prepared.resumed.chunk, exact=True)
@@ -287,9 +332,18 @@ def _chunks(
                 "each once"
             )
         return split_chunks(source.n_images, source.storage_chunk, target=config.chunk_size, exact=True)
-    size = loaded.input_size
-    flops = count_flops(loaded.module, torch.zeros(1, 3, size, size))
-    target = chunk_target(flops, source.bytes_per_image, gpu=_gpu(config), memory_limit=memory_limit)
+    size, gpu = loaded.input_size, _gpu(config)
+    flops, activations = forward_cost(loaded.module, torch.zeros(1, 3, size, size))
+    batch = config.batch_size or default_batch_size(gpu)
+    weights = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
+    target = chunk_target(
+        flops,
+        source.bytes_per_image,
+        gpu=gpu,
+        memory_limit=memory[0],
+        model_bytes=0 if gpu else weights + batch * activations,
+        worker_bytes=memory[1],
+    )
     return split_chunks(
         source.n_images,
         source.storage_chunk,
@@ -309,8 +363,7 @@ def _lay_out(
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
-    memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
-    workers = workers_from_scheduler(info, memory)
+    workers = _workers(client, config)
     batch = config.batch_size or default_batch_size(_gpu(config))
     loaded = prepared.loaded
     placement = choose_placement(
@@ -321,9 +374,7 @@ def _lay_out(
         batch_size=batch,
         model=loaded.name,
     )
-    limits = [int(r.get("memory_limit") or 0) for r in info.values()]
-    smallest = min((m for m in limits if m), default=0)
-    chunks = _chunks(config, prepared, placement, len(info), smallest, say)
+    chunks = _chunks(config, prepared, placement, len(info), _smallest_memory(info), say)
     plan = prepared.plan
     if plan is not None and placement.pipelined and config.balance == "time" and not _gpu(config):
         worker = placement.stage_workers(0)[0]
@@ -388,6 +439,53 @@ def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> Out
         attrs={"dask_infer_complete": False, RUN_ATTR: layout.prepared.fingerprint},
         overwrite=config.overwrite,
         storage_options=config.storage_options,
+        filled=layout.prepared.filled,
+    )
+
+
+def _workers(client: Client, config: RunConfig) -> list[WorkerInfo]:
+    """The cluster's workers as placement sees them: memory limits, device memory, device labels."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
+    return workers_from_scheduler(info, memory)
+
+
+def _guard(
+    client: Client,
+    config: RunConfig,
+    layout: _Layout,
+    output: OutputTarget,
+    run: Execution,
+    rebalancer: Rebalancer | None,
+    say: Callable[[str], None],
+) -> PipelineGuard:
+    """What re-places a pipeline's stages when its workers change, with the run's plan and output."""
+    plan = layout.prepared.plan
+    batch = config.batch_size or default_batch_size(_gpu(config))
+
+    def times() -> tuple[float, ...]:
+        record = rebalancer.record if rebalancer is not None else None
+        if record is not None and record.recut and tuple(run.spec.cut_points) == record.cuts_after:
+            return record.predicted_after
+        if plan is not None and tuple(plan.cut_points) == tuple(run.spec.cut_points):
+            return tuple(s.time_s for s in plan.stages)
+        return (1.0,) * run.spec.num_stages
+
+    def needs() -> tuple[int, ...] | None:
+        if plan is not None and tuple(plan.cut_points) == tuple(run.spec.cut_points):
+            return stage_memory(plan, batch)
+        return None
+
+    return PipelineGuard(
+        client,
+        run,
+        workers=lambda: _workers(client, config),
+        times=times,
+        written=lambda: done_chunks(output),
+        say=say,
+        needs=needs,
+        batch_size=batch,
+        on_change=lambda: rebalancer.stop("the stages were placed again") if rebalancer is not None else None,
     )
 
 
@@ -424,6 +522,14 @@ def _execute(
     if config.rebalance is not None:
         batch = min(config.batch_size or default_batch_size(False), chunks.size)
         rebalancer = Rebalancer(client, run, config.rebalance, len(todo), batch, say)
+    guard = _guard(client, config, layout, output, run, rebalancer, say) if run.placement.pipelined else None
+    pauses = PauseReporter(client, say)
+
+    def check() -> None:
+        if guard is not None:
+            guard.check()
+        pauses.check()
+
     start = run.last_start = time.perf_counter()
     with tqdm(total=source.n_images, unit="img", disable=not config.progress, desc=label, leave=True) as bar:
         feed(
@@ -433,7 +539,10 @@ def _execute(
             progress=config.progress,
             on_done=bar.update,
             after_write=rebalancer.after_write if rebalancer is not None else None,
+            check=check,
+            recover=guard.recover if guard is not None else None,
         )
+    run.recoveries = [r.to_dict() for r in guard.records] if guard is not None else []
     return time.perf_counter() - start, rebalancer.record if rebalancer is not None else None
 
 
@@ -445,6 +554,7 @@ def _summarise(
     seconds: float,
     rebalance: Rebalance | None,
     choice: ClusterChoice | None,
+    output: OutputTarget,
 ) -> RunSummary:
     placement, done = run.placement, layout.prepared.done
     stats = runtime_stats(client, run.current)
@@ -470,6 +580,9 @@ def _summarise(
         gpus=gpu_summary(stats),
         rebalance=rebalance.to_dict() if rebalance else None,
         skipped_chunks=len(done),
+        invalid_images=invalid_images(output),
+        filled_images=sum(stop - start for start, stop in layout.prepared.filled),
+        recoveries=run.recoveries,
     )
 
 
@@ -495,6 +608,7 @@ def _finalize(config: RunConfig, output: OutputTarget, layout: _Layout, summary:
             "rebalance": summary.rebalance or {},
             "compression": prepared.compression or {},
             "run_summary": summary.to_dict(),
+            "dask_infer_invalid_images": summary.invalid_images,
         },
     )
     if config.summary:
@@ -535,7 +649,7 @@ def run_config(
             with maybe_performance_report(client, config.report):
                 run.register(client)
                 seconds, rebalance = _execute(client, config, layout, output, run, say)
-            summary = _summarise(client, config, layout, run, seconds, rebalance, choice)
+            summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output)
             _finalize(config, output, layout, summary)
         finally:
             run.release(client)

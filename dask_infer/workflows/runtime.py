@@ -4,6 +4,11 @@ Tasks carry only the plugin's name; the model, device and compute thread live on
 the worker for the whole run. Under a pipeline placement each worker holds only the
 stages placed on it and runs one stage per task, passing activations on. Building the
 stages is :mod:`dask_infer.workflows.stages`; this module runs them.
+
+Images with NaN or infinite pixels still run (their logits come out NaN or meaningless),
+but their ``valid`` flag is false and their top-k classes are -1 (probabilities NaN), so no
+class is claimed for them. A pipeline counts them at stage 0 and passes the flags on with
+the activations.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
+from dask.sizeof import sizeof
 from distributed import WorkerPlugin, get_worker
 from torch import nn
 
+from dask_infer.io.images import non_finite_pixels
 from dask_infer.models import Preprocess
 from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
@@ -27,7 +34,29 @@ from dask_infer.workflows.activation import Activation
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
 
-__all__ = ["ModelRuntime", "StageStats", "compute_executor", "infer_chunk", "run_stage"]
+__all__ = ["ModelRuntime", "StageOutput", "StageStats", "compute_executor", "infer_chunk", "run_stage"]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a pipeline stage other than the last passes on: its activation and each image's ``valid`` flag."""
+
+    activation: Activation
+    valid: np.ndarray
+
+
+@sizeof.register(StageOutput)
+def _sizeof_stage_output(out: StageOutput) -> int:
+    return int(sizeof(out.activation.data)) + out.valid.nbytes
+
+
+StageInput: TypeAlias = np.ndarray | StageOutput
+"""A stage task's input: images for stage 0, the previous stage's output after."""
+
+
+def finite_images(images: np.ndarray) -> np.ndarray:
+    """Per image: whether every pixel is finite (always, for integer images)."""
+    return non_finite_pixels(images) == 0
 
 
 def compute_executor(runtime: str) -> str:
@@ -230,7 +259,8 @@ class ModelRuntime(WorkerPlugin):
                 f"worker {self.address} holds stages {sorted(self._stages)} of {self.spec.num_stages}; "
                 "a whole-model task needs all of them (data-parallel placement)"
             )
-        result = self._outputs(self.forward(images))
+        valid = finite_images(images)
+        result = self._outputs(self.forward(images), valid)
         if self.device.type == "cpu":
             for k in range(self.spec.num_stages):
                 self._add_stage_time(k, images=images.shape[0])
@@ -241,12 +271,12 @@ class ModelRuntime(WorkerPlugin):
         return result
 
     @torch.inference_mode()
-    def run_stage(self, stage: int, data: np.ndarray | Activation) -> Activation | dict[str, np.ndarray]:
-        """Run stage ``stage`` on one chunk: images for stage 0, the previous stage's activation after.
+    def run_stage(self, stage: int, data: StageInput) -> StageOutput | dict[str, np.ndarray]:
+        """Run stage ``stage`` on one chunk: images for stage 0, the previous stage's output after.
 
         Batches are the same as a whole-model task's, so every placement computes the
-        same numbers. The last stage returns the outputs dict; the others an
-        :class:`Activation` for the next stage's task.
+        same numbers. The last stage returns the outputs dict; the others a
+        :class:`StageOutput` for the next stage's task.
         """
         module = self._stages.get(stage)
         if module is None:
@@ -255,10 +285,11 @@ class ModelRuntime(WorkerPlugin):
                 f"{sorted(self._stages)}; its task was placed on the wrong worker"
             )
         start, work = time.perf_counter(), self._work_clock()
-        if isinstance(data, Activation):
-            host = data.to_tensor()
+        if isinstance(data, StageOutput):
+            host, valid = data.activation.to_tensor(), data.valid
         else:
             host = torch.from_numpy(data if data.flags.writeable else data.copy())
+            valid = finite_images(data)
         last = stage == self.spec.num_stages - 1
         parts = []
         for i in range(0, len(host), self.batch_size):
@@ -268,8 +299,8 @@ class ModelRuntime(WorkerPlugin):
             y = module(x)
             parts.append(y.float() if last else y)
         out = torch.cat(parts)
-        result: Activation | dict[str, np.ndarray] = (
-            self._outputs(out.to("cpu")) if last else Activation.from_tensor(out)
+        result: StageOutput | dict[str, np.ndarray] = (
+            self._outputs(out.to("cpu"), valid) if last else StageOutput(Activation.from_tensor(out), valid)
         )
         seconds = time.perf_counter() - start
         self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)
@@ -279,8 +310,9 @@ class ModelRuntime(WorkerPlugin):
             self.busy_seconds += seconds
         return result
 
-    def _outputs(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        result: dict[str, np.ndarray] = {}
+    def _outputs(self, logits: torch.Tensor, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """The requested outputs and ``valid``; invalid images get top-k classes -1 and probabilities NaN."""
+        result: dict[str, np.ndarray] = {"valid": valid}
         if "logits" in self.spec.outputs:
             result["logits"] = logits.numpy()
         if "probabilities" in self.spec.outputs or "top_k" in self.spec.outputs:
@@ -289,8 +321,12 @@ class ModelRuntime(WorkerPlugin):
                 result["probabilities"] = probs.numpy()
             if "top_k" in self.spec.outputs:
                 top = torch.topk(probs, k=self.spec.top_k, dim=1)
-                result["top_k_class"] = top.indices.numpy().astype(np.int64)
-                result["top_k_probability"] = top.values.numpy()
+                classes = top.indices.numpy().astype(np.int64)
+                scores = top.values.numpy().copy()
+                classes[~valid] = -1
+                scores[~valid] = np.nan
+                result["top_k_class"] = classes
+                result["top_k_probability"] = scores
         return result
 
     def stats(self) -> dict[str, Any]:
@@ -316,7 +352,7 @@ def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
         return plugin.infer(images)  # type: ignore[attr-defined]
 
 
-def run_stage(runtime: str, stage: int, data: np.ndarray | Activation) -> Activation | dict[str, np.ndarray]:
+def run_stage(runtime: str, stage: int, data: StageInput) -> StageOutput | dict[str, np.ndarray]:
     """Task body: run stage ``stage`` of the worker's runtime named ``runtime`` on one chunk."""
     plugin = get_worker().plugins[runtime]
     with running_modules():

@@ -38,6 +38,12 @@ class RunSummary:
     rebalance: dict[str, Any] | None = None
     skipped_chunks: int = 0
     """Chunks a resume found already written, and did not compute again."""
+    invalid_images: int = 0
+    """Images with NaN or infinite pixels: ``valid`` false, top-k classes -1."""
+    filled_images: int = 0
+    """Images read (wholly or partly) from absent input chunks as the fill value."""
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    """Each re-placement of a pipeline's stages after workers were lost or joined."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON and output attrs."""
@@ -50,9 +56,23 @@ class RunSummary:
         )
         return (
             f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s){resumed}, "
-            f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]\n"
+            f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]"
+            f"{self._bad_data()}\n"
             f"results: {self.output}  (xarray.open_zarr({self.output!r}))"
         )
+
+    def _bad_data(self) -> str:
+        """What the summary line says about invalid and filled images, if there were any."""
+        notes = []
+        if self.invalid_images:
+            notes.append(
+                f"{self.invalid_images} invalid image(s) with NaN/inf pixels (valid=False, top-k class -1)"
+            )
+        if self.filled_images:
+            notes.append(
+                f"{self.filled_images} image(s) read as the fill value from absent input chunks (filled=True)"
+            )
+        return "; " + "; ".join(notes) if notes else ""
 
 
 def stage_summary(

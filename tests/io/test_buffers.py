@@ -102,3 +102,25 @@ def test_workers_reuse_buffers_during_a_run(
     )
     stats = client.run(lambda: host_pool().stats())
     assert sum(s.reused for s in stats.values()) > 0
+
+
+def test_the_pool_keeps_under_its_byte_bound() -> None:
+    """On a worker the pool may hold 1/8 of its memory_limit: a lease that would pass the bound drops a
+    free buffer first, or, with every buffer leased, is an ordinary array."""
+    pool = HostBufferPool(capacity=8, max_bytes=3000)
+    a = pool.lease((1000,), "uint8")
+    b = pool.lease((1000,), "uint8")
+    c = pool.lease((1000,), "uint8")
+    d = pool.lease((1000,), "uint8")  # over 3000 bytes with three leased: not pooled
+    assert pool.stats() == PoolStats(reused=0, allocated=3, overflow=1)
+    del a, b, c, d
+    gc.collect()
+    big = pool.lease((2500,), "uint8")  # frees two of the three free 1000-byte buffers to fit
+    assert pool.stats().allocated == 4 and pool._bytes <= 3000
+    del big
+
+
+def test_a_workers_pool_is_bounded_by_its_memory_limit(client: Client) -> None:
+    limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+    bounds = client.run(lambda: host_pool().max_bytes)
+    assert bounds == {w: limit // 8 for w, limit in limits.items()}

@@ -40,3 +40,31 @@ def test_gray_alpha_uint16_and_float() -> None:
     as_float = deep.to(torch.float32) / 65535.0
     torch.testing.assert_close(Preprocess(8, MEAN, STD)(deep), Preprocess(8, MEAN, STD)(as_float))
     assert Preprocess(8, MEAN, STD, dtype=torch.bfloat16)(as_float).dtype == torch.bfloat16
+
+
+def test_large_images_are_converted_a_few_at_a_time_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Full-size float32 copies of a whole batch of big images would take hundreds of MB: the batch is
+    converted in slices under the byte bound, and the result equals converting it at once."""
+    import dask_infer.models.preprocess as preprocess_module
+
+    images = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (7, 90, 120, 3), dtype=np.uint8))
+    prep = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    whole = prep(images)
+    sizes: list[int] = []
+    convert = prep._convert
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        return convert(x)
+
+    monkeypatch.setattr(prep, "_convert", spy)
+    monkeypatch.setattr(preprocess_module, "_FLOAT_BYTES", 3 * 90 * 120 * 4 * 2)  # two images' worth
+    sliced = prep(images)
+    assert sizes == [2, 2, 2, 1]
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=0)
+    # Images already at the model's size are converted in one go.
+    sizes.clear()
+    prep(images[:, :32, :32])
+    assert sizes == [7]

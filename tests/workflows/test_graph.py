@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dask_infer.io.images import ImageSource
-from dask_infer.workflows.graph import chunk_target, split_chunks
+from dask_infer.workflows.graph import ChunkMemoryError, chunk_target, split_chunks
 
 
 def test_chunks_are_whole_storage_chunks_and_cover_every_image() -> None:
@@ -48,12 +48,25 @@ def test_bytes_per_image_counts_the_stored_dtype(dtype: str, itemsize: int) -> N
 
 
 def test_chunks_fit_the_smallest_worker_memory_limit() -> None:
-    """264 MB chunks on 2 GB workers stall them; a sixteenth of the limit leaves room for the rest."""
+    """264 MB chunks on 2 GB workers stall them: 60% of the limit, less what the worker process and
+    the model take, is shared by the 8 chunks a worker may hold at once."""
     rgb224 = 224 * 224 * 3
     unlimited = chunk_target(1e6, rgb224, gpu=False)
     assert unlimited == (256 << 20) // rgb224
-    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=2 << 30) == (2 << 30) // 16 // rgb224 == 891
-    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=1 << 30) == 445
+    two = 2 << 30
+    room = int(two * 0.6)
+    assert chunk_target(1e6, rgb224, gpu=False, memory_limit=two) == room // 8 // rgb224 == 1069
+    # The worker's own memory and the model's come off first.
+    taken = chunk_target(
+        1e6, rgb224, gpu=False, memory_limit=two, worker_bytes=400 << 20, model_bytes=500 << 20
+    )
+    assert taken == (room - (900 << 20)) // 8 // rgb224 == 286
     assert chunk_target(1e6, rgb224, gpu=False, memory_limit=0) == unlimited
-    # A limit that cannot hold one image still gives tasks of one image.
-    assert chunk_target(1e6, 64 << 20, gpu=False, memory_limit=512 << 20) == 1
+    # A limit that cannot hold a few images is refused in one line naming the figures and the fix.
+    with pytest.raises(ChunkMemoryError, match=r"memory_limit=1.00 GiB have no room for images") as err:
+        chunk_target(
+            8e9, rgb224, gpu=False, memory_limit=1 << 30, worker_bytes=600 << 20, model_bytes=100 << 20
+        )
+    assert "--memory-limit" in str(err.value) and "\n" not in str(err.value)
+    # 8 images of 64 MiB fit in 60% of 1 GiB: tasks of one image.
+    assert chunk_target(1e6, 64 << 20, gpu=False, memory_limit=1 << 30) == 1

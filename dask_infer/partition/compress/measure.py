@@ -1,19 +1,22 @@
-"""What a module costs: FLOPs counted on a real input, serialised size, wall time."""
+"""What a module costs: FLOPs and peak activation memory on a real input, serialised size, wall time."""
 
 from __future__ import annotations
 
 import io
 import statistics
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "serialized_size", "time_call"]
+__all__ = ["count_flops", "forward_cost", "serialized_size", "time_call"]
 
 
 def count_flops(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) -> int:
@@ -26,6 +29,48 @@ def count_flops(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) -> 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(sample)
     return int(counter.get_total_flops())
+
+
+class _PeakMemory(TorchDispatchMode):
+    """Tracks the bytes of tensor storage created during a forward that are alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._seen or key == 0:
+                continue
+            self._seen.add(key)
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def forward_cost(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one forward pass on ``sample``, and the most bytes of activations alive at once.
+
+    The peak counts the tensor storage the forward creates (not the weights or
+    ``sample``), freed as the forward drops it: under ``torch.no_grad`` that is what a
+    batch of ``sample``'s size needs beside the model.
+    """
+    peak = _PeakMemory()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, peak:
+        module(sample)
+    return int(counter.get_total_flops()), peak.peak
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
