@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dask_infer.io.images import ImageSource, read_chunk
+from dask_infer.io.images import ImageSource, non_finite_pixels, read_chunk
 from dask_infer.models import Preprocess, build_model
 from dask_infer.models.tracing import running_modules
 from dask_infer.partition import split_model
@@ -92,11 +92,18 @@ def _warm_up(
 
 
 def _calibration(spec: RuntimeSpec, preprocess: Preprocess, device: torch.device) -> torch.Tensor | None:
-    """The input's first images, preprocessed: what int8 recipes calibrate on, read on this worker."""
+    """The input's first images with finite pixels, preprocessed: what int8 recipes calibrate on.
+
+    Read on this worker; ``None`` when there are none.
+    """
     if spec.calibration is None:
         return None
     count = min(spec.calibration_images, spec.calibration.n_images)
     images = read_chunk(spec.calibration, 0, count, pooled=False)
+    # An image with NaN or inf pixels would set int8 ranges and pruning scores to NaN.
+    images = images[non_finite_pixels(images) == 0]
+    if not len(images):
+        return None
     with torch.inference_mode():
         return preprocess(torch.from_numpy(images).to(device))
 

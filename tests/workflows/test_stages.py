@@ -13,7 +13,7 @@ from dask_infer.models import Preprocess, build_model
 from dask_infer.partition import partition_model
 from dask_infer.partition.compress import compress_stages
 from dask_infer.workflows.runtime import StageStats
-from dask_infer.workflows.stages import RuntimeSpec, build_stages
+from dask_infer.workflows.stages import RuntimeSpec, _calibration, build_stages
 from tests.conftest import random_images
 
 
@@ -67,6 +67,20 @@ def test_int8_calibrates_on_the_input_read_where_it_is_built(small_weights: Path
     x = prep(torch.from_numpy(random_images(8, seed=6)))
     with torch.inference_mode():
         np.testing.assert_array_equal(built[0](x).numpy(), reference[0](x).numpy())
+
+
+def test_calibration_leaves_out_images_with_nan_or_inf_pixels(small_weights: Path, tmp_path: Path) -> None:
+    """int8 ranges from an image holding NaN would be NaN: calibration reads only the finite images."""
+    images = random_images(16, seed=7).astype(np.float32) / 255
+    images[3, 0, 0, 0] = np.nan
+    images[9, 5, 5, 1] = np.inf
+    write_image_dataset(str(tmp_path / "f.zarr"), images, chunk=8)
+    spec = _spec(small_weights, compress="int8", calibration=describe_source(str(tmp_path / "f.zarr")))
+    prep = Preprocess(spec.input_size, spec.mean, spec.std)
+    got = _calibration(spec, prep, torch.device("cpu"))
+    assert got is not None and len(got) == 14 and bool(torch.isfinite(got).all())
+    finite = np.delete(images, [3, 9], axis=0)
+    torch.testing.assert_close(got, prep(torch.from_numpy(finite)), rtol=0, atol=0)
 
 
 def test_stage_stats_count_chunks_only_with_images() -> None:
