@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from dask_infer.io import open_images as open_images
     from dask_infer.io import write_image_dataset as write_image_dataset
     from dask_infer.io import write_sample as write_sample
+    from dask_infer.io.outputs import open_results as open_results
     from dask_infer.partition import StagePlan as StagePlan
     from dask_infer.partition import format_plan as format_plan
     from dask_infer.partition import partition_model as partition_model
@@ -45,6 +46,7 @@ _HOME = {
     "evaluate": "dask_infer.evaluation",
     "format_plan": "dask_infer.partition",
     "open_images": "dask_infer.io",
+    "open_results": "dask_infer.io.outputs",
     "partition_model": "dask_infer.partition",
     "run": "dask_infer.api",
     "split_model": "dask_infer.partition",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,9 @@ import click
 
 from dask_infer.config import RunConfig, option_help
 from dask_infer.errors import DaskInferError
+from dask_infer.input_options import INTERPOLATIONS
 from dask_infer.options import (
+    ACTIVATIONS,
     BALANCE_MODES,
     DEFAULT_BALANCE,
     DEVICES,
@@ -111,7 +114,12 @@ _CHOICES = {
     "device": DEVICES,
     "balance": BALANCE_MODES,
     "placement": PLACEMENTS,
+    "activation": ACTIVATIONS,
+    "interpolation": INTERPOLATIONS,
 }
+_PYTHON_ONLY = ("transform",)
+"""``RunConfig`` fields that hold Python objects, so have no flag."""
+_METAVARS = {"dims": "ROLE=DIM[,...]", "bands": "N[,N...]", "mean": "X[,X...]", "std": "X[,X...]"}
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:
@@ -132,6 +140,8 @@ def _run_options(func: F) -> F:
     )
     func = click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")(func)
     for field in reversed(dataclasses.fields(RunConfig)):
+        if field.name in _PYTHON_ONLY:
+            continue
         name, text = field.name, helps[field.name]
         default = _default(field)
         if default not in (None, False, {}, ()):
@@ -141,13 +151,15 @@ def _run_options(func: F) -> F:
         decls = [_flag(name), name]
         if name in _CHOICES:
             kwargs["type"] = click.Choice(_CHOICES[name])
-        elif name == "progress":
-            decls = ["--progress/--no-progress", name]
+        elif name in ("progress", "normalize"):
+            decls = [f"--{name}/--no-{name}", name]
+        elif name in _METAVARS:
+            kwargs["metavar"] = _METAVARS[name]
         elif field.type == "bool":
             kwargs.update(is_flag=True)
         elif name == "outputs":
             kwargs["metavar"] = "KIND[,KIND...]"
-        elif name == "storage_options":
+        elif name in ("storage_options", "model_kwargs"):
             kwargs["metavar"] = "JSON"
         elif field.type in ("int", "int | None"):
             kwargs["type"] = click.IntRange(min=1)
@@ -155,6 +167,29 @@ def _run_options(func: F) -> F:
             kwargs["type"] = float
         func = click.option(*decls, **kwargs)(func)
     return func
+
+
+_MODEL_HELP = "Model: a torchvision name, package.module:factory or a .pt2 file."
+_KWARGS_EXAMPLE = '{"num_classes": 10}'
+
+
+def _json_option(flag: str, text: str, example: str) -> Any:
+    """The JSON value of ``flag``'s ``text``, or one line saying how to write it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DaskInferError(f"{flag} {text!r} is not JSON ({exc.msg}); give e.g. '{example}'") from None
+
+
+def _importable_here() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` does.
+
+    Then ``--model package.module:factory`` imports a package of the folder the command runs
+    in; a local cluster's worker processes inherit the path.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _parse_run_options(options: dict[str, Any], no_rebalance: bool) -> dict[str, Any]:
@@ -169,6 +204,8 @@ def _parse_run_options(options: dict[str, Any], no_rebalance: bool) -> dict[str,
             raise DaskInferError(
                 f"--storage-options {text!r} is not JSON ({exc.msg}); give e.g. '{{\"anon\": true}}'"
             ) from None
+    if options.get("model_kwargs") is not None:
+        options["model_kwargs"] = _json_option("--model-kwargs", options["model_kwargs"], _KWARGS_EXAMPLE)
     if no_rebalance:
         if options.get("rebalance") is not None:
             raise DaskInferError("--rebalance and --no-rebalance both given; keep one")
@@ -183,6 +220,7 @@ def run(config_file: str | None, no_rebalance: bool, **options: Any) -> None:
     """Run a model over an image dataset and write predictions to Zarr."""
     from dask_infer.api import run as run_api
 
+    _importable_here()
     try:
         run_api(config=config_file, echo=_echo, **_parse_run_options(options, no_rebalance))
     except KeyboardInterrupt:
@@ -234,7 +272,8 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 
 
 @main.command()
-@click.option("--model", default="resnet50", show_default=True, help="torchvision model name.")
+@click.option("--model", default="resnet50", show_default=True, help=_MODEL_HELP)
+@click.option("--model-kwargs", metavar="JSON", help="Keyword arguments of a model factory (JSON).")
 @click.option("--weights", help="Local weights file (default: random weights; fine for profiling).")
 @click.option("--stages", type=click.IntRange(min=1), default=2, show_default=True, help="Number of stages.")
 @_balance_option
@@ -255,6 +294,7 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 @_clean_errors
 def partition(
     model: str,
+    model_kwargs: str | None,
     weights: str | None,
     stages: int,
     balance: str,
@@ -267,14 +307,16 @@ def partition(
     from dask_infer.models import build_model
     from dask_infer.partition import format_plan, partition_model
 
-    loaded = build_model(model, weights=weights)
+    _importable_here()
+    kwargs = _json_option("--model-kwargs", model_kwargs, _KWARGS_EXAMPLE) if model_kwargs else None
+    loaded = build_model(model, weights=weights, model_kwargs=kwargs)
     side = size or loaded.input_size
     _, plan = partition_model(
         loaded.module,
         stages,
         balance=balance,
         sample=(batch_size, 3, side, side),
-        name=model,
+        name=loaded.name,
         threads=threads,
     )
     click.echo(format_plan(plan))
@@ -285,8 +327,9 @@ def partition(
 
 @main.command()
 @click.option("--input", "input_", required=True, help="Input Zarr store of images.")
-@click.option("--model", required=True, help="torchvision model name.")
-@click.option("--weights", help="Local weights file (.pt/.pth/.safetensors).")
+@click.option("--model", required=True, help=_MODEL_HELP)
+@click.option("--model-kwargs", metavar="JSON", help="Keyword arguments of a model factory (JSON).")
+@click.option("--weights", help="Local weights file (.pt/.pth/.safetensors), or cached torchvision weights.")
 @click.option("--compress", required=True, help="Compression plan, as for `run --compress`.")
 @click.option(
     "--stages",
@@ -309,6 +352,7 @@ def partition(
 def evaluate(
     input_: str,
     model: str,
+    model_kwargs: str | None,
     weights: str | None,
     compress: str,
     stages: int,
@@ -330,9 +374,11 @@ def evaluate(
 
     if output is not None and normalise_location(output) == normalise_location(input_):
         raise DaskInferError(f"output {output!r} is the input; choose another store for the report")
+    _importable_here()
     report = evaluate_api(
         input_,
         model=model,
+        model_kwargs=_json_option("--model-kwargs", model_kwargs, _KWARGS_EXAMPLE) if model_kwargs else None,
         weights=weights,
         compress=compress,
         stages=stages,

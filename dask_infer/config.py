@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dask_infer.errors import DaskInferError
+from dask_infer.input_options import (
+    INTERPOLATIONS,
+    describe_callable,
+    parse_bands,
+    parse_dims,
+    parse_floats,
+    parse_scale,
+)
 from dask_infer.options import (
+    ACTIVATIONS,
     BALANCE_MODES,
     DEFAULT_BALANCE,
     DEVICES,
@@ -28,6 +39,9 @@ from dask_infer.options import (
     check_choice,
     check_positive_int,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["RunConfig", "option_help"]
 
@@ -47,9 +61,15 @@ class RunConfig:
         Zarr store for the predictions (local path or fsspec URL). It must not exist
         unless ``overwrite`` is set, and must not be (or lie inside) the input.
     model
-        torchvision classification model name (``dask-infer models`` lists them).
+        torchvision classification model name (``dask-infer models`` lists them), an import
+        path ``package.module:factory`` (a function or class returning an ``nn.Module``,
+        importable on every worker), a ``.pt2`` program saved with ``torch.export.save``,
+        or (in Python) an ``nn.Module`` instance.
+    model_kwargs
+        Keyword arguments of an import path's factory (a mapping; JSON text on the command line).
     weights
-        Local state_dict (``.pt``/``.pth``) or ``.safetensors`` file; ``None`` runs a
+        Local state_dict (``.pt``/``.pth``) or ``.safetensors`` file, or torchvision weights
+        already in the local torch hub cache (``ResNet50_Weights.IMAGENET1K_V2``); ``None`` runs a
         randomly initialised model.
     num_classes
         Classifier size; by default what the weights imply (1000 without weights).
@@ -57,13 +77,50 @@ class RunConfig:
         Name of the image array in the input store, when it holds several.
     layout
         ``"NHWC"`` (image, y, x, channel), ``"NCHW"``, or ``"auto"`` to tell by names and shape.
+    dims
+        The input array's dim names for the roles ``image``, ``y``, ``x``, ``channel``, when
+        they have other names: ``"image=time,channel=band"`` (a mapping in Python and YAML).
+        Roles left out are found by their usual names.
+    bands
+        Input bands the model takes, 1-based, in the model's order: ``"3,2,1"`` feeds bands
+        3, 2 and 1 of a multispectral store to an RGB model. ``None``: every band.
+    scale
+        Pixels are divided by it to lie in [0, 1] (``10000`` for uint16 reflectance);
+        ``None``: 255 for uint8, 65535 for uint16, floats as they are.
+    resize
+        Side the shorter image side is resized to before the centre crop; ``None``: the crop.
+    crop
+        Side of the centre crop, the model's input size; ``None``: what the weights file's
+        metadata or torchvision says.
+    interpolation
+        Resizing filter: ``bilinear``, ``bicubic`` (both antialiased) or ``nearest``.
+    mean
+        Per-channel mean subtracted after scaling (``"0.485,0.456,0.406"``; one value for
+        all channels); ``None``: the weights file's, torchvision's for RGB, 0 for other counts.
+    std
+        Per-channel standard deviation divided by; ``None``: as for ``mean``, 1 for other counts.
+    normalize
+        Apply ``(x - mean) / std``; with ``False`` the model gets pixels in [0, 1].
+    transform
+        Python only: a callable replacing the built-in preprocessing (all but ``bands``),
+        e.g. a ``torchvision.transforms.v2`` pipeline. It gets the images as one (N, C, H, W)
+        tensor of their stored dtype on the worker's device and returns the model's float
+        (N, C, H, W) input; it is sent to each worker once and tried on the input's first
+        images before the run.
     missing_chunks
         Storage chunks absent from the input (Zarr reads them as the fill value): ``"refuse"``
         the run, naming them, or ``"fill"`` to read them as the fill value, marked in the output.
     outputs
-        Which results to write: any of ``logits``, ``probabilities``, ``top_k``.
+        Which results to write: any of ``logits``, ``probabilities``, ``top_k``, ``features``.
     top_k
         How many best classes to keep per image.
+    activation
+        What makes ``probabilities`` and ``top_k`` from the model's output: ``"softmax"`` (one
+        class per image), ``"sigmoid"`` (multi-label) or ``"none"`` (a raw output such as a
+        regression or a dense map, written as ``logits`` only).
+    feature_layer
+        Module of the model (a name from ``model.named_modules()``, e.g. ``avgpool``) whose
+        output, flattened per image, is written as ``features`` (with ``outputs`` ``features``).
     chunk_size
         Images per task (rounded to whole storage chunks); ``None`` picks from the data.
     batch_size
@@ -126,14 +183,27 @@ class RunConfig:
 
     input: str
     output: str
-    model: str = "resnet50"
+    model: str | nn.Module = "resnet50"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     num_classes: int | None = None
     variable: str | None = None
     layout: str = "auto"
+    dims: dict[str, str] | None = None
+    bands: tuple[int, ...] | None = None
+    scale: float | None = None
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    normalize: bool = True
+    transform: Callable[[Any], Any] | None = None
     missing_chunks: str = "refuse"
     outputs: tuple[str, ...] = ("logits", "top_k")
     top_k: int = 5
+    activation: str = "softmax"
+    feature_layer: str | None = None
     chunk_size: int | None = None
     batch_size: int | None = None
     scheduler: str | None = None
@@ -166,6 +236,7 @@ class RunConfig:
                 verb = "to write" if name == "output" else "to read"
                 raise DaskInferError(f"{name}={value!r}: give the path or URL of a Zarr store {verb}")
         check_choice("layout", self.layout, LAYOUTS)
+        self._check_preprocessing()
         check_choice("missing_chunks", self.missing_chunks, MISSING_CHUNKS)
         check_choice("device", self.device, DEVICES)
         check_choice("balance", self.balance, BALANCE_MODES)
@@ -203,6 +274,8 @@ class RunConfig:
                 f"outputs={list(outputs)!r}: choose one or more of {', '.join(OUTPUT_KINDS)}"
             )
         object.__setattr__(self, "outputs", tuple(dict.fromkeys(outputs)))
+        check_choice("activation", self.activation, ACTIVATIONS)
+        self._check_heads()
         if self.compress is not None:
             # Imported here: the recipe's package imports torch, which the CLI's --help and
             # `models` would otherwise pay for at every start.
@@ -225,7 +298,8 @@ class RunConfig:
         for name in ("overwrite", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise DaskInferError(f"{name}={getattr(self, name)!r} must be true or false")
-        texts = ("model", "weights", "variable", "scheduler", "scheduler_file", "report", "summary")
+        _check_model(self.model, self.model_kwargs)
+        texts = ("weights", "variable", "scheduler", "scheduler_file", "report", "summary")
         for name in (*texts, *_TLS):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -236,6 +310,61 @@ class RunConfig:
             raise DaskInferError(
                 f"storage_options={self.storage_options!r} must be a mapping of fsspec options, "
                 'e.g. {"anon": true}'
+            )
+
+    def _check_heads(self) -> None:
+        """``features`` goes with a ``feature_layer``, and ``activation="none"`` with raw outputs only."""
+        layer = self.feature_layer
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise DaskInferError(f"feature_layer={layer!r} must name a module of the model, e.g. 'avgpool'")
+        if "features" in self.outputs and layer is None:
+            raise DaskInferError(
+                "outputs include 'features' but no feature_layer is given; name the layer, "
+                "e.g. --feature-layer avgpool"
+            )
+        if layer is not None and "features" not in self.outputs:
+            raise DaskInferError(
+                f"feature_layer={layer!r} given but outputs={list(self.outputs)} lack 'features'; "
+                "add it, e.g. --outputs features or --outputs logits,features"
+            )
+        scored = [o for o in self.outputs if o in ("probabilities", "top_k")]
+        if self.activation == "none" and scored:
+            raise DaskInferError(
+                f"activation='none' writes the model's raw output, but outputs include {', '.join(scored)}, "
+                "which need softmax or sigmoid; pass --outputs logits (and/or features)"
+            )
+
+    def _check_preprocessing(self) -> None:
+        """Input and preprocessing options in canonical form; a transform without the knobs it replaces."""
+        object.__setattr__(self, "dims", parse_dims(self.dims))
+        object.__setattr__(self, "bands", parse_bands(self.bands))
+        object.__setattr__(self, "scale", parse_scale(self.scale))
+        object.__setattr__(self, "mean", parse_floats("mean", self.mean))
+        object.__setattr__(self, "std", parse_floats("std", self.std, positive=True))
+        check_positive_int("resize", self.resize, optional=True)
+        check_positive_int("crop", self.crop, optional=True)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if not isinstance(self.normalize, bool):
+            raise DaskInferError(f"normalize={self.normalize!r} must be true or false")
+        if self.transform is None:
+            return
+        if not callable(self.transform):
+            raise DaskInferError(
+                f"transform={self.transform!r} is not callable; pass a function or a "
+                "torchvision.transforms.v2 pipeline in Python (the command line and YAML take "
+                "--resize, --crop, --mean, --std instead)"
+            )
+        replaced = [
+            name
+            for name in ("scale", "resize", "crop", "mean", "std")
+            if getattr(self, name) is not None
+        ]
+        replaced += ["interpolation"] if self.interpolation != "bilinear" else []
+        replaced += ["normalize"] if not self.normalize else []
+        if replaced:
+            raise DaskInferError(
+                f"transform given with {', '.join(replaced)}: the transform replaces the built-in "
+                "preprocessing; do that inside the transform, or leave the transform out"
             )
 
     def _check_tls(self) -> None:
@@ -262,8 +391,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-safe dict of every field."""
-        out = dataclasses.asdict(self)
+        # An instance is recorded by its class path; the run's attrs add a hash of its state_dict.
+        out = dataclasses.asdict(self.replace(transform=None, model=_model_text(self.model)))
         out["outputs"] = list(self.outputs)
+        for name in ("bands", "mean", "std"):
+            out[name] = list(out[name]) if out[name] is not None else None
+        out["transform"] = describe_callable(self.transform) if self.transform is not None else None
         return out
 
     @classmethod
@@ -296,6 +429,26 @@ class RunConfig:
             raise DaskInferError(f"config file {str(path)!r} must hold a mapping of options")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+def _model_text(model: Any) -> str:
+    """``model`` itself when it is text, else its class path ``package.module.Class``."""
+    return model if isinstance(model, str) else f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _check_model(model: Any, kwargs: Any) -> None:
+    """``model`` is text or an ``nn.Module``; ``kwargs`` a mapping with text keys."""
+    torch_nn = sys.modules.get("torch.nn")
+    if not isinstance(model, str) and not (torch_nn is not None and isinstance(model, torch_nn.Module)):
+        raise DaskInferError(
+            f"model={model!r} must be text (a torchvision name, 'package.module:factory' or a .pt2 file) "
+            "or a torch.nn.Module"
+        )
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise DaskInferError(
+            f"model_kwargs={kwargs!r} must be a mapping of the factory's keyword arguments, "
+            'e.g. {"num_classes": 10}'
+        )
 
 
 def _check_memory_limit(value: Any) -> None:

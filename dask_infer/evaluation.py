@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,7 @@ def _stage_inputs(stages: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Te
 def evaluate(
     input: str,
     *,
-    model: str,
+    model: str | nn.Module,
     weights: str | Path | None = None,
     compress: str | CompressionPlan,
     stages: int = 1,
@@ -201,6 +201,7 @@ def evaluate(
     num_classes: int | None = None,
     device: str = "cpu",
     repeats: int = 3,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> EvaluationReport:
     """Compare a compressed model with the uncompressed one on images of a dataset.
 
@@ -210,8 +211,9 @@ def evaluate(
         Zarr image store. When it has a ``held_out`` coordinate, held-out images are
         evaluated and the others calibrate; otherwise the first ``n_images`` are
         evaluated and calibration images are drawn from the rest.
-    model, weights, num_classes
-        As for :func:`~dask_infer.models.build_model`.
+    model, weights, num_classes, model_kwargs
+        As for :func:`~dask_infer.models.build_model`: a torchvision name, an import path
+        ``package.module:factory``, a ``.pt2`` program or an ``nn.Module`` instance.
     compress
         A :class:`CompressionPlan` or the ``--compress`` string, e.g. ``"0-1:int8,2:bf16"``.
     stages, balance
@@ -261,7 +263,7 @@ def evaluate(
     eval_idx, calib_idx, selection, overlaps = _select(
         coords, images.sizes["image"], n_images, calibration_images
     )
-    loaded = build_model(model, weights=weights, num_classes=num_classes)
+    loaded = build_model(model, weights=weights, num_classes=num_classes, model_kwargs=model_kwargs)
     prep = Preprocess(loaded.input_size, loaded.mean, loaded.std)
     with torch.no_grad():
         x_eval = prep(torch.from_numpy(np.ascontiguousarray(images.isel(image=eval_idx).values)))
@@ -269,7 +271,9 @@ def evaluate(
     size = loaded.input_size
     if stages > 1:
         reference = list(
-            partition_model(loaded.module, stages, balance=balance, sample=(1, 3, size, size)).modules
+            partition_model(
+                loaded.module, stages, balance=balance, sample=(1, 3, size, size), name=loaded.name
+            ).modules
         )
     else:
         reference = [loaded.module]
@@ -309,7 +313,7 @@ def evaluate(
     )
     return EvaluationReport(
         input=str(input),
-        model=model,
+        model=loaded.source.ref if loaded.source is not None else loaded.name,
         weights=str(weights) if weights is not None else None,
         plan=plan.to_dict(),
         compress=plan.to_string(),

@@ -13,6 +13,7 @@ from typing import Any
 from dask_infer.errors import DaskInferError
 
 __all__ = [
+    "ACTIVATIONS",
     "BALANCE_MODES",
     "DEFAULT_BALANCE",
     "DEVICES",
@@ -40,8 +41,12 @@ DEFAULT_BALANCE = "time"
 PLACEMENTS = ("auto", "data", "pipeline", "hybrid")
 """Where stages run over the workers."""
 
-OUTPUT_KINDS = ("logits", "probabilities", "top_k")
+OUTPUT_KINDS = ("logits", "probabilities", "top_k", "features")
 """Results a run can write."""
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+"""What turns the model's output into ``probabilities`` (and ``top_k``): softmax for one class
+per image, sigmoid for multi-label, none for a raw output (regression, dense maps)."""
 
 MISSING_CHUNKS = ("refuse", "fill")
 """What a run does with storage chunks absent from the input: refuse it, or read them as the fill value."""

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from dask_infer.io.samples import write_sample
 from dask_infer.models import build_model, weights_metadata_key
+from dask_infer.workflows.cluster import scheduler_workers
 from tests.certificates import Certificates, make_certificates
 from tests.reference import assert_close_logits, assert_held_out_mistakes, reference_logits
 
@@ -109,7 +110,7 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
     "layout-unknown": (["--layout", "XYZ"], "'--layout': 'XYZ' is not one of 'auto', 'NHWC', 'NCHW'"),
     "flag-unknown": (
         ["--chunksize", "4"],
-        "No such option '--chunksize'. (Did you mean one of: '--batch-size', '--chunk-size'?)",
+        "No such option '--chunksize'. (Did you mean one of: '--batch-size', '--chunk-size'",
     ),
     "compress-unknown": (["--compress", "nonsense"], "unknown recipe term 'nonsense' in 'nonsense'"),
     "compress-stage": (["--stages", "2", "--compress", "0-3:int8"], "names stage(s) [2, 3] but the model"),
@@ -120,7 +121,10 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
     "text-as-weights": (["--weights", "{tmp}/notes.txt"], "notes.txt' cannot be read as a state_dict"),
     "num-classes": (["--weights", "{weights}", "--num-classes", "7"], "fc.weight (10, 512) != (7, 512)"),
     "variable": (["--variable", "pixels"], "has no array 'pixels'; it has: image, images, label"),
-    "layout-wrong": (["--layout", "NCHW"], "has 32 channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)"),
+    "layout-wrong": (
+        ["--weights", "{weights}", "--layout", "NCHW"],
+        "has 32 channel(s) but model resnet18's first layer takes 3; pick 3 with --bands",
+    ),
     "input-file": (["--input", "{tmp}/notes.txt"], "notes.txt' is not a readable Zarr store"),
     "resume-nothing": (["--weights", "{weights}", "--resume"], "holds no run to resume"),
     "resume-overwrite": (
@@ -163,6 +167,25 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
     "tls-for-tcp": (
         ["--scheduler", "tcp://127.0.0.1:1", "--tls-ca-file", _NO_CHECKS],
         "scheduler='tcp://127.0.0.1:1' is not encrypted; use its tls:// address",
+    ),
+    "model-import-fails": (["--model", "no_such_pkg_xyz:make"], "cannot import 'no_such_pkg_xyz:make': No"),
+    "model-factory-not-module": (
+        ["--model", "tests.own_models:not_a_module"],
+        "factory 'tests.own_models:not_a_module' returned a dict, not a torch.nn.Module",
+    ),
+    "model-kwargs-json": (["--model-kwargs", "{{width"], "--model-kwargs '{{width' is not JSON"),
+    "model-not-pt2": (["--model", "{tmp}/bad.pt2"], "bad.pt2' is not a saved torch.export program"),
+    "model-unsplittable": (
+        ["--model", "tests.own_models:branchy", "--stages", "2"],
+        "Branchy cannot be split: torch.fx cannot trace it",
+    ),
+    "bands-out-of-range": (
+        ["--weights", "{weights}", "--bands", "3,5,1"],
+        "bands=3,5,1: input array 'images' has 3 band(s), numbered 1 to 3 (bands are 1-based); band 5",
+    ),
+    "dims-unknown": (
+        ["--dims", "image=time,channel=band"],
+        "maps image to 'time', but array 'images' has no dim 'time'; its dims are image, y, x, channel",
     ),
 }
 
@@ -277,6 +300,13 @@ def test_bad_input_one_line_no_traceback(
         extra += ["--storage-options", "[1]"]
     elif case == "scheduler-file":
         extra += ["--scheduler-file", str(tmp_path / "none.json")]
+    elif case == "model-not-pt2":
+        (tmp_path / "bad.pt2").write_text("not a program")
+    elif case == "model-unsplittable":
+        from tests.own_models import branchy
+
+        torch.save(branchy().state_dict(), tmp_path / "branchy.pt")
+        extra += ["--weights", str(tmp_path / "branchy.pt")]
     watched = [Path(p) for p in (src.removeprefix("file://"), out) if Path(p).exists()]
     watched.append(tmp_path)
     before = {p: _digest(p) if p.is_dir() else p.read_bytes() for p in watched}
@@ -548,7 +578,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         )
         with Client(address, security=security, timeout="30s") as client:
             client.wait_for_workers(1, timeout=60)
-            workers = client.scheduler_info(n_workers=-1)["workers"]
+            workers = scheduler_workers(client)
             served = [*workers, *(w["nanny"] for w in workers.values())]
         assert all(a.startswith("tls://127.0.0.1:") for a in served), served
         yield address, certs

@@ -22,6 +22,7 @@ from dask_infer.workflows.cluster import (
     check_scheduler_address,
     client_security,
     make_client,
+    scheduler_workers,
 )
 from tests.certificates import Certificates, make_certificates
 
@@ -48,9 +49,8 @@ def test_local_cluster_listens_on_127_0_0_1_only() -> None:
     client, choice = make_client(device="cpu", n_workers=1, threads_per_worker=1)
     try:
         assert choice is not None and choice.kind == "LocalCluster"
-        info = client.scheduler_info(n_workers=-1)
-        workers = info["workers"]
-        addresses = [info["address"], *workers, *(w["nanny"] for w in workers.values())]
+        workers = scheduler_workers(client)
+        addresses = [client.scheduler.address, *workers, *(w["nanny"] for w in workers.values())]
         assert all(a.startswith(f"tcp://{LOCAL_HOST}:") for a in addresses), addresses
         assert client.dashboard_link.startswith(f"http://{LOCAL_HOST}:")
         ports = {_port(a) for a in addresses} | {_port(client.dashboard_link.removeprefix("http://"))}

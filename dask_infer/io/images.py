@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -16,6 +17,7 @@ from zarr.core.sync import sync
 
 from dask_infer.errors import InputError
 from dask_infer.io.buffers import host_pool
+from dask_infer.io.dims import ROLE_NAMES, layout_from_dims
 from dask_infer.io.stores import open_store_node, store_exists
 
 __all__ = [
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
-_CHANNEL_NAMES = ("channel", "channels", "c", "band", "bands", "rgb")
+_CHANNEL_NAMES = ROLE_NAMES["channel"]
 _PREFERRED = ("images", "image", "pixels", "data", "x")
 
 
@@ -67,6 +69,11 @@ class ImageSource:
         if self.layout == "NCHW":
             return self.shape[2], self.shape[3], self.shape[1]
         return self.shape[1], self.shape[2], 1
+
+    @property
+    def channels(self) -> int:
+        """Channels (bands) of one image, as stored."""
+        return self.image_shape[2]
 
     @property
     def bytes_per_image(self) -> int:
@@ -109,7 +116,8 @@ def _layout(name: str, shape: tuple[int, ...], dims: tuple[str, ...] | None, lay
         return "NCHW"
     raise InputError(
         f"cannot tell the channel axis of array {name!r} with shape {shape}: expected 1, 3 or 4 "
-        "channels last or second; pass layout='NHWC' or 'NCHW'"
+        "channels last or second, or dim names that say; pass layout='NHWC' or 'NCHW', or map "
+        "the dims (--dims image=...,channel=...)"
     )
 
 
@@ -143,15 +151,32 @@ def describe_source(
     *,
     variable: str | None = None,
     layout: str = "auto",
+    dims: Mapping[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> ImageSource:
     """Open and validate the image array of a Zarr store without reading pixels.
+
+    Parameters
+    ----------
+    url
+        Zarr store (v2 or v3): a local path or any fsspec URL.
+    variable
+        Name of the image array when the store holds several.
+    layout
+        ``"auto"``, ``"NHWC"`` or ``"NCHW"``.
+    dims
+        Roles (``image``, ``y``, ``x``, ``channel``) -> the array's dim names, for arrays
+        whose dims have other names (``{"image": "time", "channel": "band"}``); see
+        :func:`dask_infer.io.dims.layout_from_dims`.
+    storage_options
+        fsspec options for remote stores.
 
     Raises
     ------
     InputError
         When the store does not exist, holds no usable image array, or the array has
-        the wrong number of dims, an unknown channel axis or an unsupported dtype.
+        the wrong number of dims, an unknown channel axis, dims that ``dims`` does not
+        fit, or an unsupported dtype.
     """
     options = dict(storage_options or {})
     if not store_exists(url, options):
@@ -163,7 +188,17 @@ def describe_source(
         name, arr = _pick_variable(node, url, variable)
     label = name or url
     shape = tuple(int(s) for s in arr.shape)
-    lay = _layout(label, shape, _dim_names(arr), layout)
+    if dims:
+        if arr.ndim not in (3, 4):
+            _layout(label, shape, None, "auto")
+        lay = layout_from_dims(label, _dim_names(arr), shape, dims)
+        if layout not in ("auto", lay):
+            raise InputError(
+                f"layout={layout!r} but the dims of array {label!r} mapped by dims={dict(dims)!r} are "
+                f"{lay}; leave layout out"
+            )
+    else:
+        lay = _layout(label, shape, _dim_names(arr), layout)
     dtype = np.dtype(arr.dtype)
     if dtype.name not in SUPPORTED_DTYPES:
         raise InputError(
@@ -176,9 +211,6 @@ def describe_source(
         raise InputError(
             f"array {label!r} has images of zero size (shape {shape}); give images of at least 1x1"
         )
-    channels = shape[3] if lay == "NHWC" else shape[1] if lay == "NCHW" else 1
-    if channels not in (1, 3, 4):
-        raise InputError(f"array {label!r} has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
     names = None
     if not isinstance(node, zarr.Array):
         raw = node.attrs.get("class_names") or arr.attrs.get("class_names")
@@ -384,7 +416,11 @@ def check_missing_chunks(source: ImageSource, policy: str) -> MissingChunks:
 
 
 def image_coords(source: ImageSource) -> dict[str, np.ndarray]:
-    """The store's 1-dim arrays along the image axis (``image`` index, ``label``, ...)."""
+    """The store's 1-dim arrays along the image axis (``image`` index, ``label``, ...).
+
+    Values are decoded as xarray decodes them (CF ``units``/``calendar`` attrs), so a
+    datetime64 or timedelta64 coordinate stays one instead of its stored integers.
+    """
     node = open_store_node(source.url, source.storage_options)
     if isinstance(node, zarr.Array):
         return {}
@@ -396,8 +432,16 @@ def image_coords(source: ImageSource) -> dict[str, np.ndarray]:
         dims = _dim_names(arr)
         if dims is not None and dims[0] != image_dim:
             continue
-        coords["image" if name == image_dim else name] = np.asarray(arr[:])
+        coords["image" if name == image_dim else name] = _decoded(name, arr)
     return coords
+
+
+def _decoded(name: str, arr: zarr.Array) -> np.ndarray:
+    """A 1-dim array's values with CF time encoding undone (``units`` and ``calendar`` attrs)."""
+    attrs = {k: v for k, v in arr.attrs.items() if not k.startswith("_ARRAY_")}
+    variable = xr.Variable(("image",), np.asarray(arr[:]), attrs)
+    decoded = xr.conventions.decode_cf_variable(name, variable, mask_and_scale=False)
+    return np.asarray(decoded.values)
 
 
 def open_images(
@@ -405,6 +449,7 @@ def open_images(
     *,
     variable: str | None = None,
     layout: str = "auto",
+    dims: Mapping[str, str] | None = None,
     chunks: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> xr.DataArray:
@@ -418,6 +463,8 @@ def open_images(
         Name of the image array when the store holds several.
     layout
         ``"auto"``, ``"NHWC"`` or ``"NCHW"``; 3-dim arrays are read as grayscale.
+    dims
+        Roles -> the array's dim names (``{"image": "time", "channel": "band"}``).
     chunks
         Images per dask chunk; default: the storage chunk.
     storage_options
@@ -429,7 +476,9 @@ def open_images(
         Dims ``(image, y, x, channel)``, chunked along ``image`` only, with the store's
         1-dim coordinates (``image``, ``label``) and ``class_names`` in attrs.
     """
-    source = describe_source(url, variable=variable, layout=layout, storage_options=storage_options)
+    source = describe_source(
+        url, variable=variable, layout=layout, dims=dims, storage_options=storage_options
+    )
     arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
     data = da.from_zarr(arr)
     if source.layout == "NCHW":

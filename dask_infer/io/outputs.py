@@ -27,7 +27,10 @@ from dask_infer.io.stores import (
 )
 
 __all__ = [
+    "CATEGORY_DIM",
+    "FEATURE_DIM",
     "FILLED_ATTR",
+    "LEGACY_CATEGORY_DIM",
     "MANIFEST",
     "OutputTarget",
     "check_output_location",
@@ -36,8 +39,21 @@ __all__ = [
     "finalize_output",
     "invalid_images",
     "open_output",
+    "open_results",
+    "result_dims",
+    "with_current_dims",
     "write_chunk",
 ]
+
+CATEGORY_DIM = "category"
+"""Dim of a classifier's scores. Not ``class``, a Python keyword (``ds.sel(class=3)`` does not
+parse), nor ``label``, which input stores use for per-image ground truth that the output keeps."""
+
+LEGACY_CATEGORY_DIM = "class"
+"""What outputs written before the ``category`` dim called it; :func:`open_results` renames it."""
+
+FEATURE_DIM = "feature"
+"""Dim of a feature layer's flattened values."""
 
 MANIFEST = "dask_infer/done"
 """Array in the output store with one element (and one stored chunk) per task chunk: 1 once
@@ -51,8 +67,21 @@ _FLAGS = ("valid", "filled")
 """Per-image coordinates the output adds: ``valid`` (written by each chunk's task: every pixel
 finite) and ``filled`` (known up front: some pixels lay in an absent input chunk)."""
 
-_RESULTS = ("logits", "probabilities", "top_k_class", "top_k_probability", "valid")
+_RESULTS = ("logits", "probabilities", "top_k_class", "top_k_probability", "features", "valid")
 """What a chunk's task writes, where the output has it."""
+
+
+def result_dims(shape: Sequence[int], activation: str) -> tuple[str, ...]:
+    """Dims after ``image`` of a model output of per-image ``shape``.
+
+    ``category`` for scores an activation turns into probabilities; for a raw output
+    (``activation="none"``) ``output`` for one dim, ``output_0``, ``output_1``, ... for more.
+    """
+    if activation != "none" and len(shape) == 1:
+        return (CATEGORY_DIM,)
+    if len(shape) == 1:
+        return ("output",)
+    return tuple(f"output_{i}" for i in range(len(shape)))
 
 
 @contextmanager
@@ -107,7 +136,7 @@ def create_output(
     url: str,
     *,
     n_images: int,
-    num_classes: int,
+    result_shape: tuple[int, ...],
     top_k: int,
     chunk: int,
     outputs: tuple[str, ...],
@@ -115,14 +144,20 @@ def create_output(
     class_names: tuple[str, ...] | None,
     attrs: dict[str, Any],
     overwrite: bool,
+    activation: str = "softmax",
+    feature_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
     filled: Sequence[tuple[int, int]] = (),
 ) -> OutputTarget:
     """Write the output's metadata and coordinates; data chunks are written by tasks.
 
-    The output is an xarray Dataset with ``logits``/``probabilities`` (image, class)
+    The output is an xarray Dataset with ``logits``/``probabilities`` (image, category)
     and ``top_k_class``/``top_k_probability`` (image, rank), chunked along ``image``
-    exactly as the tasks are, so each task writes whole chunks of its own. Two boolean
+    exactly as the tasks are, so each task writes whole chunks of its own. A model whose
+    per-image output (``result_shape``) is not a vector of scores (``activation="none"``)
+    has ``logits`` over (image, output) or (image, output_0, output_1, ...); a feature
+    layer's values are ``features`` over (image, feature). Input coordinates keep their
+    values and dtypes. Two boolean
     per-image coordinates flag bad data: ``valid`` (every pixel finite; written with
     the results) and ``filled`` (images ``filled``, ``(start, stop)`` ranges, were read
     from absent input chunks as the fill value; also listed in the ``dask_infer_filled_images``
@@ -131,17 +166,15 @@ def create_output(
     options = dict(storage_options or {})
     if overwrite:
         replace_store(url, options)
-    variables: dict[str, tuple[tuple[str, str], Any]] = {}
-    if "logits" in outputs:
-        variables["logits"] = (
-            ("image", "class"),
-            da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)),
-        )
-    if "probabilities" in outputs:
-        variables["probabilities"] = (
-            ("image", "class"),
-            da.zeros((n_images, num_classes), dtype="float32", chunks=(chunk, -1)),
-        )
+    dims = result_dims(result_shape, activation)
+    rows = (n_images, *result_shape)
+    variables: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for name in ("logits", "probabilities"):
+        if name in outputs:
+            variables[name] = (
+                ("image", *dims),
+                da.zeros(rows, dtype="float32", chunks=(chunk, *result_shape)),
+            )
     if "top_k" in outputs:
         variables["top_k_class"] = (
             ("image", "rank"),
@@ -151,12 +184,23 @@ def create_output(
             ("image", "rank"),
             da.zeros((n_images, top_k), dtype="float32", chunks=(chunk, -1)),
         )
-    coords: dict[str, Any] = {"class": np.arange(num_classes), "rank": np.arange(top_k)}
+    if "features" in outputs:
+        if feature_size is None:
+            raise ValueError("outputs include 'features' but no feature_size is given")
+        variables["features"] = (
+            ("image", FEATURE_DIM),
+            da.zeros((n_images, feature_size), dtype="float32", chunks=(chunk, -1)),
+        )
+    coords: dict[str, Any] = {dim: np.arange(size) for dim, size in zip(dims, result_shape, strict=True)}
+    if "top_k" in outputs:
+        coords["rank"] = np.arange(top_k)
+    if feature_size is not None and "features" in outputs:
+        coords[FEATURE_DIM] = np.arange(feature_size)
     for name, values in image_coords.items():
         coords[f"input_{name}" if name in _FLAGS else name] = ("image", values)
     coords.setdefault("image", np.arange(n_images))
-    if class_names is not None:
-        coords["class_name"] = ("class", np.asarray(class_names, dtype=str))
+    if class_names is not None and dims == (CATEGORY_DIM,) and len(class_names) == result_shape[0]:
+        coords["class_name"] = (CATEGORY_DIM, np.asarray(class_names, dtype=str))
     coords["valid"] = ("image", da.zeros(n_images, dtype=bool, chunks=chunk))
     coords["filled"] = ("image", _filled_flags(n_images, filled))
     attrs = {WRITER_ATTR: "predictions", FILLED_ATTR: [[int(a), int(b)] for a, b in filled], **attrs}
@@ -176,6 +220,32 @@ def create_output(
         MANIFEST, shape=(-(-n_images // chunk),), chunks=(1,), dtype="uint8", fill_value=0
     )
     return target
+
+
+def open_results(url: str, *, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> xr.Dataset:
+    """A dask-infer output as an xarray Dataset, in today's names whichever version wrote it.
+
+    Outputs written before the ``category`` dim named it ``class``; that dim is renamed.
+
+    Parameters
+    ----------
+    url
+        The output store: a local path or an fsspec URL.
+    storage_options
+        fsspec options for a remote store.
+    **kwargs
+        Passed on to ``xarray.open_zarr`` (``chunks``, ``decode_times``, ...).
+    """
+    with quiet_zarr():
+        ds = xr.open_zarr(url, storage_options=storage_options or None, **kwargs)
+    return with_current_dims(ds)
+
+
+def with_current_dims(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with an old output's ``class`` dim (and its index coordinate) renamed ``category``."""
+    if LEGACY_CATEGORY_DIM in ds.dims and CATEGORY_DIM not in ds.dims:
+        return ds.rename({LEGACY_CATEGORY_DIM: CATEGORY_DIM})
+    return ds
 
 
 def open_output(

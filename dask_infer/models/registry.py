@@ -1,4 +1,7 @@
-"""Model registry: torchvision classifiers by name, their defaults, and building them.
+"""Model registry: torchvision classifiers by name, their defaults, and building any model.
+
+:func:`build_model` also builds the models that are not torchvision's (an import path, an
+``nn.Module`` instance, a ``.pt2`` program; see :mod:`dask_infer.models.sources`).
 
 Weights come from local files only (see :mod:`dask_infer.models.weights`); without
 them the model is randomly initialised, seeded, so every worker builds the same one.
@@ -8,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,10 @@ import torchvision
 from torch import nn
 
 from dask_infer.errors import ModelError
-from dask_infer.models.weights import fit_error, head_size, load_weights_file
+from dask_infer.models.channels import adapt_input_channels, input_channels
+from dask_infer.models.own import DEFAULT_INPUT_SIZE, build_own_module, count_outputs, program_input_size
+from dask_infer.models.sources import ModelSource, model_source
+from dask_infer.models.weights import fit_error, head_size, load_weights
 from dask_infer.options import check_positive_int
 
 __all__ = [
@@ -50,8 +57,10 @@ def check_model_name(name: str) -> str:
     ModelError
         With the closest known names as the fix.
     """
-    if name in available_models():
+    if isinstance(name, str) and name in available_models():
         return name
+    if not isinstance(name, str):
+        raise ModelError(f"model={name!r} is not a torchvision model name")
     close = difflib.get_close_matches(name, available_models(), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see `dask-infer models`"
     raise ModelError(f"unknown model {name!r}: {hint}")
@@ -99,11 +108,14 @@ class LoadedModel:
     std: tuple[float, ...]
     class_names: tuple[str, ...] | None
     weights: str | None
+    source: ModelSource | None = None
+    """How the model was given; what workers rebuild it from."""
 
     @property
     def pretrained(self) -> bool:
-        """Whether real weights were loaded (otherwise the model is random)."""
-        return self.weights is not None
+        """Whether real weights were loaded or came with the model (otherwise the model is random)."""
+        given = self.source is not None and self.source.kind in ("module", "exported")
+        return self.weights is not None or given
 
 
 MAX_INPUT_SIZE = 4096
@@ -121,49 +133,122 @@ def _input_size(value: Any, weights: str | Path | None) -> int:
 
 
 def _channel_values(
-    name: str, value: Any, weights: str | Path | None, *, positive: bool = False
+    name: str, value: Any, weights: str | Path | None, *, channels: int = 3, positive: bool = False
 ) -> tuple[float, ...]:
-    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = isinstance(value, list | tuple) and len(value) == channels
     ok = ok and all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
     )
     if not ok or (positive and min(value) <= 0):
         need = "positive " if positive else ""
         raise ModelError(
-            f"{name}={value!r} in the metadata of weights file {str(weights)!r} must be 3 finite "
-            f"{need}numbers, one per RGB channel; fix the file's metadata"
+            f"{name}={value!r} in the metadata of weights file {str(weights)!r} must be {channels} finite "
+            f"{need}numbers, one per input channel of the model; fix the file's metadata"
         )
     return tuple(float(v) for v in value)
 
 
 def build_model(
+    model: str | nn.Module | ModelSource,
+    *,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
+    where: str | None = None,
+) -> LoadedModel:
+    """Build a model in eval mode, with weights from a local file.
+
+    Parameters
+    ----------
+    model
+        A torchvision classification model name (``"resnet50"``), an import path
+        ``"package.module:factory"`` (a function or class returning an ``nn.Module``), the
+        path of a ``.pt2`` program saved with ``torch.export.save``, an ``nn.Module``
+        instance (copied, never changed), or a :class:`~dask_infer.models.sources.ModelSource`.
+    weights
+        Local weights file (state_dict or safetensors), or the name of torchvision weights
+        already in the local torch hub cache (``"ResNet50_Weights.IMAGENET1K_V2"``); ``None``
+        gives a randomly initialised model (seeded by ``seed``, so every worker builds the
+        same one). A ``.pt2`` program holds its own weights.
+    num_classes
+        Size of the classifier head. Default: what the weights file implies, else 1000; for
+        a model that is not torchvision's, the size of its output for one image.
+    seed
+        Seed of the random initialisation when no weights are given.
+    model_kwargs
+        Keyword arguments of an import path's factory.
+    where
+        Where the model is built (a worker's address), for error messages.
+    """
+    source = model_source(model, model_kwargs)
+    if source.kind != "torchvision":
+        return _build_own(source, weights=weights, num_classes=num_classes, seed=seed, where=where)
+    loaded = _build_torchvision(source.ref, weights=weights, num_classes=num_classes, seed=seed)
+    return replace(loaded, source=source)
+
+
+def _build_own(
+    source: ModelSource,
+    *,
+    weights: str | Path | None,
+    num_classes: int | None,
+    seed: int,
+    where: str | None,
+) -> LoadedModel:
+    """An import path's, an instance's or a ``.pt2`` program's model, with what is known about it."""
+    check_positive_int("num_classes", num_classes, optional=True, error=ModelError)
+    if weights is not None and source.kind == "exported":
+        raise ModelError(
+            f"weights={str(weights)!r} given with the program {source.ref!r}, which holds its own weights; "
+            "leave --weights out"
+        )
+    module = build_own_module(source, seed=seed, where=where)
+    state: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = {}
+    if weights is not None:
+        state, meta, weights = load_weights(weights)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise fit_error(source.label, str(weights), module, state) from exc
+    module.eval()
+    channels = input_channels(module) or 3
+    default_size = program_input_size(module) or DEFAULT_INPUT_SIZE
+    input_size = _input_size(meta.get("input_size", default_size), weights)
+    mean = meta.get("mean", _IMAGENET_MEAN if channels == 3 else (0.0,) * channels)
+    std = meta.get("std", _IMAGENET_STD if channels == 3 else (1.0,) * channels)
+    if num_classes is None:
+        num_classes = count_outputs(module, source.label, input_size, channels)
+    class_names = meta.get("class_names")
+    return LoadedModel(
+        module=module,
+        name=source.label,
+        num_classes=num_classes,
+        input_size=input_size,
+        mean=_channel_values("mean", mean, weights, channels=channels),
+        std=_channel_values("std", std, weights, channels=channels, positive=True),
+        class_names=tuple(str(c) for c in class_names) if class_names is not None else None,
+        weights=str(weights) if weights is not None else None,
+        source=source,
+    )
+
+
+def _build_torchvision(
     name: str,
     *,
     weights: str | Path | None = None,
     num_classes: int | None = None,
     seed: int = 0,
 ) -> LoadedModel:
-    """Build torchvision model ``name`` in eval mode, with weights from a local file.
-
-    Parameters
-    ----------
-    name
-        A torchvision classification model name, e.g. ``"resnet50"``.
-    weights
-        Local weights file; ``None`` gives a randomly initialised model (seeded by
-        ``seed``, so every worker builds the same one).
-    num_classes
-        Size of the classifier head. Default: what the weights file implies, else 1000.
-    seed
-        Seed of the random initialisation when no weights are given.
-    """
+    """Build torchvision model ``name`` (see :func:`build_model`)."""
     check_model_name(name)
     check_positive_int("num_classes", num_classes, optional=True, error=ModelError)
     defaults = model_defaults(name)
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
     if weights is not None:
-        state, meta = load_weights_file(weights)
+        state, meta, weights = load_weights(weights)
         if meta.get("model") not in (None, name):
             raise ModelError(
                 f"weights file {str(weights)!r} was made for {meta['model']!r}, not {name!r}; "
@@ -184,6 +269,10 @@ def build_model(
             kwargs.pop("aux_logits", None)
             kwargs.pop("init_weights", None)
             module = torchvision.models.get_model(name, **kwargs)
+    channels = (adapt_input_channels(module, state) if state is not None else input_channels(module)) or 3
+    if channels != 3:
+        # Statistics are per band; without them an N-band model gets pixels scaled to [0, 1].
+        defaults = replace(defaults, mean=(0.0,) * channels, std=(1.0,) * channels)
     if state is not None:
         try:
             module.load_state_dict(state, strict=True)
@@ -198,8 +287,8 @@ def build_model(
         name=name,
         num_classes=num_classes,
         input_size=_input_size(meta.get("input_size", defaults.input_size), weights),
-        mean=_channel_values("mean", meta.get("mean", defaults.mean), weights),
-        std=_channel_values("std", meta.get("std", defaults.std), weights, positive=True),
+        mean=_channel_values("mean", meta.get("mean", defaults.mean), weights, channels=channels),
+        std=_channel_values("std", meta.get("std", defaults.std), weights, channels=channels, positive=True),
         class_names=tuple(str(c) for c in class_names) if class_names is not None else None,
         weights=str(weights) if weights is not None else None,
     )

@@ -9,8 +9,10 @@ normalisation) travels with the file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -18,7 +20,15 @@ from torch import nn
 
 from dask_infer.errors import ModelError, reason
 
-__all__ = ["fit_error", "head_size", "load_weights_file", "weights_metadata_key"]
+__all__ = [
+    "cached_weights",
+    "fit_error",
+    "head_size",
+    "is_weights_enum_name",
+    "load_weights",
+    "load_weights_file",
+    "weights_metadata_key",
+]
 
 weights_metadata_key = "dask_infer"
 """Key of the JSON metadata in a safetensors file's header."""
@@ -89,12 +99,90 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return state, meta
 
 
+_ENUM_NAME = re.compile(r"^[A-Za-z]\w*_Weights\.\w+$")
+
+
+def is_weights_enum_name(text: str | Path) -> bool:
+    """Whether ``text`` reads as a torchvision weights enum name (``ResNet50_Weights.IMAGENET1K_V2``)."""
+    return isinstance(text, str) and bool(_ENUM_NAME.match(text)) and not Path(text).exists()
+
+
+def cached_weights(name: str) -> tuple[Path, dict[str, Any]]:
+    """The local torch hub cache file of torchvision weights ``name``, and their metadata.
+
+    Nothing is downloaded: the file must already be in ``torch.hub.get_dir()/checkpoints``
+    under the name torchvision downloads it as.
+
+    Returns
+    -------
+    path, metadata
+        ``metadata`` holds ``model``, ``class_names``, ``input_size``, ``mean`` and ``std``.
+
+    Raises
+    ------
+    ModelError
+        For an unknown enum name, or a file not in the cache (naming where to put it).
+    """
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (KeyError, ValueError, AttributeError):
+        raise ModelError(
+            f"weights {name!r} are not torchvision weights; give an enum name such as "
+            "'ResNet50_Weights.IMAGENET1K_V2', or a local .pt/.pth/.safetensors file"
+        ) from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        raise ModelError(
+            f"weights {name!r} are not in the local torch cache: place the file {weights.url} at "
+            f"{str(path)!r} (weights are never downloaded), or give a local weights file"
+        )
+    transforms = weights.transforms()
+    meta: dict[str, Any] = {
+        "model": _model_of(type(weights)),
+        "class_names": list(weights.meta.get("categories") or []) or None,
+        "input_size": int(transforms.crop_size[0]),
+        "mean": [float(v) for v in transforms.mean],
+        "std": [float(v) for v in transforms.std],
+    }
+    return path, {k: v for k, v in meta.items() if v is not None}
+
+
+def _model_of(enum: type) -> str | None:
+    """The torchvision model name whose weights enum is ``enum``."""
+    for model in torchvision.models.list_models(module=torchvision.models):
+        try:
+            if torchvision.models.get_model_weights(model) is enum:
+                return str(model)
+        except (ValueError, AttributeError):
+            continue
+    return None
+
+
+def load_weights(weights: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """A state_dict, its metadata and its file, from a local file or a cached torchvision enum name.
+
+    See :func:`load_weights_file` and :func:`cached_weights`; the enum's metadata fills in
+    what the file does not hold.
+    """
+    if is_weights_enum_name(weights):
+        path, meta = cached_weights(str(weights))
+        state, own = load_weights_file(path)
+        return state, {**meta, **own}, str(path)
+    state, meta = load_weights_file(weights)
+    return state, meta, str(weights)
+
+
 def head_size(name: str, state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes implied by ``state`` for architecture ``name``."""
+    """Number of classes implied by ``state`` for architecture ``name``.
+
+    The last tensor whose first (output) dim differs from the architecture's default is the
+    head's; a first layer taking other channels differs in its second dim, and is passed over.
+    """
     reference = torchvision.models.get_model(name, weights=None).state_dict()
     for key, tensor in reversed(list(reference.items())):
-        if key in state and state[key].shape != tensor.shape and state[key].ndim >= 1:
-            return int(state[key].shape[0])
+        mine = state.get(key)
+        if mine is not None and mine.ndim >= 1 and tensor.ndim >= 1 and mine.shape[0] != tensor.shape[0]:
+            return int(mine.shape[0])
     return None
 
 

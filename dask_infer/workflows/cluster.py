@@ -37,6 +37,7 @@ __all__ = [
     "device_memory",
     "lost_workers",
     "make_client",
+    "scheduler_workers",
     "wait_for_a_worker",
     "worker_deaths",
 ]
@@ -401,6 +402,19 @@ def _memory_restarts(client: Client) -> list[dict[str, Any]]:
     return [msg for _, msg in events if isinstance(msg, dict)]
 
 
+def scheduler_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Every worker's record as the scheduler has it now (address, status, memory, resources).
+
+    Asked of the scheduler directly: ``client.scheduler_info()`` returns a copy the
+    client's periodic refresh may replace, between the call's fetch and its return, by one
+    that lists no workers.
+    """
+    if client.scheduler is None:
+        raise DaskInferError("the client is not connected to a Dask scheduler")
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    return dict(identity.get("workers") or {})
+
+
 def _limit_of(client: Client, memory_limit: str | int | None) -> int | None:
     """The workers' memory limit in bytes: as configured, else the largest the scheduler reports."""
     from dask.utils import parse_bytes
@@ -408,7 +422,7 @@ def _limit_of(client: Client, memory_limit: str | int | None) -> int | None:
     if memory_limit is not None:
         return parse_bytes(memory_limit)
     try:
-        info = client.scheduler_info(n_workers=-1)["workers"]
+        info = scheduler_workers(client)
     except Exception:
         return None
     return max((int(r.get("memory_limit") or 0) for r in info.values()), default=0) or None

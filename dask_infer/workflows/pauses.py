@@ -16,6 +16,8 @@ import dask
 from dask.utils import format_bytes
 from distributed import Client
 
+from dask_infer.workflows.cluster import scheduler_workers
+
 __all__ = ["PauseReporter", "describe_pause"]
 
 
@@ -62,7 +64,7 @@ class PauseReporter:
         if now - self._last < self.every:
             return
         self._last = now
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        workers = scheduler_workers(self.client)
         paused = {a for a, r in workers.items() if r.get("status") == "paused"}
         for address in sorted(paused & self._seen - self._told):
             self.say(describe_pause(address, workers[address]))

@@ -107,7 +107,7 @@ def _recut_here(
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Task body: cut points balanced by ``measured``, profiled as this worker runs the model."""
     module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
-    return rebalanced_cuts(module, spec.cut_points, measured, sample=sample, label=spec.model)
+    return rebalanced_cuts(module, spec.cut_points, measured, sample=sample, label=spec.label)
 
 
 class Rebalancer:
@@ -180,15 +180,14 @@ class Rebalancer:
         if imbalance(effective) <= self.threshold or not pending:
             self._record(run.spec.cut_points, self.measured, before, chunks_before=self.n)
             return
-        size = run.spec.input_size
         self.recut = self.client.submit(
             _recut_here,
             run.spec,
             self.measured,
-            (self.batch, 3, size, size),
+            (self.batch, *run.spec.model_input),
             workers=list(before.stage_workers(0)),
             pure=False,
-            key=f"{run.spec.model}-recut-{uuid.uuid4().hex[:8]}",
+            key=f"{run.spec.label}-recut-{uuid.uuid4().hex[:8]}",
         )
 
     def _switch(self, new_cuts: tuple[str, ...], predicted: tuple[float, ...], pending: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from distributed import Client
 
 from dask_infer.errors import DaskInferError
+from dask_infer.workflows.cluster import scheduler_workers
 from dask_infer.workflows.execution import Execution
 from dask_infer.workflows.feed import WorkersChanged
 from dask_infer.workflows.placement import DEVICE_RESOURCE, PlacementError, WorkerInfo, on_workers
@@ -117,7 +118,7 @@ class PipelineGuard:
         self.records: list[Recovery] = []
 
     def _present(self) -> list[str]:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = scheduler_workers(self.client)
         labelled = [a for a, r in info.items() if float((r.get("resources") or {}).get(DEVICE_RESOURCE, 0))]
         return sorted(labelled or info)
 

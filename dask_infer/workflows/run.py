@@ -41,6 +41,10 @@ from dask_infer.io.outputs import (
 from dask_infer.io.stores import absolute_location, normalise_location
 from dask_infer.io.writable import check_run_targets
 from dask_infer.models import LoadedModel, build_model
+from dask_infer.models.features import check_feature_compression
+from dask_infer.models.heads import OutputShapes, probe_outputs
+from dask_infer.models.preprocess import PreprocessSpec
+from dask_infer.models.sources import ModelSource, model_label
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
 from dask_infer.partition.compress import CompressionPlan, check_recipe
@@ -51,6 +55,7 @@ from dask_infer.workflows.cluster import (
     cuda_device_count,
     device_memory,
     make_client,
+    scheduler_workers,
     worker_deaths,
 )
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
@@ -67,6 +72,7 @@ from dask_infer.workflows.placement import (
     with_plan,
     workers_from_scheduler,
 )
+from dask_infer.workflows.preprocessing import preprocess_record, preprocess_spec
 from dask_infer.workflows.rebalance import Rebalance, Rebalancer
 from dask_infer.workflows.recovery import PipelineGuard
 from dask_infer.workflows.stages import RuntimeSpec
@@ -93,6 +99,17 @@ class _Prepared:
     """Chunks that output's manifest records as written."""
     filled: tuple[tuple[int, int], ...] = ()
     """``(start, stop)`` ranges of images in absent input chunks, read as the fill value."""
+    shapes: OutputShapes = OutputShapes(())
+    """Per-image shapes of the model's output and of its feature layer."""
+    preprocess: PreprocessSpec | None = None
+    """What turns the stored images into the model's input."""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one image as the model receives it."""
+        if self.preprocess is not None:
+            return self.preprocess.input_shape
+        return (3, self.loaded.input_size, self.loaded.input_size)
 
     @property
     def cuts(self) -> tuple[str, ...]:
@@ -140,7 +157,11 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         tls_key=config.tls_key,
     )
     source = describe_source(
-        config.input, variable=config.variable, layout=config.layout, storage_options=config.storage_options
+        config.input,
+        variable=config.variable,
+        layout=config.layout,
+        dims=config.dims,
+        storage_options=config.storage_options,
     )
     missing = check_missing_chunks(source, config.missing_chunks)
     if missing.chunks:
@@ -156,29 +177,55 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         storage_options=config.storage_options,
     )
     check_run_targets(config.output, summary=config.summary, report=config.report)
-    loaded = build_model(config.model, weights=config.weights, num_classes=config.num_classes)
+    loaded = build_model(
+        config.model, weights=config.weights, num_classes=config.num_classes, model_kwargs=config.model_kwargs
+    )
     if not loaded.pretrained:
         say(
             f"warning: no --weights given, so {loaded.name} is randomly initialised and its predictions "
             "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
         )
+    preprocessing = preprocess_spec(config, loaded, source)
     plan = None
     if config.stages > 1:
-        size = loaded.input_size
         plan = partition_model(
-            loaded.module, config.stages, balance=config.balance, sample=(1, 3, size, size), name=loaded.name
+            loaded.module,
+            config.stages,
+            balance=config.balance,
+            sample=(1, *preprocessing.input_shape),
+            name=loaded.name,
         ).plan
         say(format_plan(plan))
     cuts = tuple(plan.cut_points) if plan is not None else ()
+    shapes = _output_shapes(config, loaded, cuts, preprocessing.input_shape)
     prepared = _Prepared(
         source,
         loaded,
         plan,
         _check_compression(config, loaded, cuts),
-        _fingerprint(config, source, loaded),
+        {**_fingerprint(config, source, loaded), **preprocess_record(config, preprocessing)},
         filled=missing.image_ranges,
+        shapes=shapes,
+        preprocess=preprocessing,
     )
     return _resumable(config, prepared, say) if config.resume else prepared
+
+
+def _output_shapes(
+    config: RunConfig, loaded: LoadedModel, cuts: tuple[str, ...], input_shape: tuple[int, int, int]
+) -> OutputShapes:
+    """What the model gives per image (and its feature layer), checked against the asked outputs."""
+    if config.feature_layer is not None and config.compress is not None:
+        plan = CompressionPlan.coerce(config.compress)
+        check_feature_compression(plan, len(cuts) + 1, config.feature_layer)
+    return probe_outputs(
+        loaded.module,
+        (1, *input_shape),
+        activation=config.activation,
+        feature_layer=config.feature_layer,
+        cut_points=cuts,
+        label=loaded.name,
+    )
 
 
 def _fingerprint(config: RunConfig, source: ImageSource, loaded: LoadedModel) -> dict[str, Any]:
@@ -194,7 +241,9 @@ def _fingerprint(config: RunConfig, source: ImageSource, loaded: LoadedModel) ->
         "input": normalise_location(config.input),
         "variable": source.variable,
         "images": source.n_images,
-        "model": loaded.name,
+        "model": loaded.source.ref if loaded.source is not None else loaded.name,
+        "model_kwargs": dict(loaded.source.kwargs or {}) or None if loaded.source is not None else None,
+        "model_sha256": loaded.source.digest if loaded.source is not None else None,
         "weights_sha256": digest,
         "num_classes": loaded.num_classes,
         "input_size": loaded.input_size,
@@ -203,6 +252,9 @@ def _fingerprint(config: RunConfig, source: ImageSource, loaded: LoadedModel) ->
         "compress": config.compress,
         "outputs": list(config.outputs),
         "top_k": min(config.top_k, loaded.num_classes),
+        # Recorded only when not the default, so outputs written before these options still resume.
+        **({"activation": config.activation} if config.activation != "softmax" else {}),
+        **({"feature_layer": config.feature_layer} if config.feature_layer is not None else {}),
     }
 
 
@@ -231,7 +283,7 @@ def _resumable(config: RunConfig, prepared: _Prepared, say: Callable[[str], None
 def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Client, ClusterChoice | None]]:
     """The caller's client, or one to ``config``'s scheduler or a new local cluster (closed after)."""
     if client is not None:
-        with worker_deaths(client, model=config.model):
+        with worker_deaths(client, model=model_label(config.model)):
             yield client, None
         return
     n_workers = config.n_workers
@@ -249,7 +301,7 @@ def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Clien
         tls_key=config.tls_key,
     )
     try:
-        with worker_deaths(own, model=config.model, memory_limit=config.memory_limit):
+        with worker_deaths(own, model=model_label(config.model), memory_limit=config.memory_limit):
             yield own, choice
     finally:
         cluster = own.cluster
@@ -259,7 +311,7 @@ def _connected(config: RunConfig, client: Client | None) -> Iterator[tuple[Clien
 
 
 def _partition_here(
-    model: str,
+    model: str | ModelSource,
     weights: str | None,
     num_classes: int,
     stages: int,
@@ -269,12 +321,18 @@ def _partition_here(
     """Task body: partition the model by time as this worker runs it."""
     module = build_model(model, weights=weights, num_classes=num_classes).module
     return partition_model(
-        module, stages, balance="time", sample=sample, name=model, repeats=3, threads=threads
+        module, stages, balance="time", sample=sample, name=str(model), repeats=3, threads=threads
     ).plan.to_dict()
 
 
 def _profile_on(
-    client: Client, worker: str, loaded: LoadedModel, stages: int, batch: int, threads: int
+    client: Client,
+    worker: str,
+    loaded: LoadedModel,
+    stages: int,
+    batch: int,
+    threads: int,
+    input_shape: tuple[int, int, int],
 ) -> StagePlan:
     """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch.
 
@@ -283,14 +341,13 @@ def _profile_on(
     machine's threads and batch 1, can cut a pipeline of one-thread workers far from
     balance.
     """
-    size = loaded.input_size
     future: Future = client.submit(
         _partition_here,
-        loaded.name,
+        loaded.source or loaded.name,
         loaded.weights,
         loaded.num_classes,
         stages,
-        (batch, 3, size, size),
+        (batch, *input_shape),
         threads,
         workers=[worker],
         pure=False,
@@ -332,8 +389,8 @@ def _chunks(
                 "each once"
             )
         return split_chunks(source.n_images, source.storage_chunk, target=config.chunk_size, exact=True)
-    size, gpu = loaded.input_size, _gpu(config)
-    flops, activations = forward_cost(loaded.module, torch.zeros(1, 3, size, size))
+    gpu = _gpu(config)
+    flops, activations = forward_cost(loaded.module, torch.zeros(1, *prepared.input_shape))
     batch = config.batch_size or default_batch_size(gpu)
     weights = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
     target = chunk_target(
@@ -360,7 +417,7 @@ def _lay_out(
     say: Callable[[str], None],
 ) -> _Layout:
     """Placement and chunks; a CPU pipeline balanced by time is measured, re-placed and re-checked here."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = scheduler_workers(client)
     if not info:
         raise DaskInferError(f"the Dask cluster at {client.scheduler_info()['address']} has no workers")
     workers = _workers(client, config)
@@ -379,7 +436,9 @@ def _lay_out(
     if plan is not None and placement.pipelined and config.balance == "time" and not _gpu(config):
         worker = placement.stage_workers(0)[0]
         threads = (choice.torch_threads if choice else None) or max(1, info[worker]["nthreads"])
-        profiled = _profile_on(client, worker, loaded, plan.num_stages, min(batch, chunks.size), threads)
+        profiled = _profile_on(
+            client, worker, loaded, plan.num_stages, min(batch, chunks.size), threads, prepared.input_shape
+        )
         say(f"re-profiled on {worker}:\n" + format_plan(profiled))
         placement = with_plan(placement, profiled, workers, batch_size=batch)
         compression = prepared.compression
@@ -394,14 +453,17 @@ def _lay_out(
 def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | None) -> RuntimeSpec:
     loaded = layout.prepared.loaded
     return RuntimeSpec(
-        model=loaded.name,
+        model=loaded.source or loaded.name,
         weights=loaded.weights,
         num_classes=loaded.num_classes,
         input_size=loaded.input_size,
         mean=loaded.mean,
         std=loaded.std,
+        preprocess=layout.prepared.preprocess,
         outputs=config.outputs,
-        top_k=min(config.top_k, loaded.num_classes),
+        top_k=_top_k(config, layout.prepared.shapes),
+        activation=config.activation,
+        feature_layer=config.feature_layer,
         batch_size=config.batch_size,
         device=config.device,
         torch_threads=choice.torch_threads if choice else None,
@@ -413,6 +475,11 @@ def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | No
         device_resource=DEVICE_RESOURCE if layout.labelled else None,
         warmup_images=layout.chunks.size,
     )
+
+
+def _top_k(config: RunConfig, shapes: OutputShapes) -> int:
+    """``top_k``, at most the categories the model scores."""
+    return min(config.top_k, shapes.result[0]) if len(shapes.result) == 1 else config.top_k
 
 
 def _class_names(loaded: LoadedModel, source: ImageSource) -> tuple[str, ...] | None:
@@ -430,7 +497,9 @@ def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> Out
     return create_output(
         config.output,
         n_images=source.n_images,
-        num_classes=loaded.num_classes,
+        result_shape=layout.prepared.shapes.result,
+        activation=config.activation,
+        feature_size=layout.prepared.shapes.features,
         top_k=spec.top_k,
         chunk=layout.chunks.size,
         outputs=config.outputs,
@@ -445,7 +514,7 @@ def _create_output(config: RunConfig, layout: _Layout, spec: RuntimeSpec) -> Out
 
 def _workers(client: Client, config: RunConfig) -> list[WorkerInfo]:
     """The cluster's workers as placement sees them: memory limits, device memory, device labels."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = scheduler_workers(client)
     memory = client.run(device_memory, config.device) if config.device != "cpu" else {}
     return workers_from_scheduler(info, memory)
 
@@ -499,7 +568,7 @@ def _execute(
 ) -> tuple[float, Rebalance | None]:
     """Feed every chunk through the current runtime; the wall time and what a re-cut decided."""
     source, label, chunks = layout.prepared.source, layout.prepared.loaded.name, layout.chunks
-    every = len(client.scheduler_info(n_workers=-1)["workers"])
+    every = len(scheduler_workers(client))
 
     def submit(indices: list[int]) -> list[Future]:
         placement = run.placement
@@ -570,7 +639,7 @@ def _summarise(
         pretrained=layout.prepared.loaded.pretrained,
         chunks=len(layout.chunks.bounds),
         chunk_size=layout.chunks.size,
-        workers=len(client.scheduler_info(n_workers=-1)["workers"]),
+        workers=len(scheduler_workers(client)),
         model_loads=run.loads,
         cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
         dashboard=client.dashboard_link,
@@ -595,11 +664,13 @@ def _finalize(config: RunConfig, output: OutputTarget, layout: _Layout, summary:
             "dask_infer_complete": True,
             "dask_infer_version": __version__,
             "model": loaded.name,
+            "model_source": loaded.source.to_dict() if loaded.source is not None else {},
             "weights": loaded.weights,
             "pretrained": loaded.pretrained,
-            "input_size": loaded.input_size,
-            "normalize_mean": list(loaded.mean),
-            "normalize_std": list(loaded.std),
+            "input_size": prepared.input_shape[-1],
+            "normalize_mean": list(prepared.preprocess.mean if prepared.preprocess else loaded.mean),
+            "normalize_std": list(prepared.preprocess.std if prepared.preprocess else loaded.std),
+            "preprocess": prepared.preprocess.describe() if prepared.preprocess else {},
             "source": config.input,
             "source_variable": prepared.source.variable,
             "config": config.to_dict(),

@@ -27,7 +27,8 @@ from distributed import WorkerPlugin, get_worker
 from torch import nn
 
 from dask_infer.io.images import non_finite_pixels
-from dask_infer.models import Preprocess
+from dask_infer.models.features import take_features
+from dask_infer.models.heads import activate
 from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
 from dask_infer.workflows.activation import Activation
@@ -39,15 +40,20 @@ __all__ = ["ModelRuntime", "StageOutput", "StageStats", "compute_executor", "inf
 
 @dataclass(frozen=True)
 class StageOutput:
-    """What a pipeline stage other than the last passes on: its activation and each image's ``valid`` flag."""
+    """What a pipeline stage other than the last passes on: its activation and each image's ``valid`` flag.
+
+    ``features`` are the feature layer's values once the stage holding that layer has run.
+    """
 
     activation: Activation
     valid: np.ndarray
+    features: np.ndarray | None = None
 
 
 @sizeof.register(StageOutput)
 def _sizeof_stage_output(out: StageOutput) -> int:
-    return int(sizeof(out.activation.data)) + out.valid.nbytes
+    features = out.features.nbytes if out.features is not None else 0
+    return int(sizeof(out.activation.data)) + out.valid.nbytes + features
 
 
 StageInput: TypeAlias = np.ndarray | StageOutput
@@ -166,12 +172,14 @@ class ModelRuntime(WorkerPlugin):
         if spec.torch_threads is not None:
             torch.set_num_threads(spec.torch_threads)
         self.device = _pick_device(spec.device)
-        self.preprocess = Preprocess(spec.input_size, spec.mean, spec.std).to(self.device)
+        self.preprocess = spec.preprocessing.build().to(self.device)
         self.batch_size = spec.batch_size or default_batch_size(self.device.type == "cuda")
         held = spec.stages_for(address, resources)
         if not held:
             return
-        self._stages = build_stages(spec, held, self.preprocess, self.device, self.batch_size)
+        self._stages = build_stages(
+            spec, held, self.preprocess, self.device, self.batch_size, address=address
+        )
         self._stage_stats.clear()
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -245,7 +253,8 @@ class ModelRuntime(WorkerPlugin):
             batch.record_stream(compute)
             logits = self._run_stages(batch).float()
             if out is None:
-                out = torch.empty((len(host), logits.shape[1]), dtype=torch.float32, pin_memory=True)
+                shape = (len(host), *logits.shape[1:])
+                out = torch.empty(shape, dtype=torch.float32, pin_memory=True)
             out[i : i + len(logits)].copy_(logits, non_blocking=True)
         compute.synchronize()
         assert out is not None
@@ -260,7 +269,9 @@ class ModelRuntime(WorkerPlugin):
                 "a whole-model task needs all of them (data-parallel placement)"
             )
         valid = finite_images(images)
-        result = self._outputs(self.forward(images), valid)
+        self._features()
+        logits = self.forward(images)
+        result = self._outputs(logits, valid, self._features(images.shape[0]))
         if self.device.type == "cpu":
             for k in range(self.spec.num_stages):
                 self._add_stage_time(k, images=images.shape[0])
@@ -285,11 +296,13 @@ class ModelRuntime(WorkerPlugin):
                 f"{sorted(self._stages)}; its task was placed on the wrong worker"
             )
         start, work = time.perf_counter(), self._work_clock()
+        features = None
         if isinstance(data, StageOutput):
-            host, valid = data.activation.to_tensor(), data.valid
+            host, valid, features = data.activation.to_tensor(), data.valid, data.features
         else:
             host = torch.from_numpy(data if data.flags.writeable else data.copy())
             valid = finite_images(data)
+        self._features()
         last = stage == self.spec.num_stages - 1
         parts = []
         for i in range(0, len(host), self.batch_size):
@@ -299,8 +312,12 @@ class ModelRuntime(WorkerPlugin):
             y = module(x)
             parts.append(y.float() if last else y)
         out = torch.cat(parts)
+        here = self._features(len(host))
+        features = here if here is not None else features
         result: StageOutput | dict[str, np.ndarray] = (
-            self._outputs(out.to("cpu"), valid) if last else StageOutput(Activation.from_tensor(out), valid)
+            self._outputs(out.to("cpu"), valid, features)
+            if last
+            else StageOutput(Activation.from_tensor(out), valid, features)
         )
         seconds = time.perf_counter() - start
         self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)
@@ -310,13 +327,31 @@ class ModelRuntime(WorkerPlugin):
             self.busy_seconds += seconds
         return result
 
-    def _outputs(self, logits: torch.Tensor, valid: np.ndarray) -> dict[str, np.ndarray]:
+    def _features(self, images: int | None = None) -> np.ndarray | None:
+        """The feature layer's values for the ``images`` just run here (``None``: not held here).
+
+        Without ``images`` it only drops what a warm-up or an earlier failed chunk left.
+        """
+        if self.spec.feature_layer is None:
+            return None
+        features = take_features(self._stages.values(), images)
+        return None if features is None else features.numpy()
+
+    def _outputs(
+        self, logits: torch.Tensor, valid: np.ndarray, features: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """The requested outputs and ``valid``; invalid images get top-k classes -1 and probabilities NaN."""
         result: dict[str, np.ndarray] = {"valid": valid}
         if "logits" in self.spec.outputs:
             result["logits"] = logits.numpy()
+        if "features" in self.spec.outputs:
+            if features is None:
+                raise RuntimeError(
+                    f"feature layer {self.spec.feature_layer!r} did not run in any stage of this chunk"
+                )
+            result["features"] = features
         if "probabilities" in self.spec.outputs or "top_k" in self.spec.outputs:
-            probs = torch.softmax(logits, dim=1)
+            probs = activate(logits, self.spec.activation)
             if "probabilities" in self.spec.outputs:
                 result["probabilities"] = probs.numpy()
             if "top_k" in self.spec.outputs:

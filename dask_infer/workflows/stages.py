@@ -1,7 +1,8 @@
-"""Building a worker's stages: the model from its name and weights file, cut, compressed, warmed up.
+"""Building a worker's stages: the model from its source and weights file, cut, compressed, warmed up.
 
-What a worker builds is described by a :class:`RuntimeSpec`: names and files, never a
-pickled model. Building happens once per worker and runtime (in
+What a worker builds is described by a :class:`RuntimeSpec`: names, import paths and files;
+only a model given as an ``nn.Module`` instance travels pickled, once per worker. Building
+happens once per worker and runtime (in
 :meth:`~dask_infer.workflows.runtime.ModelRuntime.setup`); running the stages on the
 worker's device is :mod:`dask_infer.workflows.runtime`.
 """
@@ -17,6 +18,9 @@ from torch import nn
 
 from dask_infer.io.images import ImageSource, non_finite_pixels, read_chunk
 from dask_infer.models import Preprocess, build_model
+from dask_infer.models.features import tap_layer
+from dask_infer.models.preprocess import PreprocessSpec
+from dask_infer.models.sources import ModelSource
 from dask_infer.models.tracing import running_modules
 from dask_infer.partition import split_model
 from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
@@ -26,9 +30,13 @@ __all__ = ["RuntimeSpec", "build_stages"]
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """What a worker needs to rebuild the model: names and files, never a pickled model."""
+    """What a worker needs to rebuild the model: a name, an import path or a ``.pt2`` file.
 
-    model: str
+    An ``nn.Module`` instance travels pickled once inside ``model`` (a
+    :class:`~dask_infer.models.sources.ModelSource`), with this spec: once per worker.
+    """
+
+    model: str | ModelSource
     weights: str | None
     num_classes: int
     input_size: int
@@ -36,6 +44,10 @@ class RuntimeSpec:
     std: tuple[float, ...]
     outputs: tuple[str, ...]
     top_k: int
+    activation: str = "softmax"
+    """What makes probabilities from the output: ``softmax``, ``sigmoid`` or ``none``."""
+    feature_layer: str | None = None
+    """Module whose output (flattened per image) is written as ``features``."""
     batch_size: int | None = None
     device: str = "auto"
     torch_threads: int | None = None
@@ -50,6 +62,24 @@ class RuntimeSpec:
     """Only workers with this resource hold stages (clusters that label their device workers)."""
     warmup_images: int = 0
     """Images of a blank batch run through the stages at load, so first-call costs stay out of timings."""
+    preprocess: PreprocessSpec | None = None
+    """What turns stored images into the model's input; ``None``: the defaults from ``input_size``,
+    ``mean`` and ``std``. A ``transform`` in it travels pickled with this spec, once per worker."""
+
+    @property
+    def preprocessing(self) -> PreprocessSpec:
+        """The preprocessing workers apply."""
+        return self.preprocess or PreprocessSpec(self.input_size, self.mean, self.std)
+
+    @property
+    def model_input(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one image as the model receives it."""
+        return self.preprocessing.input_shape
+
+    @property
+    def label(self) -> str:
+        """The model's short name, for task keys and messages."""
+        return str(self.model)
 
     @property
     def num_stages(self) -> int:
@@ -76,17 +106,18 @@ def _eager(stage: nn.Module) -> Callable[[torch.Tensor], Any]:
 def _warm_up(
     stages: Sequence[nn.Module],
     held: tuple[int, ...],
-    preprocess: Preprocess,
     images: int,
-    size: int,
+    shape: tuple[int, int, int],
     device: torch.device,
 ) -> None:
-    """Run a blank batch through stages ``0..max(held)``: later stages need their real input shapes.
+    """Run a blank batch of model inputs of ``shape`` through stages ``0..max(held)``.
 
-    Stages this worker does not hold only make the input of those it does: compressed ones
-    run eagerly, so a worker never compiles a stage it will not run.
+    Later stages need their real input shapes. Stages this worker does not hold only make
+    the input of those it does: compressed ones run eagerly, so a worker never compiles a
+    stage it will not run.
     """
-    x = preprocess(torch.zeros((images, size, size, 3), dtype=torch.uint8, device=device))
+    blank = torch.zeros((images, *shape), device=device)
+    x = blank.contiguous(memory_format=torch.channels_last)
     for index, stage in enumerate(stages[: max(held) + 1]):
         x = stage(x) if index in held else _eager(stage)(x)
 
@@ -109,31 +140,41 @@ def _calibration(spec: RuntimeSpec, preprocess: Preprocess, device: torch.device
 
 
 def build_stages(
-    spec: RuntimeSpec, held: tuple[int, ...], preprocess: Preprocess, device: torch.device, batch_size: int
+    spec: RuntimeSpec,
+    held: tuple[int, ...],
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int,
+    *,
+    address: str | None = None,
 ) -> dict[int, nn.Module]:
     """The stages ``held`` of ``spec``'s model, on ``device``, in eval mode, ready to run.
 
     Compressed stages are built from all stages before them (int8 calibrates stage k on
     the outputs of stages < k), and the compiled ones among ``held`` are run once here, so
     compilation is not part of the first chunk's time. Uncompressed stages on a CPU run a blank batch
-    of ``spec.warmup_images`` for the same reason.
+    of ``spec.warmup_images`` for the same reason. ``address`` names the worker in errors.
     """
     if not held:
         return {}
-    module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
+    where = f"worker {address}" if address else None
+    module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes, where=where).module
     stages = (
         list(split_model(module, list(spec.cut_points), copy_model=False)) if spec.cut_points else [module]
     )
-    size = spec.input_size
+    if spec.feature_layer is not None:
+        # After tracing, which would call the hook with proxies; the stages share the layer's module.
+        tap_layer(module, spec.feature_layer)
+    shape = spec.model_input
     if spec.compress is None:
         if spec.warmup_images and device.type == "cpu":
             with running_modules():
-                _warm_up(stages, held, preprocess, min(spec.warmup_images, batch_size), size, device)
+                _warm_up(stages, held, min(spec.warmup_images, batch_size), shape, device)
         return {i: stages[i].to(device).eval() for i in held}
     plan = CompressionPlan.coerce(spec.compress)
     calibration = _calibration(spec, preprocess, device) if plan.uses_calibration else None
     ordered = [s.to(device).eval() for s in stages]
     compressed = compress_stages(ordered, plan, calibration=calibration, device=device)
     if any(plan.recipe_for(i).compile for i in held):
-        _warm_up(compressed, held, preprocess, batch_size, size, device)
+        _warm_up(compressed, held, batch_size, shape, device)
     return {i: compressed[i] for i in held}

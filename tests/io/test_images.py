@@ -98,3 +98,27 @@ def test_refuses_existing_dataset(tmp_path: Path) -> None:
     write_image_dataset(str(tmp_path / "d.zarr"), random_images(2))
     with pytest.raises(InputError, match="exists; pass --overwrite"):
         write_image_dataset(str(tmp_path / "d.zarr"), random_images(2))
+
+
+def test_any_channel_count_and_mapped_dims(tmp_path: Path) -> None:
+    """Six bands are read as they are; dims maps roles to other names; a bad mapping names the dims."""
+    group = zarr.open_group(str(tmp_path / "ms.zarr"), mode="w")
+    pixels = np.arange(2 * 6 * 4 * 5, dtype=np.uint16).reshape(2, 6, 4, 5)
+    arr = group.create_array(
+        "cube", shape=pixels.shape, dtype="uint16", dimension_names=("t", "b", "row", "col")
+    )
+    arr[:] = pixels
+    with pytest.raises(InputError, match="cannot tell the channel axis .* map the dims"):
+        describe_source(str(tmp_path / "ms.zarr"))
+    source = describe_source(str(tmp_path / "ms.zarr"), dims={"image": "t", "channel": "b"})
+    assert (source.layout, source.image_shape) == ("NCHW", (4, 5, 6))
+    np.testing.assert_array_equal(read_chunk(source, 0, 2, pooled=False), pixels.transpose(0, 2, 3, 1))
+    with pytest.raises(InputError, match="has no dim 'band'; its dims are t, b, row, col"):
+        describe_source(str(tmp_path / "ms.zarr"), dims={"channel": "band"})
+    with pytest.raises(InputError, match="layout='NHWC' but the dims"):
+        describe_source(str(tmp_path / "ms.zarr"), layout="NHWC", dims={"image": "t", "channel": "b"})
+    nameless = zarr.open_group(str(tmp_path / "n.zarr"), mode="w")
+    nameless.create_array("images", shape=(2, 4, 4, 6), dtype="uint8")
+    assert describe_source(str(tmp_path / "n.zarr"), layout="NHWC").image_shape == (4, 4, 6)
+    with pytest.raises(InputError, match="has no dim names; give the axis order with --layout"):
+        describe_source(str(tmp_path / "n.zarr"), dims={"channel": "band"})

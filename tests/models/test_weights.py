@@ -48,3 +48,16 @@ def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
     torch.save(build_model("resnet18", num_classes=2).module, path)  # a whole pickled module
     with pytest.raises(ModelError, match="weights_only=True"):
         load_weights_file(path)
+
+
+def test_head_size_passes_over_a_first_layer_with_other_channels() -> None:
+    """A 1000-class ResNet-18 whose conv1 takes 6 bands: the head says 1000, not conv1's 64 filters."""
+    import torchvision
+
+    from dask_infer.models.weights import head_size
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 6, 7, 7)
+    assert head_size("resnet18", state) is None  # the default head: nothing to change
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
+    assert head_size("resnet18", state) == 10

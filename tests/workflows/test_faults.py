@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 import dask_infer
 from dask_infer import InputError
 from dask_infer.io.dataset import write_image_dataset
+from dask_infer.workflows.cluster import scheduler_workers
 from tests.conftest import random_images
 from tests.faults import WriteCounter, after_chunks_written
 from tests.reference import assert_close_logits, reference_logits, run_small
@@ -115,7 +116,7 @@ def test_a_worker_added_mid_run_loads_the_model(small_weights: Path, tmp_path: P
         ) as cluster,
         Client(cluster) as client,
     ):
-        first = set(client.scheduler_info()["workers"])
+        first = set(scheduler_workers(client))
         with after_chunks_written(tmp_path / "o.zarr", 4, lambda: cluster.scale(2)) as scaled:
             summary = run_small(client, src, tmp_path / "o.zarr", small_weights, chunk_size=4)
         assert scaled.is_set(), "the run ended before the cluster could grow"

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.models import build_model
+from dask_infer.workflows.cluster import scheduler_workers
 from tests.reference import assert_close_logits, run_small
 
 
@@ -112,7 +113,7 @@ def test_a_paused_worker_is_reported_in_one_line_while_the_run_waits(
         ) as cluster,
         Client(cluster) as client,
     ):
-        (address,) = client.scheduler_info()["workers"]
+        (address,) = scheduler_workers(client)
 
         def pause_then_resume() -> None:
             deadline = time.monotonic() + 60

@@ -19,6 +19,7 @@ from distributed import Client, LocalCluster
 
 import dask_infer.workflows.recovery as recovery_module
 from dask_infer.io.dataset import write_image_dataset
+from dask_infer.workflows.cluster import scheduler_workers
 from dask_infer.workflows.recovery import WorkersLostError
 from tests.conftest import random_images
 from tests.faults import WriteCounter, after_chunks_written
@@ -102,7 +103,7 @@ def test_a_stage_worker_lost_with_its_nanny_leaves_the_stages_on_the_others(
     write_image_dataset(str(src), random_images(240, seed=22), chunk=4)
     with _cluster(3) as cluster, Client(cluster) as client:
         calm = run_small(client, src, tmp_path / "calm.zarr", small_weights, **PIPELINE)
-        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(scheduler_workers(client))
         assert not calm.recoveries
         victim = workers[-1]
         kill_both = _killer(cluster, client, victim)
@@ -128,7 +129,7 @@ def test_too_few_workers_left_stops_with_a_resume_line(
     src = tmp_path / "long.zarr"
     write_image_dataset(str(src), random_images(240, seed=23), chunk=4)
     with _cluster(2) as cluster, Client(cluster) as client:
-        victim = sorted(client.scheduler_info(n_workers=-1)["workers"])[-1]
+        victim = sorted(scheduler_workers(client))[-1]
         kill_both = _killer(cluster, client, victim)
         with (
             after_chunks_written(tmp_path / "hit.zarr", 6, kill_both),
@@ -151,7 +152,7 @@ def test_a_worker_that_joins_a_pipeline_gets_a_stage(small_weights: Path, tmp_pa
     write_image_dataset(str(src), random_images(240, seed=24), chunk=4)
     with _cluster(2) as cluster, Client(cluster) as client:
         calm = run_small(client, src, tmp_path / "calm.zarr", small_weights, **PIPELINE)
-        first = set(client.scheduler_info(n_workers=-1)["workers"])
+        first = set(scheduler_workers(client))
         counter = WriteCounter()
         cluster.scheduler.add_plugin(counter)
         with after_chunks_written(tmp_path / "hit.zarr", 6, lambda: cluster.scale(3)) as scaled:

@@ -16,6 +16,7 @@ import dask_infer
 from dask_infer import DaskInferError, InputError, ModelError
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.io.samples import write_sample
+from dask_infer.workflows.cluster import scheduler_workers
 from tests.conftest import random_images
 from tests.reference import assert_close_logits, assert_held_out_mistakes, reference_logits, run_small
 
@@ -123,7 +124,7 @@ def test_memory_is_bounded_by_threads_not_dataset(
     finally:
         client.unregister_scheduler_plugin("reads-in-memory")
     assert summary.chunks == 60
-    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    threads = sum(w["nthreads"] for w in scheduler_workers(client).values())
     assert 1 <= peak <= 2 * threads + 2, f"{peak} chunks of images held at once"
 
 
@@ -181,7 +182,7 @@ def test_connects_to_an_existing_scheduler(
         echo=None,
     )
     assert summary.cluster == f"scheduler {address}" and summary.workers == 2
-    assert len(client.scheduler_info()["workers"]) == 2  # the cluster outlives the run
+    assert len(scheduler_workers(client)) == 2  # the cluster outlives the run
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
     assert_close_logits(
         xr.open_zarr(tmp_path / "o.zarr")["logits"].values,
