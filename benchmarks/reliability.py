@@ -5,7 +5,8 @@ Runs on this machine's CPU, with a small ResNet-18 (random weights, 10 classes, 
 1. Resume: ``dask-infer run`` over 10,000 images, undisturbed; then the same run SIGKILLed
    (with its local cluster) once half of its chunks are written, and ``--resume``d. The
    overhead is (killed part + resume) / undisturbed - 1; chunks recomputed are chunks the
-   manifest recorded before the kill that the resume computed again (must be 0). The resume
+   manifest recorded before the kill that the resume computed again, counted from the images
+   the resume's workers ran (must be 0). The resume
    starts a cluster and loads the model again; the overhead is also given without that.
 2. Lost workers: a data-parallel run and a 2-stage pipeline on a 2-worker LocalCluster with
    nannies, each with one worker SIGKILLed after a few chunks (the nanny restarts it), timed
@@ -142,6 +143,7 @@ def resume_overhead(src: Path, weights: Path, work: Path, images: int) -> dict[s
     )
     resumed = time.perf_counter() - t
     summary = json.loads(summary_path.read_text())
+    computed = int(summary["stage_stats"][0]["images"])
     return {
         "images": images,
         "chunks": chunks,
@@ -150,8 +152,10 @@ def resume_overhead(src: Path, weights: Path, work: Path, images: int) -> dict[s
         "chunks_written_before_kill": before,
         "resume_s": resumed,
         "chunks_skipped": summary["skipped_chunks"],
-        # Recorded as written before the kill, yet not skipped by the resume: computed twice.
-        "chunks_recomputed": before - summary["skipped_chunks"],
+        # What the resume's workers really ran, beyond the chunks left to do: computed twice.
+        "images_computed_by_resume": computed,
+        "chunks_recomputed": (computed - (images - 128 * summary["skipped_chunks"])) // 128
+        + (before - summary["skipped_chunks"]),
         "start_up_s": start_up,
         "overhead": (killed + resumed) / undisturbed - 1,
         # The same without the resume's own cluster start and model load, which a run pays once.

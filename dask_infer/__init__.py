@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dask_infer.partition.compress import CompressionPlan as CompressionPlan
     from dask_infer.partition.compress import CompressionRecipe as CompressionRecipe
     from dask_infer.partition.compress import compress_stages as compress_stages
+    from dask_infer.workflows.lazy import predict as predict
     from dask_infer.workflows.summary import RunSummary as RunSummary
 
 _HOME = {
@@ -48,6 +49,7 @@ _HOME = {
     "open_images": "dask_infer.io",
     "open_results": "dask_infer.io.outputs",
     "partition_model": "dask_infer.partition",
+    "predict": "dask_infer.workflows.lazy",
     "run": "dask_infer.api",
     "split_model": "dask_infer.partition",
     "write_image_dataset": "dask_infer.io",

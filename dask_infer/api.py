@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
 from distributed import Client
 
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
+from dask_infer.workflows.array_input import store_of
 from dask_infer.workflows.run import run_config
 from dask_infer.workflows.summary import RunSummary
 
@@ -23,7 +25,7 @@ __all__ = ["run"]
 
 
 def run(
-    input: str | None = None,
+    input: str | xr.DataArray | None = None,
     output: str | None = None,
     *,
     config: RunConfig | str | Path | None = None,
@@ -36,6 +38,8 @@ def run(
     unknown = sorted(set(options) - known)
     if unknown:
         raise DaskInferError(f"unknown option(s) {unknown}; known options: {', '.join(sorted(known))}")
+    if isinstance(input, xr.DataArray):
+        input, options = store_of(input, options)
     given = {"input": input, "output": output, **options}
     explicit = {k: v for k, v in given.items() if v is not None}
     if isinstance(config, RunConfig):
@@ -67,6 +71,10 @@ def _docstring() -> str:
 
     Every option of :class:`~dask_infer.config.RunConfig` is a keyword argument; one
     left out (or ``None``) takes its value from ``config``, else the default.
+
+    ``input`` may also be a ``dask_infer.open_images`` DataArray of a whole store, which
+    runs on that store; for any other DataArray use :func:`dask_infer.predict` and write
+    its result with ``.to_zarr``.
 
     Parameters
     ----------

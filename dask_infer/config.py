@@ -161,7 +161,9 @@ class RunConfig:
         Re-cut a pipeline after its first chunks when the slowest stage's measured time
         exceeds the mean by this factor; ``None`` (or ``False``) never re-cuts.
     report
-        Write a ``distributed.performance_report`` HTML file here.
+        Write the run report here: one HTML file that opens offline (throughput, stage busy
+        time, chunk latency, worker memory, plan, config), with Dask's performance report
+        beside it as ``<name>.dask.html``.
     summary
         Write the run summary as JSON here.
     compress

@@ -28,6 +28,7 @@ __all__ = [
     "describe_source",
     "find_missing_chunks",
     "image_coords",
+    "image_layout",
     "non_finite_pixels",
     "open_images",
     "read_chunk",
@@ -146,6 +147,37 @@ def _pick_variable(group: zarr.Group, url: str, variable: str | None) -> tuple[s
     )
 
 
+def image_layout(
+    label: str,
+    shape: tuple[int, ...],
+    names: tuple[str, ...] | None,
+    *,
+    layout: str = "auto",
+    dims: Mapping[str, str] | None = None,
+) -> str:
+    """The layout (``NHWC``, ``NCHW``, ``NHW``) of array ``label`` with ``shape`` and dim ``names``.
+
+    ``dims`` maps roles to dim names (see :func:`dask_infer.io.dims.layout_from_dims`);
+    without it the layout is ``layout``, or told from the names and shape.
+
+    Raises
+    ------
+    InputError
+        When the array's dims cannot be read as images, or ``layout`` contradicts ``dims``.
+    """
+    if not dims:
+        return _layout(label, shape, names, layout)
+    if len(shape) not in (3, 4):
+        _layout(label, shape, None, "auto")
+    lay = layout_from_dims(label, names, shape, dims)
+    if layout not in ("auto", lay):
+        raise InputError(
+            f"layout={layout!r} but the dims of array {label!r} mapped by dims={dict(dims)!r} are "
+            f"{lay}; leave layout out"
+        )
+    return lay
+
+
 def describe_source(
     url: str,
     *,
@@ -188,17 +220,7 @@ def describe_source(
         name, arr = _pick_variable(node, url, variable)
     label = name or url
     shape = tuple(int(s) for s in arr.shape)
-    if dims:
-        if arr.ndim not in (3, 4):
-            _layout(label, shape, None, "auto")
-        lay = layout_from_dims(label, _dim_names(arr), shape, dims)
-        if layout not in ("auto", lay):
-            raise InputError(
-                f"layout={layout!r} but the dims of array {label!r} mapped by dims={dict(dims)!r} are "
-                f"{lay}; leave layout out"
-            )
-    else:
-        lay = _layout(label, shape, _dim_names(arr), layout)
+    lay = image_layout(label, shape, _dim_names(arr), layout=layout, dims=dims)
     dtype = np.dtype(arr.dtype)
     if dtype.name not in SUPPORTED_DTYPES:
         raise InputError(

@@ -83,11 +83,13 @@ def track(
     ``on_future`` sees each future just before its ``on_done``. If a future fails, the
     wait is interrupted, or ``check`` raises, every future still running is cancelled.
 
-    In a Jupyter kernel with ``progress`` set, ``distributed.progress`` also draws its
-    per-task-group widget (read, each stage, write) for the futures known at the start;
-    without ipywidgets it is skipped.
+    In a Jupyter kernel with ``progress`` set and every chunk submitted at once (no
+    ``refill``), ``distributed.progress`` also draws its per-task-group widget (read,
+    model, write), which then counts the whole run; a pipeline fed through a window
+    skips it, since it would count only the first window, and the caller's bar of
+    images (``on_done``) counts the whole run. Without ipywidgets it is skipped.
     """
-    if progress and in_notebook():
+    if progress and refill is None and in_notebook():
         with contextlib.suppress(ImportError):
             from distributed import progress as dask_progress
 

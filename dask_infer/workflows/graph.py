@@ -5,6 +5,14 @@ to run in the runtime's one-thread compute executor, so decoding and writing
 overlap the model. Priorities make a worker finish chunks it holds before it
 starts reading new ones, which keeps memory bounded for datasets of any size.
 
+Task keys are ``{group}-{token}-{chunk}``: ``-`` only between those three parts, and
+``_`` between the words of a group's name (``read``, ``infer_resnet18``,
+``s0_resnet18``, ``write``, ``recut_resnet18``, ``profile_resnet18``). Dask's
+dashboard names a task group by the key's words up to the first one with a digit
+(:func:`dask.utils.key_split`), so a group name with digits must be one word; it
+starts with what tells the groups apart, which the dashboard's progress bars show
+within their first characters.
+
 Pipelined placements pin each stage's tasks to its worker group with worker
 restrictions (``workers=``, no other workers allowed). Restrictions need nothing
 from how the workers were started, so they work on any existing cluster, and work
@@ -13,6 +21,7 @@ stealing honours them: idle workers of the same group still steal.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,14 +38,23 @@ from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import compute_executor, infer_chunk, run_stage
 
 __all__ = [
+    "READ",
+    "WRITE",
     "ChunkMemoryError",
     "Chunks",
     "chunk_target",
+    "group_name",
+    "infer_prefix",
     "split_chunks",
     "stage_prefix",
     "submit_chunks",
     "submit_pipeline",
 ]
+
+READ = "read"
+"""Task-group name of the chunks' reads."""
+WRITE = "write"
+"""Task-group name of the chunks' writes."""
 
 _READ, _INFER, _WRITE = 0, 1, 2
 
@@ -170,7 +188,7 @@ def submit_chunks(
         [source] * n,
         starts,
         stops,
-        key=[f"read-{token}-{i}" for i in order],
+        key=[f"{READ}-{token}-{i}" for i in order],
         priority=_READ,
     )
     with dask.annotate(executor=compute_executor(runtime)):
@@ -178,7 +196,7 @@ def submit_chunks(
             infer_chunk,
             [runtime] * n,
             reads,
-            key=[f"{label}-infer-{token}-{i}" for i in order],
+            key=[f"{infer_prefix(label)}-{token}-{i}" for i in order],
             priority=_INFER,
             workers=list(workers) if workers else None,
         )
@@ -188,19 +206,32 @@ def submit_chunks(
         starts,
         stops,
         logits,
-        key=[f"write-{token}-{i}" for i in order],
+        key=[f"{WRITE}-{token}-{i}" for i in order],
         priority=_WRITE,
     )
 
 
-def stage_prefix(label: str, stage: int) -> str:
-    """Task-name prefix of stage ``stage`` as the dashboard groups it: ``resnet50_stage_2``.
+def group_name(*words: str) -> str:
+    """One task-group name from ``words``: joined by ``_``, every other character made ``_``.
 
-    Dask groups tasks by the key's leading words and stops at the first word that is
-    not alphabetic, so ``resnet50-stage-2-...`` would show every stage as
-    ``resnet50-stage``; underscores keep the stage number in the group's name.
+    A key's ``-`` separates its group, token and chunk, so a model's label such as
+    ``my-net`` (a ``.pt2`` file's stem) becomes ``my_net``.
     """
-    return f"{label}_stage_{stage}"
+    return "_".join(re.sub(r"[^0-9A-Za-z_]", "_", w) for w in words if w)
+
+
+def infer_prefix(label: str) -> str:
+    """Task-group name of the whole model's tasks: ``infer_resnet18``."""
+    return group_name("infer", label)
+
+
+def stage_prefix(label: str, stage: int) -> str:
+    """Task-group name of stage ``stage``'s tasks: ``s2_resnet50``.
+
+    The stage comes first, so the dashboard, which shows a group's first dozen
+    characters, tells the stages of a model apart.
+    """
+    return group_name(f"s{stage}", label)
 
 
 def submit_pipeline(
@@ -241,7 +272,7 @@ def submit_pipeline(
             [source] * n,
             starts,
             stops,
-            key=[f"read-{token}-{i}" for i in mine],
+            key=[f"{READ}-{token}-{i}" for i in mine],
             priority=_READ + 1 + stages,
             workers=list(placement.stage_workers(0, replica)),
             allow_other_workers=False,
@@ -264,7 +295,7 @@ def submit_pipeline(
             starts,
             stops,
             data,
-            key=[f"write-{token}-{i}" for i in mine],
+            key=[f"{WRITE}-{token}-{i}" for i in mine],
             priority=_READ + 2 + stages,
         )
         writes.update(zip(mine, done, strict=True))

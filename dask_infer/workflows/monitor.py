@@ -1,4 +1,4 @@
-"""Watching a run while it happens: GPU use sampled on the workers, the performance report.
+"""Watching a run while it happens: GPU use sampled on the workers, dask's performance report.
 
 GPU utilisation and memory are sampled on the workers through NVML (``nvidia-ml-py``,
 the ``gpu`` extra) and skipped where there is no GPU. What the run did afterwards
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 from distributed import Client
 
-__all__ = ["GpuSampler", "in_notebook", "maybe_performance_report"]
+__all__ = ["GpuSampler", "dask_report_path", "in_notebook", "maybe_performance_report"]
 
 
 def _nvml_index() -> int | str:
@@ -111,14 +112,39 @@ def in_notebook() -> bool:
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
 
 
+def dask_report_path(report: str) -> str:
+    """Where dask's performance report goes beside the run report: ``run.html`` -> ``run.dask.html``."""
+    path = Path(report)
+    return str(path.with_name(f"{path.stem}.dask{path.suffix or '.html'}"))
+
+
 @contextlib.contextmanager
 def maybe_performance_report(client: Client, filename: str | None) -> Iterator[None]:
-    """``distributed.performance_report`` into ``filename`` on ``client``, or nothing if ``None``."""
+    """``distributed.performance_report`` on ``client`` beside the run report ``filename``, or nothing.
+
+    Dask's report goes to :func:`dask_report_path` of ``filename``, with BokehJS inline
+    (``mode="inline"``), so that it opens offline too; the run report itself is written
+    by :func:`dask_infer.workflows.report.report_run`.
+    """
     if filename is None:
         yield
         return
     from distributed import performance_report
 
     Path(filename).parent.mkdir(parents=True, exist_ok=True)
-    with client.as_current(), performance_report(filename=str(filename)):
+    target = dask_report_path(filename)
+    with client.as_current(), performance_report(filename=target, mode="inline"):
         yield
+    _drop_outside_icon(Path(target))
+
+
+_OUTSIDE_ICON = re.compile(
+    r"""<link\b[^>]*\brel=["']?(?:shortcut )?icon["']?[^>]*href=["']?https?://[^>]*>\s*""", re.I
+)
+
+
+def _drop_outside_icon(page: Path) -> None:
+    """Remove the favicon link to docs.dask.org from dask's report, its one request outside the file."""
+    if page.exists():
+        text = page.read_text(encoding="utf-8")
+        page.write_text(_OUTSIDE_ICON.sub("", text), encoding="utf-8")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from dask_infer.config import RunConfig
@@ -72,8 +73,13 @@ def _per_channel(
     return given
 
 
-def preprocess_spec(config: RunConfig, loaded: LoadedModel, source: ImageSource) -> PreprocessSpec:
+def preprocess_spec(
+    config: RunConfig, loaded: LoadedModel, source: ImageSource, *, sample: np.ndarray | None = None
+) -> PreprocessSpec:
     """What turns ``source``'s images into ``loaded``'s input under ``config``.
+
+    ``sample``, (image, y, x, channel) images, is what a ``transform`` is tried on instead of
+    the input's first images (for inputs that are not a Zarr store).
 
     Raises
     ------
@@ -91,7 +97,7 @@ def preprocess_spec(config: RunConfig, loaded: LoadedModel, source: ImageSource)
         spec = PreprocessSpec(
             size, loaded.mean, loaded.std, bands=bands, channels=channels, transform=config.transform
         )
-        return check_transform(spec, source)
+        return check_transform(spec, source, sample=sample)
     given = len(bands) if bands is not None else source.channels
     rgb_compatible = channels == 3 and bands is None and given in (1, 4)
     if given != channels and not rgb_compatible:
@@ -119,8 +125,12 @@ def preprocess_spec(config: RunConfig, loaded: LoadedModel, source: ImageSource)
     )
 
 
-def check_transform(spec: PreprocessSpec, source: ImageSource) -> PreprocessSpec:
+def check_transform(
+    spec: PreprocessSpec, source: ImageSource, *, sample: np.ndarray | None = None
+) -> PreprocessSpec:
     """Run ``spec``'s transform on the input's first images; ``spec`` with the model input shape it gives.
+
+    ``sample``, (image, y, x, channel) images, is used instead of reading the input.
 
     Raises
     ------
@@ -129,8 +139,9 @@ def check_transform(spec: PreprocessSpec, source: ImageSource) -> PreprocessSpec
         or returns anything but a floating (N, C, H, W) tensor of the same N.
     """
     assert spec.transform is not None
-    count = min(TRANSFORM_CHECK_IMAGES, source.n_images)
-    images = torch.from_numpy(read_chunk(source, 0, count, pooled=False))
+    count = min(TRANSFORM_CHECK_IMAGES, source.n_images) if sample is None else len(sample)
+    pixels = read_chunk(source, 0, count, pooled=False) if sample is None else sample
+    images = torch.from_numpy(pixels)
     batch = spec.build().pick_bands(images).contiguous()
     shown = f"{tuple(batch.shape)} and dtype {str(batch.dtype).removeprefix('torch.')}"
     name = describe_callable(spec.transform)

@@ -22,6 +22,7 @@ from dask_infer.partition.balance import imbalance
 from dask_infer.partition.recut import rebalanced_cuts
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import wave
+from dask_infer.workflows.graph import group_name
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.stages import RuntimeSpec
 
@@ -187,7 +188,7 @@ class Rebalancer:
             (self.batch, *run.spec.model_input),
             workers=list(before.stage_workers(0)),
             pure=False,
-            key=f"{run.spec.label}-recut-{uuid.uuid4().hex[:8]}",
+            key=f"{group_name('recut', run.spec.label)}-{uuid.uuid4().hex[:8]}",
         )
 
     def _switch(self, new_cuts: tuple[str, ...], predicted: tuple[float, ...], pending: int) -> None:

@@ -60,7 +60,14 @@ from dask_infer.workflows.cluster import (
 )
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import feed, min_chunks
-from dask_infer.workflows.graph import Chunks, chunk_target, split_chunks, submit_chunks, submit_pipeline
+from dask_infer.workflows.graph import (
+    Chunks,
+    chunk_target,
+    group_name,
+    split_chunks,
+    submit_chunks,
+    submit_pipeline,
+)
 from dask_infer.workflows.monitor import maybe_performance_report
 from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.placement import (
@@ -75,10 +82,11 @@ from dask_infer.workflows.placement import (
 from dask_infer.workflows.preprocessing import preprocess_record, preprocess_spec
 from dask_infer.workflows.rebalance import Rebalance, Rebalancer
 from dask_infer.workflows.recovery import PipelineGuard
+from dask_infer.workflows.report import RunRecorder, report_run
 from dask_infer.workflows.stages import RuntimeSpec
-from dask_infer.workflows.summary import RunSummary, format_stages, gpu_summary, stage_summary, write_summary
+from dask_infer.workflows.summary import RunSummary, gpu_summary, stage_summary, write_summary
 
-__all__ = ["RUN_ATTR", "run_config"]
+__all__ = ["RUN_ATTR", "clamped_top_k", "output_shapes", "run_config"]
 
 RUN_ATTR = "dask_infer_run"
 """Output attr recording what the results depend on (input, model, weights hash, options)."""
@@ -197,7 +205,7 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
         ).plan
         say(format_plan(plan))
     cuts = tuple(plan.cut_points) if plan is not None else ()
-    shapes = _output_shapes(config, loaded, cuts, preprocessing.input_shape)
+    shapes = output_shapes(config, loaded, cuts, preprocessing.input_shape)
     prepared = _Prepared(
         source,
         loaded,
@@ -211,7 +219,7 @@ def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
     return _resumable(config, prepared, say) if config.resume else prepared
 
 
-def _output_shapes(
+def output_shapes(
     config: RunConfig, loaded: LoadedModel, cuts: tuple[str, ...], input_shape: tuple[int, int, int]
 ) -> OutputShapes:
     """What the model gives per image (and its feature layer), checked against the asked outputs."""
@@ -351,7 +359,7 @@ def _profile_on(
         threads,
         workers=[worker],
         pure=False,
-        key=f"{loaded.name}-profile-{uuid.uuid4().hex[:8]}",
+        key=f"{group_name('profile', loaded.name)}-{uuid.uuid4().hex[:8]}",
     )
     return StagePlan.from_dict(future.result())
 
@@ -461,7 +469,7 @@ def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | No
         std=loaded.std,
         preprocess=layout.prepared.preprocess,
         outputs=config.outputs,
-        top_k=_top_k(config, layout.prepared.shapes),
+        top_k=clamped_top_k(config, layout.prepared.shapes),
         activation=config.activation,
         feature_layer=config.feature_layer,
         batch_size=config.batch_size,
@@ -477,7 +485,7 @@ def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | No
     )
 
 
-def _top_k(config: RunConfig, shapes: OutputShapes) -> int:
+def clamped_top_k(config: RunConfig, shapes: OutputShapes) -> int:
     """``top_k``, at most the categories the model scores."""
     return min(config.top_k, shapes.result[0]) if len(shapes.result) == 1 else config.top_k
 
@@ -565,8 +573,12 @@ def _execute(
     output: OutputTarget,
     run: Execution,
     say: Callable[[str], None],
+    recorder: RunRecorder | None = None,
 ) -> tuple[float, Rebalance | None]:
-    """Feed every chunk through the current runtime; the wall time and what a re-cut decided."""
+    """Feed every chunk through the current runtime; the wall time and what a re-cut decided.
+
+    ``recorder``, when given, records each chunk's times and samples the workers' memory.
+    """
     source, label, chunks = layout.prepared.source, layout.prepared.loaded.name, layout.chunks
     every = len(scheduler_workers(client))
 
@@ -583,6 +595,7 @@ def _execute(
             run.current,
             chunks,
             label=label,
+            indices=indices,
             workers=None if len(placement.workers) == every else placement.workers,
         )
 
@@ -598,15 +611,19 @@ def _execute(
         if guard is not None:
             guard.check()
         pauses.check()
+        if recorder is not None:
+            recorder.check()
 
     start = run.last_start = time.perf_counter()
-    with tqdm(total=source.n_images, unit="img", disable=not config.progress, desc=label, leave=True) as bar:
+    written = source.n_images - sum(chunks.bounds[i][1] - chunks.bounds[i][0] for i in todo)
+    bar_options = {"unit": "img", "disable": not config.progress, "desc": label, "leave": True}
+    with tqdm(total=source.n_images, initial=written, **bar_options) as bar:
         feed(
             run.placement,
             todo,
-            submit,
+            submit if recorder is None else recorder.watch(submit),
             progress=config.progress,
-            on_done=bar.update,
+            on_done=bar.update if recorder is None else recorder.on_done(bar.update),
             after_write=rebalancer.after_write if rebalancer is not None else None,
             check=check,
             recover=guard.recover if guard is not None else None,
@@ -719,12 +736,25 @@ def run_config(
         try:
             with maybe_performance_report(client, config.report):
                 run.register(client)
-                seconds, rebalance = _execute(client, config, layout, output, run, say)
+                recorder = RunRecorder(client) if config.report else None
+                seconds, rebalance = _execute(client, config, layout, output, run, say, recorder)
             summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output)
+            if config.report and recorder is not None:
+                plan = layout.prepared.plan
+                report_run(
+                    config.report,
+                    client,
+                    run,
+                    summary,
+                    recorder,
+                    config=config.to_dict(),
+                    plan=plan.to_dict() if plan is not None else None,
+                    rebalance=rebalance,
+                )
             _finalize(config, output, layout, summary)
         finally:
             run.release(client)
     say(summary.format())
     if any(row["images"] for row in summary.stage_stats):
-        say(format_stages(summary.stage_stats))
+        say(summary.format_stages())
     return summary

@@ -6,6 +6,7 @@ and gathered at the end with ``client.run``.
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,72 @@ class RunSummary:
                 f"{self.filled_images} image(s) read as the fill value from absent input chunks (filled=True)"
             )
         return "; " + "; ".join(notes) if notes else ""
+
+    def stage_scope(self) -> str | None:
+        """Which chunks :attr:`stage_stats` describe, when not all of the run's; ``None`` when all.
+
+        A re-cut and a re-placement after workers were lost or joined start new runtimes,
+        and ``stage_stats`` holds the figures of the last one only.
+        """
+        since = []
+        if self.rebalance and self.rebalance.get("recut"):
+            since.append(f"the re-cut after chunk {self.rebalance['chunks_before']} of {self.chunks}")
+        if self.recoveries:
+            done = self.recoveries[-1]["written_before"]
+            since.append(f"the stages were placed again with {done} chunk(s) written")
+        return "stage times since " + " and ".join(since) if since else None
+
+    def format_stages(self) -> str:
+        """The per-stage lines, headed by which chunks they describe, and the times before a re-cut."""
+        lines = []
+        scope = self.stage_scope()
+        if scope:
+            lines.append(f"{scope}:")
+        lines.append(format_stages(self.stage_stats))
+        if self.rebalance and self.rebalance.get("recut"):
+            times = ", ".join(f"{t * 1e3:.1f}" for t in self.rebalance["before"]["stage_seconds_per_image"])
+            lines.append(
+                f"  before the re-cut: {times} ms/image per stage, "
+                f"measured over the first {self.rebalance['chunks_measured']} chunks"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The key figures and the per-stage lines as two small HTML tables, for Jupyter."""
+        rows = [
+            ("images", f"{self.images}"),
+            ("time", f"{self.seconds:.1f} s"),
+            ("throughput", f"{self.images_per_second:.1f} images/s"),
+            ("model", self.model),
+            ("chunks", f"{self.chunks} of {self.chunk_size} images"),
+            ("workers", f"{self.workers} [{self.cluster}]"),
+            ("placement", str(self.placement.get("mode", "data"))),
+            ("output", self.output),
+        ]
+        if self.skipped_chunks:
+            rows.append(("resumed", f"{self.skipped_chunks} chunk(s) were already written"))
+        if self.invalid_images or self.filled_images:
+            rows.append(("bad data", self._bad_data().lstrip("; ")))
+        if self.dashboard:
+            rows.append(("dashboard", self.dashboard))
+        body = "".join(
+            f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+        )
+        out = f"<table><caption>dask-infer run</caption>{body}</table>"
+        stages = [s for s in self.stage_stats if s["images"]]
+        if stages:
+            head = "".join(
+                f"<th>{h}</th>" for h in ("stage", "workers", "images", "busy s", "busy %", "images/s busy")
+            )
+            cells = "".join(
+                f"<tr><td>{s['stage']}</td><td>{len(s['workers'])}</td><td>{s['images']}</td>"
+                f"<td>{s['busy_s']:.2f}</td><td>{100 * s['busy_fraction']:.0f}</td>"
+                f"<td>{s['images_per_s_busy']:.1f}</td></tr>"
+                for s in stages
+            )
+            caption = html.escape(self.stage_scope() or "stage times")
+            out += f"<table><caption>{caption}</caption><tr>{head}</tr>{cells}</table>"
+        return out
 
 
 def stage_summary(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
@@ -16,11 +17,13 @@ import xarray as xr
 import zarr
 from distributed import Client
 
+import dask_infer
 from dask_infer import InputError
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.io.outputs import MANIFEST
 from dask_infer.models import build_model
 from tests.conftest import random_images
+from tests.faults import after_chunks_written
 from tests.reference import assert_close_logits, reference_logits, run_small
 
 PIPELINE = {"chunk_size": 4, "stages": 2, "balance": "flops", "placement": "pipeline", "rebalance": 100.0}
@@ -67,6 +70,7 @@ def test_resume_computes_only_what_is_missing_and_matches_an_uninterrupted_run(
     resumed = run_small(client, src, out, small_weights, resume=True, **PIPELINE)
     # Not one written chunk was computed again: the resume ran exactly the missing images.
     assert resumed.skipped_chunks == done and resumed.images == 80 - 4 * done
+    assert _computed(resumed) == 80 - 4 * done
     got = xr.open_zarr(out)
     assert got.attrs["dask_infer_complete"] is True and _written(out).all()
     np.testing.assert_array_equal(got["logits"].values, xr.open_zarr(tmp_path / "calm.zarr")["logits"].values)
@@ -77,6 +81,37 @@ def test_resume_computes_only_what_is_missing_and_matches_an_uninterrupted_run(
 
     again = run_small(client, src, out, small_weights, resume=True, **PIPELINE)
     assert again.images == 0 and again.skipped_chunks == 20
+
+
+def _computed(summary: dask_infer.RunSummary) -> int:
+    """Images the workers' first stage really ran, by their own counts."""
+    return int(summary.stage_stats[0]["images"])
+
+
+def test_a_data_parallel_resume_computes_only_the_missing_chunks(
+    client: Client, small_weights: Path, tmp_path: Path
+) -> None:
+    """Interrupt a data-parallel run after a few chunks (Ctrl-C in the main thread), resume it: the
+    workers run exactly the images of the chunks the manifest lacks, and the logits equal a calm run's."""
+    src = tmp_path / "in.zarr"
+    write_image_dataset(str(src), random_images(160, seed=24), chunk=4)
+    calm = run_small(client, src, tmp_path / "calm.zarr", small_weights, chunk_size=4)
+    assert _computed(calm) == 160
+    out = tmp_path / "out.zarr"
+    with pytest.raises(KeyboardInterrupt), after_chunks_written(out, 4, _thread.interrupt_main):
+        run_small(client, src, out, small_weights, chunk_size=4)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        client.run(lambda dask_worker: len(dask_worker.state.executing)).values()
+    ):
+        time.sleep(0.05)
+    done = int(_written(out).sum())
+    assert 4 <= done < 40
+    resumed = run_small(client, src, out, small_weights, resume=True, chunk_size=4)
+    assert resumed.skipped_chunks == done and _computed(resumed) == 160 - 4 * done
+    np.testing.assert_array_equal(
+        xr.open_zarr(out)["logits"].values, xr.open_zarr(tmp_path / "calm.zarr")["logits"].values
+    )
 
 
 def test_a_resume_with_other_weights_or_chunks_is_refused(

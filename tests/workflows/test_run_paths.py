@@ -47,7 +47,7 @@ def _run_tasks(client: Client, known: frozenset[str] = frozenset()) -> list[str]
     exception holds the future).
     """
     keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-    prefixes = ("read-", "write-", "resnet18_stage_", "resnet18-infer-")
+    prefixes = ("read-", "write-", "s0_resnet18-", "s1_resnet18-", "infer_resnet18-")
     return [k for k in keys if k.startswith(prefixes) and k not in known]
 
 

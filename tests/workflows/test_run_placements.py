@@ -71,7 +71,7 @@ def _records(client: Client) -> list[tuple[str, str]]:
 
 def _stage_tasks(records: list[tuple[str, str]], stage: int, seen: int) -> list[tuple[int, str]]:
     """(chunk index, worker) of stage ``stage``'s tasks among the records after ``seen``."""
-    prefix = f"resnet18_stage_{stage}"
+    prefix = f"s{stage}_resnet18"
     return [(int(k.rsplit("-", 1)[1]), w) for k, w in records[seen:] if key_split(k) == prefix]
 
 
@@ -134,7 +134,7 @@ def test_every_placement_gives_the_whole_models_predictions(
         assert [s["images"] for s in summary.stage_stats] == [200, 200]
         assert all(s["busy_s"] > 0 and s["images_per_s_busy"] > 0 for s in summary.stage_stats)
         assert json.loads(summary_file.read_text())["placement"]["groups"] == placement["groups"]
-        assert "resnet18_stage_1" in report.read_text() and summary.gpus == {}
+        assert "s1_resnet18" in report.with_name(f"{mode}.dask.html").read_text() and summary.gpus == {}
         assert json.loads(got.attrs["placement"])["mode"] == mode
 
 
