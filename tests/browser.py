@@ -55,7 +55,7 @@ def find_browser() -> str | None:
     return None
 
 
-def install_browser(timeout: float = 600.0) -> str | None:
+def install_browser(timeout: float = 240.0) -> str | None:
     """The browser on PATH, or Chromium installed with apt-get where running as root; ``None`` if neither."""
     if find_browser() is not None:
         return find_browser()
