@@ -97,7 +97,9 @@ def track(
     # Only the futures still running are kept: a long pipeline run must not hold on to
     # (and keep the scheduler holding) every chunk it has written.
     live = set(futures)
-    waiting = as_completed(futures)
+    # Results are fetched as each future finishes: asking later could find the worker holding
+    # one gone, and wait for a recomputation that a pipeline's pinned stages never run.
+    waiting = as_completed(futures, with_results=True)
     futures.clear()
     checked = time.monotonic()
     try:
@@ -109,9 +111,8 @@ def track(
                     checked = time.monotonic()
                 if not ready:
                     continue
-            future = next(waiting)
+            future, result = next(waiting)
             live.discard(future)
-            result = future.result()
             if on_future is not None:
                 on_future(future)
             del future
