@@ -23,25 +23,27 @@ import copy
 import json
 import os
 import platform
-import queue
 import shutil
-import statistics
 import tempfile
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from _common import Check, Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
+from distributed import Client, LocalCluster
 
 import dask_infer
 from dask_infer.io import write_image_dataset
 from dask_infer.io.samples import photo_crops
 from dask_infer.models import Preprocess, build_model
+from dask_infer.workflows.cluster import make_client
 
 TOLERANCES = {
     # Same fp32 arithmetic, other kernels (compiled, batched differently, another process).
@@ -147,62 +149,212 @@ def decode_only(path: str, threads: int) -> Callable[[], int]:
 
 def plain_loop(
     path: str,
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     prep: Preprocess,
     device: torch.device,
     batch: int,
     dtype: torch.dtype,
     channels_last: bool,
     logits: np.ndarray,
+    threads: int,
 ) -> Callable[[], int]:
-    """What a careful user writes: a prefetch thread reads chunks, the main thread infers.
+    """What a careful user writes: reader threads decode chunks ahead, the main thread infers.
 
-    Each call writes its logits into ``logits`` (one row per image), to be checked.
+    ``threads`` readers keep ``threads + 2`` chunks in flight; each chunk is pinned and
+    uploaded without blocking. Each call writes its logits into ``logits`` (one row per
+    image), to be checked.
     """
     arr = zarr.open_group(path, mode="r")["images"]
     step = arr.chunks[0]
 
     def go() -> int:
-        q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
-
-        def reader() -> None:
-            for s in range(0, arr.shape[0], step):
-                q.put(arr[s : s + step])
-            q.put(None)
-
-        threading.Thread(target=reader, daemon=True).start()
+        starts = iter(range(0, arr.shape[0], step))
         done = 0
-        with torch.inference_mode():
-            while (block := q.get()) is not None:
+        with ThreadPoolExecutor(threads) as pool, torch.inference_mode():
+            ahead = deque(
+                pool.submit(arr.__getitem__, slice(s, s + step)) for s in islice(starts, threads + 2)
+            )
+            while ahead:
+                block = ahead.popleft().result()
+                nxt = next(starts, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(arr.__getitem__, slice(nxt, nxt + step)))
                 host = torch.from_numpy(block)
                 if device.type == "cuda":
                     host = host.pin_memory()
+                outs = []
                 for i in range(0, len(host), batch):
                     y = prep(host[i : i + batch].to(device, non_blocking=True)).to(dtype)
                     if channels_last:
                         y = y.contiguous(memory_format=torch.channels_last)
-                    out = model(y).float().cpu().numpy()
-                    logits[done + i : done + i + len(out)] = out
+                    outs.append(model(y).float())
+                logits[done : done + len(host)] = torch.cat(outs).cpu().numpy()
                 done += len(host)
         return done
 
     return go
 
 
+def task_breakdown(client: Client, since: float, wall: float) -> dict[str, Any]:
+    """Per task group of a run (from the scheduler's task stream): tasks, compute seconds, span.
+
+    ``model_busy`` is the model tasks' compute seconds over the run's wall time: near 1
+    means the model never waited for data.
+    """
+    groups: dict[str, dict[str, float]] = {}
+    for task in client.get_task_stream(start=since):
+        key = task["key"] if isinstance(task["key"], str) else str(task["key"][0])
+        group = key.split("-")[0]
+        for ss in task.get("startstops", ()):
+            if ss.get("action") != "compute":
+                continue
+            g = groups.setdefault(
+                group, {"tasks": 0, "compute_s": 0.0, "first_start": ss["start"], "last_stop": 0.0}
+            )
+            g["tasks"] += 1
+            g["compute_s"] += ss["stop"] - ss["start"]
+            g["first_start"] = min(g["first_start"], ss["start"])
+            g["last_stop"] = max(g["last_stop"], ss["stop"])
+    t0 = min((g["first_start"] for g in groups.values()), default=since)
+    out: dict[str, Any] = {}
+    for name, g in sorted(groups.items()):
+        out[name] = {
+            "tasks": int(g["tasks"]),
+            "compute_s": round(g["compute_s"], 3),
+            "mean_ms": round(1e3 * g["compute_s"] / max(g["tasks"], 1), 2),
+            "first_start_s": round(g["first_start"] - t0, 3),
+            "last_stop_s": round(g["last_stop"] - t0, 3),
+        }
+    model = [g for name, g in groups.items() if name.startswith(("infer_", "s0_", "s1_"))]
+    if model and wall > 0:
+        out["model_busy"] = round(sum(g["compute_s"] for g in model) / wall, 3)
+    return out
+
+
+def dask_infer_runs(
+    client: Client,
+    source: str,
+    work: Path,
+    label: str,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    checks: list[Check],
+    repeats: int,
+    **options: Any,
+) -> dict[str, Any]:
+    """``repeats`` dask-infer runs of ``source`` on ``client``'s cluster, each checked against ``reference``.
+
+    The first run loads (and compiles) the model on the workers; every run's throughput
+    counts only the chunks' time, as :class:`RunSummary` does.
+    """
+    rates, breakdown, summary = [], {}, None
+    for r in range(repeats):
+        out = str(work / f"out-{label}-{r}.zarr")
+        client.get_task_stream(start=time.time())  # makes the scheduler record the stream
+        since = time.time()
+        summary = dask_infer.run(source, out, client=client, progress=False, echo=None, **options)
+        rates.append(summary.images_per_second)
+        breakdown = task_breakdown(client, since, summary.seconds)
+        checks.append(
+            compare_logits(
+                f"dask-infer {label}, round {r + 1}",
+                zarr.open_group(out, mode="r")["logits"][:],
+                reference,
+                tolerance,
+                reference="plain loop",
+            )
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    assert summary is not None
+    return {
+        "images_per_s": max(rates),
+        "rounds_images_per_s": rates,
+        "cluster": summary.cluster,
+        "placement": summary.placement,
+        "gpus": summary.gpus,
+        "tasks_last_round": breakdown,
+        "options": {k: v for k, v in options.items() if isinstance(v, str | int | float)},
+    }
+
+
+class Budget:
+    """Seconds left for the optional measurements, so the script ends inside its device lease."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def allows(self, what: str, needs: float) -> bool:
+        if time.monotonic() + needs <= self.end:
+            return True
+        self.skipped.append(what)
+        print(f"skipped (time budget): {what}", flush=True)
+        return False
+
+
+def two_stages_one_device(
+    source: str,
+    work: Path,
+    recipe: str,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    checks: list[Check],
+    threads: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The model cut in two stages, one per worker, both workers on the one GPU (or CPU).
+
+    LocalCUDACluster runs one worker per GPU, so this starts a LocalCluster of two workers,
+    which both see the machine's first GPU; no re-cut, so each stage compiles once.
+    """
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=max(1, threads // 2), host="127.0.0.1") as cluster,
+        Client(cluster) as client,
+    ):
+        return dask_infer_runs(
+            client,
+            source,
+            work,
+            f"2 stages on 1 device ({recipe})",
+            reference,
+            tolerance,
+            checks,
+            1,
+            compress=recipe,
+            stages=2,
+            placement="pipeline",
+            rebalance=False,
+            **options,
+        )
+
+
+def fp8_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy whose ``nn.Linear`` layers run in fp8 (torchao), or ``None`` where torchao is missing."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    except ImportError:
+        return None
+    fp8 = copy.deepcopy(model)
+    quantize_(fp8, Float8DynamicActivationFloat8WeightConfig())
+    return fp8
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--images", type=int, default=16384 if gpu else 128)
+    parser.add_argument("--images", type=int, default=32768 if gpu else 128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--chunk", type=int, default=512 if gpu else 32)
     parser.add_argument("--batch", type=int, default=256 if gpu else 32)
     parser.add_argument("--threads", type=int, default=16 if gpu else 2, help="decode threads")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for optional measurements")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    budget = Budget(args.budget_s)
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     recipe = "bf16+channels_last" if gpu else "fp32"
@@ -213,7 +365,7 @@ def main() -> None:
     checks: list[Check] = []
     machine = machine_info()
     print(machine_line(machine), flush=True)
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "card": card(),
         "host": machine,
         "torch": torch.__version__,
@@ -222,9 +374,11 @@ def main() -> None:
         "size": args.size,
         "chunk": args.chunk,
         "batch": args.batch,
+        "decode_threads": args.threads,
         "dtype": str(dtype),
         "recipe": recipe,
     }
+    client = None
     try:
         loaded = build_model(args.model)
         weights = str(work / "weights.pt")
@@ -235,32 +389,52 @@ def main() -> None:
         channels_last = gpu
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        steps = max(4, args.images // args.batch // 4)
-        eager = model_alone(model, prep, device, args.batch, loaded.input_size, steps, dtype, channels_last)
-        eager()
-        result["model_alone_eager_images_per_s"] = timed(eager, args.repeats)
-        if args.compile:
-            compiled_model = torch.compile(model)
-            compiled = model_alone(
-                compiled_model, prep, device, args.batch, loaded.input_size, steps, dtype, channels_last
+        size = loaded.input_size
+        steps = max(4, args.images // args.batch // 8)
+
+        def alone(m: Any, batch: int = args.batch) -> float:
+            go = model_alone(
+                m, prep, device, batch, size, max(4, steps * args.batch // batch), dtype, channels_last
             )
-            compiled()
-            result["model_alone_compiled_images_per_s"] = timed(compiled, args.repeats)
-            probe = torch.randint(
-                0, 256, (args.batch, loaded.input_size, loaded.input_size, 3), dtype=torch.uint8
-            ).to(device)
+            go()
+            go()
+            return timed(go, args.repeats)
+
+        def probe_check(what: str, m: Any, batch: int = args.batch) -> None:
+            probe = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).to(device)
             checks.append(
                 compare_logits(
-                    "compiled model alone",
-                    forward(compiled_model, prep, probe, dtype, channels_last),
+                    what,
+                    forward(m, prep, probe, dtype, channels_last),
                     forward(model, prep, probe, dtype, channels_last),
                     tolerance,
                     reference="eager model alone",
                 )
             )
+
+        result["model_alone_eager_images_per_s"] = alone(model)
+        sweep: dict[str, float] = {}
+        for batch in (128, 512, 1024) if gpu else ():
+            sweep[str(batch)] = alone(model, batch)
+        sweep[str(args.batch)] = result["model_alone_eager_images_per_s"]
+        result["batch_sweep_eager_images_per_s"] = dict(sorted(sweep.items(), key=lambda kv: int(kv[0])))
+        compiled_model: Any = model
+        if args.compile:
+            start = time.perf_counter()
+            compiled_model = torch.compile(model)
+            result["model_alone_compiled_images_per_s"] = alone(compiled_model)
+            result["compile_s"] = time.perf_counter() - start
+            probe_check("compiled model alone", compiled_model)
+            if gpu and budget.allows("model alone, CUDA graphs", 90):
+                graphs = torch.compile(model, mode="reduce-overhead")
+                result["model_alone_cudagraphs_images_per_s"] = alone(graphs)
+                probe_check("CUDA-graph model alone", graphs)
+                del graphs
         for codec in ("zstd", "none"):
             path = str(work / f"images-{codec}.zarr")
+            start = time.perf_counter()
             make_dataset(path, args.images, args.size, args.chunk, codec)
+            print(f"dataset {codec}: {time.perf_counter() - start:.1f} s", flush=True)
             decode = decode_only(path, args.threads)
             decoded = decode()
             if decoded != args.images:
@@ -269,61 +443,138 @@ def main() -> None:
                     f"of {args.images}"
                 )
             result[f"decode_only_{codec}_images_per_s"] = timed(decode, args.repeats)
-        zstd = str(work / "images-zstd.zarr")
+        zstd, plain = str(work / "images-zstd.zarr"), str(work / "images-none.zarr")
         plain_logits = np.full((args.images, loaded.num_classes), np.nan, dtype=np.float32)
-        loop = plain_loop(zstd, model, prep, device, args.batch, dtype, channels_last, plain_logits)
+        loop = plain_loop(
+            zstd, compiled_model, prep, device, args.batch, dtype, channels_last, plain_logits, args.threads
+        )
         result["plain_loop_images_per_s"] = timed(loop, args.repeats)
+        none_logits = np.full_like(plain_logits, np.nan)
+        loop_none = plain_loop(
+            plain, compiled_model, prep, device, args.batch, dtype, channels_last, none_logits, args.threads
+        )
+        result["plain_loop_uncompressed_images_per_s"] = timed(loop_none, args.repeats)
+        result["plain_loop_recipe"] = recipe
         first = torch.from_numpy(np.asarray(zarr.open_group(zstd, mode="r")["images"][: args.batch]))
         checks.append(
             compare_logits(
-                f"plain loop ({dtype}), first {len(first)} images",
+                f"plain loop ({recipe}), first {len(first)} images",
                 plain_logits[: len(first)],
                 forward(fp32_model, prep, first.to(device), torch.float32, False),
                 tolerance,
                 reference="plain fp32 forward",
             )
         )
-        runs = []
-        for r in range(args.repeats):
-            summary = dask_infer.run(
+        client, _ = make_client(threads_per_worker=args.threads)
+        options = {
+            "model": args.model,
+            "weights": weights,
+            "batch_size": args.batch,
+            "chunk_size": args.chunk,
+        }
+        runs: dict[str, Any] = {}
+        runs["zstd"] = dask_infer_runs(
+            client,
+            zstd,
+            work,
+            recipe,
+            plain_logits,
+            tolerance,
+            checks,
+            args.repeats,
+            compress=recipe,
+            **options,
+        )
+        runs["uncompressed"] = dask_infer_runs(
+            client,
+            plain,
+            work,
+            f"{recipe} uncompressed",
+            none_logits,
+            tolerance,
+            checks,
+            1,
+            compress=recipe,
+            **options,
+        )
+        graphs_recipe = recipe.replace("+compile", "+cudagraphs")
+        if gpu and args.compile and budget.allows("dask-infer with CUDA graphs", 90):
+            runs["zstd_cudagraphs"] = dask_infer_runs(
+                client,
                 zstd,
-                str(work / f"out-{r}.zarr"),
-                model=args.model,
-                weights=weights,
-                compress=recipe,
-                batch_size=args.batch,
-                chunk_size=args.chunk,
-                progress=False,
-                echo=None,
+                work,
+                graphs_recipe,
+                plain_logits,
+                tolerance,
+                checks,
+                args.repeats,
+                compress=graphs_recipe,
+                **options,
             )
-            runs.append(summary.images_per_second)
-            checks.append(
-                compare_logits(
-                    f"dask-infer ({recipe}), round {r + 1}",
-                    zarr.open_group(str(work / f"out-{r}.zarr"), mode="r")["logits"][:],
-                    plain_logits,
-                    tolerance,
-                    reference="plain loop",
-                )
+        result["dask_infer"] = runs
+        client.close()
+        client = None
+        if budget.allows("two stages sharing the GPU", 120):
+            result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
+                zstd, work, recipe, plain_logits, tolerance, checks, args.threads, options
             )
-        result["dask_infer_images_per_s"] = max(runs)
-        result["dask_infer_cluster"] = summary.cluster
-        alone = result.get("model_alone_compiled_images_per_s", result["model_alone_eager_images_per_s"])
-        result["ratio_end_to_end_vs_model_alone"] = max(runs) / float(alone)  # type: ignore[arg-type]
-        result["ratio_vs_plain_loop"] = max(runs) / float(result["plain_loop_images_per_s"])  # type: ignore[arg-type]
-        result["median_dask_infer_images_per_s"] = statistics.median(runs)
+        # Last, as the least likely to change the recipe: a bigger compiled batch, fp8 linear layers.
+        if gpu and args.compile and budget.allows("model alone, compiled batch 512", 60):
+            result["model_alone_compiled_batch512_images_per_s"] = alone(torch.compile(model), 512)
+        if gpu and args.compile and budget.allows("model alone, fp8 linear layers (torchao)", 60):
+            fp8 = fp8_model(model)
+            if fp8 is None:
+                result["fp8"] = "torchao is not installed"
+            else:
+                fp8_compiled = torch.compile(fp8)
+                result["model_alone_fp8_linear_compiled_images_per_s"] = alone(fp8_compiled)
+                probe_check("fp8 (linear layers) compiled model alone", fp8_compiled)
+        best = max(r["images_per_s"] for k, r in runs.items() if k.startswith("zstd"))
+        alone_best = max(
+            float(v) for k, v in result.items() if k.startswith("model_alone_") and k.endswith("images_per_s")
+        )
+        result["dask_infer_images_per_s"] = best
+        result["ratio_end_to_end_vs_model_alone"] = best / alone_best
+        result["ratio_end_to_end_vs_decode_alone"] = best / float(result["decode_only_zstd_images_per_s"])
+        result["ratio_vs_plain_loop"] = runs["zstd"]["images_per_s"] / float(
+            result["plain_loop_images_per_s"]
+        )
+        result["ratio_uncompressed_vs_plain_loop"] = runs["uncompressed"]["images_per_s"] / float(
+            result["plain_loop_uncompressed_images_per_s"]
+        )
+        result["ratio_uncompressed_vs_decode_alone"] = runs["uncompressed"]["images_per_s"] / float(
+            result["decode_only_none_images_per_s"]
+        )
     finally:
+        if client is not None:
+            client.close()
         shutil.rmtree(work, ignore_errors=True)
+    result["skipped"] = budget.skipped
     result["output_tolerance"] = str(tolerance)
     result["output_checks"] = [c.to_dict() for c in checks]
     result["output_checks_ok"] = all(c.ok for c in checks)
-    text = json.dumps(result, indent=2)
-    print(text)
-    for c in checks:
-        print(c.line())
+    text = json.dumps(result, indent=2, default=str)
     if args.json:
         args.json.write_text(text)
+    print(text)
+    print(table(result))
+    for c in checks:
+        print(c.line())
     exit_if_failed(checks, "gpu_throughput.py")
+
+
+def table(result: dict[str, Any]) -> str:
+    """The figures as a short text table, for the end of the output."""
+    rows = [(k, v) for k, v in result.items() if k.endswith("images_per_s") and isinstance(v, float | int)]
+    for name, run in result.get("dask_infer", {}).items():
+        rows.append((f"dask-infer {name}", run["images_per_s"]))
+        busy = run["tasks_last_round"].get("model_busy")
+        if busy is not None:
+            rows.append((f"model busy share ({name})", busy))
+    if "pipeline_two_stages_one_gpu" in result:
+        rows.append(("dask-infer 2 stages on 1 GPU", result["pipeline_two_stages_one_gpu"]["images_per_s"]))
+    rows += [(k, v) for k, v in result.items() if k.startswith("ratio_")]
+    return "\n".join(f"{k:55s} {v:12,.2f}" for k, v in rows)
 
 
 if __name__ == "__main__":

@@ -113,16 +113,27 @@ _POOL_LOCK = threading.Lock()
 _POOL_SHARE = 8
 """A Dask worker's pool holds at most this share of its memory_limit."""
 
+_SPARE_BUFFERS = 4
+"""Buffers beyond one per worker thread: chunks waiting for the model or in its hands."""
 
-def _pool_bytes() -> int | None:
-    """1/8 of this Dask worker's ``memory_limit``; ``None`` outside a worker or without a limit."""
+
+def _worker_limits() -> tuple[int, int | None]:
+    """Buffers and bytes this process's pool may hold.
+
+    In a Dask worker every thread may be decoding a chunk while others wait for the
+    model, so the pool holds one buffer per thread and a few spare: a read that finds
+    none free would decode into ordinary memory, which a GPU worker must then copy
+    through a staging buffer. Bytes are bounded by 1/8 of the worker's ``memory_limit``.
+    Outside a worker: 8 buffers, no byte bound.
+    """
     try:
         from distributed import get_worker
 
-        limit = get_worker().memory_manager.memory_limit
+        worker = get_worker()
     except (ImportError, ValueError):
-        return None
-    return int(limit) // _POOL_SHARE if limit else None
+        return 8, None
+    limit = worker.memory_manager.memory_limit
+    return worker.state.nthreads + _SPARE_BUFFERS, int(limit) // _POOL_SHARE if limit else None
 
 
 def host_pool() -> HostBufferPool:
@@ -130,5 +141,6 @@ def host_pool() -> HostBufferPool:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = HostBufferPool(capacity=8, pinned=torch.cuda.is_available(), max_bytes=_pool_bytes())
+            capacity, max_bytes = _worker_limits()
+            _POOL = HostBufferPool(capacity=capacity, pinned=torch.cuda.is_available(), max_bytes=max_bytes)
         return _POOL

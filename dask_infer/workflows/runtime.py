@@ -217,7 +217,7 @@ class ModelRuntime(WorkerPlugin):
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
-        """Logits (float32, on CPU) of a chunk of (image, y, x, channel) images."""
+        """Logits (float32) of a chunk of (image, y, x, channel) images, on the runtime's device."""
         if not images.flags.writeable:
             images = images.copy()
         host = torch.from_numpy(images)
@@ -230,35 +230,39 @@ class ModelRuntime(WorkerPlugin):
         return torch.cat(out)
 
     def _forward_cuda(self, host: torch.Tensor) -> torch.Tensor:
-        """Uploads batch k+1 on the copy stream while batch k computes; logits return pinned."""
-        if not host.is_pinned():
-            host = host.pin_memory()
+        """Logits on the GPU; batch k+1 uploads on the copy stream while batch k computes.
+
+        A chunk in pinned memory (a pooled read) uploads straight from it. Any other goes
+        through a pinned staging copy one batch at a time, made after batch k is queued,
+        so the copy overlaps its compute (pinning the whole chunk first would not). The
+        staging buffers come from torch's pinned-memory cache, which reuses one only once
+        its upload is done.
+        """
+        pinned = host.is_pinned()
         compute = torch.cuda.current_stream(self.device)
         copy = self._copy_stream
+        size = self.batch_size
 
         def upload(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            part = host[i : i + size]
+            if not pinned:
+                part = torch.empty(part.shape, dtype=part.dtype, pin_memory=True).copy_(part)
             with torch.cuda.stream(copy):
-                on_device = host[i : i + self.batch_size].to(self.device, non_blocking=True)
+                on_device = part.to(self.device, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(copy)
             return on_device, ready
 
-        out: torch.Tensor | None = None
+        parts = []
         pending = upload(0)
-        for i in range(0, len(host), self.batch_size):
+        for i in range(0, len(host), size):
             batch, ready = pending
-            if i + self.batch_size < len(host):
-                pending = upload(i + self.batch_size)
             compute.wait_event(ready)
             batch.record_stream(compute)
-            logits = self._run_stages(batch).float()
-            if out is None:
-                shape = (len(host), *logits.shape[1:])
-                out = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-            out[i : i + len(logits)].copy_(logits, non_blocking=True)
-        compute.synchronize()
-        assert out is not None
-        return out
+            parts.append(self._run_stages(batch).float())
+            if i + size < len(host):
+                pending = upload(i + size)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every requested output for one chunk, as numpy arrays keyed by variable name."""
@@ -315,7 +319,7 @@ class ModelRuntime(WorkerPlugin):
         here = self._features(len(host))
         features = here if here is not None else features
         result: StageOutput | dict[str, np.ndarray] = (
-            self._outputs(out.to("cpu"), valid, features)
+            self._outputs(out, valid, features)
             if last
             else StageOutput(Activation.from_tensor(out), valid, features)
         )
@@ -343,7 +347,7 @@ class ModelRuntime(WorkerPlugin):
         """The requested outputs and ``valid``; invalid images get top-k classes -1 and probabilities NaN."""
         result: dict[str, np.ndarray] = {"valid": valid}
         if "logits" in self.spec.outputs:
-            result["logits"] = logits.numpy()
+            result["logits"] = _numpy(logits)
         if "features" in self.spec.outputs:
             if features is None:
                 raise RuntimeError(
@@ -351,13 +355,14 @@ class ModelRuntime(WorkerPlugin):
                 )
             result["features"] = features
         if "probabilities" in self.spec.outputs or "top_k" in self.spec.outputs:
+            # On the model's device: a GPU ranks a chunk's classes in microseconds.
             probs = activate(logits, self.spec.activation)
             if "probabilities" in self.spec.outputs:
-                result["probabilities"] = probs.numpy()
+                result["probabilities"] = _numpy(probs)
             if "top_k" in self.spec.outputs:
                 top = torch.topk(probs, k=self.spec.top_k, dim=1)
-                classes = top.indices.numpy().astype(np.int64)
-                scores = top.values.numpy().copy()
+                classes = _numpy(top.indices).astype(np.int64)
+                scores = _numpy(top.values).copy()
                 classes[~valid] = -1
                 scores[~valid] = np.nan
                 result["top_k_class"] = classes
@@ -377,6 +382,11 @@ class ModelRuntime(WorkerPlugin):
             "stages": stages,
             "gpu": self._gpu.stats(),
         }
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` as a numpy array on the host (a copy from a GPU, a view of a CPU tensor)."""
+    return tensor.cpu().numpy()
 
 
 def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -175,6 +175,12 @@ def build_stages(
     calibration = _calibration(spec, preprocess, device) if plan.uses_calibration else None
     ordered = [s.to(device).eval() for s in stages]
     compressed = compress_stages(ordered, plan, calibration=calibration, device=device)
-    if any(plan.recipe_for(i).compile for i in held):
+    compiled = [i for i in held if plan.recipe_for(i).compile]
+    for i in compiled:
+        stage = compressed[i]
+        if isinstance(stage, CompressedStage):
+            stage.pad_batches_to(batch_size)
+    # CUDA graphs are recorded on the second call and replayed from the third.
+    for _ in range(3 if any(plan.recipe_for(i).cuda_graphs for i in held) else 1 if compiled else 0):
         _warm_up(compressed, held, batch_size, shape, device)
     return {i: compressed[i] for i in held}

@@ -67,10 +67,21 @@ class CompressedStage(nn.Module):
         self.output_dtype = output_dtype
         # Kept outside the module tree so the state_dict holds each weight once.
         self.__dict__["compiled"] = None
+        self.__dict__["static_batch"] = None
 
     def set_compiled(self, compiled: Callable[..., Any] | None) -> None:
         """Run ``compiled`` (e.g. ``torch.compile(self.module)``) instead of the eager module."""
         self.__dict__["compiled"] = compiled
+
+    def pad_batches_to(self, batch: int | None) -> None:
+        """Run the compiled stage on batches of exactly ``batch`` images, padding smaller ones.
+
+        A compiled stage is specialised to the batch size it was warmed up with; a chunk's
+        last, smaller batch would otherwise compile it again, mid-run, for seconds. Padded
+        images are zeros, and only the real images' outputs are returned (images do not
+        interact in eval mode).
+        """
+        self.__dict__["static_batch"] = batch
 
     def _run(self, x: torch.Tensor, fn: Callable[..., Any]) -> Any:
         if x.dtype != self.dtype:
@@ -86,11 +97,40 @@ class CompressedStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         compiled = self.__dict__["compiled"]
-        return self._run(x, self.module if compiled is None else compiled)
+        if compiled is None:
+            return self._run(x, self.module)
+        batch, n = self.__dict__["static_batch"], x.shape[0]
+        if batch is not None and 0 < n < batch:
+            padded = torch.cat([x, x.new_zeros((batch - n, *x.shape[1:]))])
+            return _first(self._run_compiled(padded, compiled), n)
+        return self._run_compiled(x, compiled)
+
+    def _run_compiled(self, x: torch.Tensor, compiled: Callable[..., Any]) -> Any:
+        if not (self.recipe.cuda_graphs and x.is_cuda):
+            return self._run(x, compiled)
+        # A replay overwrites the previous replay's outputs: start a new step and keep a copy.
+        torch.compiler.cudagraph_mark_step_begin()
+        return _map_tensors(self._run(x, compiled), torch.Tensor.clone)
 
     def forward_eager(self, x: torch.Tensor) -> Any:
         """Forward without ``torch.compile`` (to count FLOPs, or before compiling pays off)."""
         return self._run(x, self.module)
+
+
+def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``out`` with ``fn`` applied to each tensor in it (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, tuple | list):
+        return type(out)(_map_tensors(o, fn) for o in out)
+    if isinstance(out, dict):
+        return {k: _map_tensors(v, fn) for k, v in out.items()}
+    return out
+
+
+def _first(out: Any, n: int) -> Any:
+    """The first ``n`` images of every tensor in a stage's output."""
+    return _map_tensors(out, lambda t: t[:n])
 
 
 def _check_calibration(calibration: torch.Tensor | None, label: str) -> None:
@@ -203,7 +243,10 @@ def compress_module(
         work, recipe, dtype=dtype, channels_last=recipe.channels_last, output_dtype=output_dtype
     )
     if recipe.compile:
-        stage.set_compiled(compile_int8(work) if recipe.quantize == "int8" else torch.compile(work))
+        if recipe.quantize == "int8":
+            stage.set_compiled(compile_int8(work))
+        else:
+            stage.set_compiled(torch.compile(work, mode="reduce-overhead" if recipe.cuda_graphs else None))
     return stage
 
 

@@ -11,12 +11,13 @@ form. The text grammar (what ``--compress`` takes) is::
              | "int8"                    int8 weights and activations (PT2E, CPU, calibrated)
              | "channels_last"           NHWC memory format
              | "compile"                 torch.compile the stage
+             | "cudagraphs"              compile, and replay the stage as CUDA graphs (GPU)
              | "prune=" AMOUNT           structured channel pruning (fewer FLOPs)
              | "prune-unstructured=" AMOUNT   zeroed weights: smaller compressed, not faster
              | "none"                    no compression (same as fp32)
 
 ``AMOUNT`` is the fraction of channels (or weights) removed, strictly between 0 and 1.
-Examples: ``"bf16"``, ``"int8+compile"``, ``"0-2:int8,3-4:bf16"``, ``"prune=0.3,4:fp32"``.
+Examples: ``"bf16"``, ``"int8+compile"``, ``"bf16+channels_last+cudagraphs"``, ``"0-2:int8,3-4:bf16"``, ``"prune=0.3,4:fp32"``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 QUANTIZE_METHODS = ("int8",)
 PRUNE_METHODS = ("structured", "unstructured")
 _GRAMMAR_HINT = (
-    "write terms joined by '+' from: fp32, fp16, bf16, int8, channels_last, compile, "
+    "write terms joined by '+' from: fp32, fp16, bf16, int8, channels_last, compile, cudagraphs, "
     "prune=0.3, prune-unstructured=0.5, none; per stage as '0-2:int8,3:bf16'"
 )
 _PRUNE_TERMS = {"prune": "structured", "prune-structured": "structured", "prune-unstructured": "unstructured"}
@@ -68,6 +69,11 @@ class CompressionRecipe:
         Use NHWC memory format (often faster convolutions on CPU and tensor cores).
     compile
         Wrap the stage in ``torch.compile``; compiles on first use, in every process.
+    cuda_graphs
+        Compile with ``mode="reduce-overhead"``: on a GPU each batch replays as recorded
+        CUDA graphs, one launch instead of one per kernel, so the GPU stays busy even when
+        the worker's reading threads hold the Python interpreter. Needs ``compile``; on a
+        CPU it compiles as ``compile`` does.
     quantize
         ``None`` or ``"int8"``: static int8 quantization of weights and activations
         through PyTorch 2 export (X86 inductor quantizer), calibrated on real inputs.
@@ -85,6 +91,7 @@ class CompressionRecipe:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     quantize: str | None = None
     prune: str | None = None
     prune_amount: float = 0.0
@@ -94,9 +101,14 @@ class CompressionRecipe:
             raise CompressionError(
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
-        for name in ("channels_last", "compile"):
+        for name in ("channels_last", "compile", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise CompressionError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.cuda_graphs and not self.compile:
+            raise CompressionError(
+                "cuda_graphs=True needs compile=True: CUDA graphs are recorded by torch.compile; "
+                "set compile too (the short form 'cudagraphs' sets both)"
+            )
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise CompressionError(
                 f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZE_METHODS)} or none"
@@ -182,6 +194,9 @@ class CompressionRecipe:
                 put("channels_last", True, term)
             elif term == "compile":
                 put("compile", True, term)
+            elif term in ("cudagraphs", "cuda_graphs", "cuda-graphs"):
+                put("compile", True, term)
+                put("cuda_graphs", True, term)
             elif term == "none":
                 continue
             elif "=" in term:
@@ -214,7 +229,9 @@ class CompressionRecipe:
             terms.append(f"prune={self.prune_amount:g}")
         elif self.prune == "unstructured":
             terms.append(f"prune-unstructured={self.prune_amount:g}")
-        if self.compile:
+        if self.cuda_graphs:
+            terms.append("cudagraphs")
+        elif self.compile:
             terms.append("compile")
         return "+".join(terms)
 

@@ -21,6 +21,11 @@ from dask_infer.partition.compress import CompressionError, CompressionPlan, Com
         ("prune-unstructured=0.5", CompressionRecipe(prune="unstructured", prune_amount=0.5)),
         ("compile", CompressionRecipe(compile=True)),
         (
+            "bf16+channels_last+cudagraphs",
+            CompressionRecipe(precision="bf16", channels_last=True, compile=True, cuda_graphs=True),
+        ),
+        ("compile+cudagraphs", CompressionRecipe(compile=True, cuda_graphs=True)),
+        (
             "int8+prune=0.25+compile",
             CompressionRecipe(quantize="int8", prune="structured", prune_amount=0.25, compile=True),
         ),
@@ -85,3 +90,8 @@ def test_bad_recipe_fields() -> None:
 def test_missing_stage_is_named() -> None:
     with pytest.raises(CompressionError, match=r"names stage\(s\) \[3, 4\] but the model has 3 stage"):
         CompressionPlan.parse("0-2:int8,3-4:bf16").validate(3)
+
+
+def test_cuda_graphs_need_compile() -> None:
+    with pytest.raises(CompressionError, match="cuda_graphs=True needs compile=True.*'cudagraphs' sets both"):
+        CompressionRecipe(cuda_graphs=True)
