@@ -15,7 +15,7 @@ start=$(date +%s)
 timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider -x 2>&1 | tail -n 40 > "$out/gpu-tests.log"
 echo "gpu tests: $(( $(date +%s) - start )) s" >> "$out/gpu-tests.log"
 tail -n 3 "$out/gpu-tests.log"
-timeout 480 python3 benchmarks/gpu_throughput.py --budget-s "$budget_s" --json "$out/gpu_throughput.json" \
+timeout 400 python3 benchmarks/gpu_throughput.py --budget-s "$budget_s" --json "$out/gpu_throughput.json" \
   > "$out/gpu_throughput.log" 2>&1
 echo "benchmark exit $?"
 grep -v "^  " "$out/gpu_throughput.log" | grep -iv "warn" | tail -n 60
