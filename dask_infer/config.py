@@ -357,9 +357,7 @@ class RunConfig:
                 "--resize, --crop, --mean, --std instead)"
             )
         replaced = [
-            name
-            for name in ("scale", "resize", "crop", "mean", "std")
-            if getattr(self, name) is not None
+            name for name in ("scale", "resize", "crop", "mean", "std") if getattr(self, name) is not None
         ]
         replaced += ["interpolation"] if self.interpolation != "bilinear" else []
         replaced += ["normalize"] if not self.normalize else []

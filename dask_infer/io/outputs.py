@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,6 +102,8 @@ class OutputTarget:
     variables: tuple[str, ...]
     chunk: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Names this opening of the output: workers keep its arrays open under it."""
 
     def open(self, mode: str = "r+") -> zarr.Group:
         """The output's root group."""
@@ -297,24 +300,36 @@ def _attr(value: Any) -> Any:
 
 
 @lru_cache(maxsize=16)
-def _cached_group(url: str, options_json: str) -> zarr.Group:
+def _cached_arrays(url: str, options_json: str, token: str, names: tuple[str, ...]) -> dict[str, zarr.Array]:
+    """The arrays ``names`` of the output at ``url``, opened once per process and opening.
+
+    Looking an array up in its group reads its metadata again; a chunk writes several.
+    ``token`` is new for every :class:`OutputTarget` made, so a later run that replaced
+    the store never writes through arrays opened for an earlier one.
+    """
     options = json.loads(options_json)
     kwargs: dict[str, Any] = {"mode": "r+"}
     if options:
         kwargs["storage_options"] = options
-    return zarr.open_group(store=url, **kwargs)
+    group = zarr.open_group(store=url, **kwargs)
+    return {name: group[name] for name in names}  # type: ignore[misc]
 
 
 def write_chunk(target: OutputTarget, start: int, stop: int, result: dict[str, np.ndarray]) -> int:
     """Write one task's results into images ``start:stop``; returns the image count."""
-    group = _cached_group(target.url, json.dumps(target.storage_options, sort_keys=True))
+    arrays = _cached_arrays(
+        target.url,
+        json.dumps(target.storage_options, sort_keys=True),
+        target.token,
+        (*target.variables, MANIFEST),
+    )
     for name in target.variables:
         values = result[name]
         if values.shape[0] != stop - start:
             raise RuntimeError(f"{name} for images {start}:{stop} has {values.shape[0]} rows")
-        group[name][start:stop] = values  # type: ignore[index]
+        arrays[name][start:stop] = values
     # Only after every variable is written: a chunk marked done is a chunk complete on disk.
-    group[MANIFEST][start // target.chunk] = 1  # type: ignore[index]
+    arrays[MANIFEST][start // target.chunk] = 1
     return stop - start
 
 

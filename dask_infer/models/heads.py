@@ -21,6 +21,7 @@ from dask_infer.models.tracing import running_modules
 
 __all__ = ["OutputShapes", "activate", "probe_outputs"]
 
+
 @dataclass(frozen=True)
 class OutputShapes:
     """Per-image shapes of what a model gives: its output and, with a feature layer, the features.

@@ -161,9 +161,7 @@ def model_source(model: Any, kwargs: Mapping[str, Any] | None = None) -> ModelSo
         return ModelSource("exported", str(path), digest=_file_digest(path))
     if ":" in model:
         if not _IMPORT_PATH.match(model):
-            raise ModelError(
-                f"model={model!r} is not an import path; write it as 'package.module:factory'"
-            )
+            raise ModelError(f"model={model!r} is not an import path; write it as 'package.module:factory'")
         if any(not isinstance(k, str) for k in kwargs):
             raise ModelError(f"model_kwargs={kwargs!r} must have text keys (the factory's argument names)")
         return ModelSource("import", model, kwargs=kwargs)

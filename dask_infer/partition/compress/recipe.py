@@ -17,7 +17,8 @@ form. The text grammar (what ``--compress`` takes) is::
              | "none"                    no compression (same as fp32)
 
 ``AMOUNT`` is the fraction of channels (or weights) removed, strictly between 0 and 1.
-Examples: ``"bf16"``, ``"int8+compile"``, ``"bf16+channels_last+cudagraphs"``, ``"0-2:int8,3-4:bf16"``, ``"prune=0.3,4:fp32"``.
+Examples: ``"bf16"``, ``"int8+compile"``, ``"bf16+channels_last+cudagraphs"``,
+``"0-2:int8,3-4:bf16"``, ``"prune=0.3,4:fp32"``.
 """
 
 from __future__ import annotations
