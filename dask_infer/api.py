@@ -18,6 +18,7 @@ from distributed import Client
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
 from dask_infer.workflows.array_input import store_of
+from dask_infer.workflows.array_run import run_array
 from dask_infer.workflows.run import run_config
 from dask_infer.workflows.summary import RunSummary
 
@@ -38,8 +39,13 @@ def run(
     unknown = sorted(set(options) - known)
     if unknown:
         raise DaskInferError(f"unknown option(s) {unknown}; known options: {', '.join(sorted(known))}")
+    array = None
     if isinstance(input, xr.DataArray):
-        input, options = store_of(input, options)
+        whole = store_of(input, options)
+        if whole is None:
+            array, input = input, f"<DataArray {input.name if input.name is not None else 'images'!r}>"
+        else:
+            input, options = whole
     given = {"input": input, "output": output, **options}
     explicit = {k: v for k, v in given.items() if v is not None}
     if isinstance(config, RunConfig):
@@ -51,6 +57,8 @@ def run(
         if missing:
             raise DaskInferError(f"missing {' and '.join(missing)}: give both input and output Zarr paths")
         cfg = RunConfig.from_dict(explicit)
+    if array is not None:
+        return run_array(array, cfg, client=client, echo=echo)
     return run_config(cfg, client=client, echo=echo)
 
 
@@ -72,9 +80,11 @@ def _docstring() -> str:
     Every option of :class:`~dask_infer.config.RunConfig` is a keyword argument; one
     left out (or ``None``) takes its value from ``config``, else the default.
 
-    ``input`` may also be a ``dask_infer.open_images`` DataArray of a whole store, which
-    runs on that store; for any other DataArray use :func:`dask_infer.predict` and write
-    its result with ``.to_zarr``.
+    ``input`` may also be an ``xarray.DataArray``. A ``dask_infer.open_images`` DataArray
+    of a whole store runs on that store. Any other (a selection, one opened with
+    ``xarray.open_zarr``, one held in memory) runs as :func:`dask_infer.predict` does and
+    is written with ``to_zarr``, with the same variables, attrs and summary; the options
+    that need a store to read (``resume``, pipelines, ``report``, ...) are refused for it.
 
     Parameters
     ----------

@@ -149,6 +149,80 @@ def test_run_takes_an_open_images_array(
     dask_infer.run(images, str(tmp_path / "out.zarr"), progress=False, echo=None, **kw)
     got = dask_infer.open_results(str(tmp_path / "out.zarr")).logits.values
     assert_close_logits(got, reference_logits(images.values, "resnet18", str(small_weights)))
-    for other in (images.isel(image=slice(0, 10)), xr.open_zarr(small_dataset)["images"]):
-        with pytest.raises(InputError, match=r"dask_infer\.predict"):
-            dask_infer.run(other, str(tmp_path / "other.zarr"), echo=None, **kw)
+
+
+def test_run_takes_any_data_array(
+    small_dataset: Path, small_weights: Path, client: Client, tmp_path: Path
+) -> None:
+    """A selection, or an array opened with xarray.open_zarr, runs as predict does and is written
+    as a run's output: the same logits as PyTorch, complete, with its summary, read by open_results."""
+    kw: dict[str, Any] = {"model": "resnet18", "weights": str(small_weights), "client": client, "echo": None}
+    images = xr.open_zarr(small_dataset)["images"]
+    want = reference_logits(images.values, "resnet18", str(small_weights))
+    out = tmp_path / "open-zarr.zarr"
+    summary = dask_infer.run(images, str(out), progress=False, chunk_size=48, **kw)
+    assert summary.images == 200 and summary.chunks == 5 and summary.chunk_size == 48
+    results = dask_infer.open_results(str(out))
+    assert_close_logits(results.logits.values, want)
+    assert results.attrs["dask_infer_complete"] is True
+    assert results.attrs["run_summary"]["images"] == 200
+    np.testing.assert_array_equal(results["label"].values, images["label"].values)
+
+    part = dask_infer.open_images(str(small_dataset)).isel(image=slice(10, 30))
+    dask_infer.run(part, str(tmp_path / "part.zarr"), progress=False, **kw)
+    got = dask_infer.open_results(str(tmp_path / "part.zarr"))
+    assert_close_logits(got.logits.values, want[10:30])
+    np.testing.assert_array_equal(got["image"].values, np.arange(10, 30))
+
+    # The output is a run's: refused without overwrite, replaced with it.
+    with pytest.raises(DaskInferError, match=r"exists; pass --overwrite"):
+        dask_infer.run(part, str(out), progress=False, **kw)
+    dask_infer.run(part, str(out), progress=False, overwrite=True, **kw)
+    assert dask_infer.open_results(str(out)).sizes["image"] == 20
+
+
+def test_a_data_array_refuses_what_needs_a_store(
+    small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    part = dask_infer.open_images(str(small_dataset)).isel(image=slice(0, 10))
+    with pytest.raises(DaskInferError, match=r"\['report', 'resume'\] need a Zarr store"):
+        dask_infer.run(
+            part,
+            str(tmp_path / "o.zarr"),
+            model="resnet18",
+            resume=True,
+            report=str(tmp_path / "r.html"),
+            echo=None,
+        )
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_the_model_is_unloaded_once_no_result_can_run_it(small_weights: Path, client: Client) -> None:
+    import gc
+    import time
+
+    images = random_images(12)
+    ds = _predict(images, small_weights, client, batch_size=4)
+    name = ds.attrs[lazy.RUNTIME_ATTR]
+    again = _predict(images, small_weights, client, batch_size=4)  # the same spec shares the runtime
+    assert again.attrs[lazy.RUNTIME_ATTR] == name
+    part = ds.isel(image=slice(0, 4))
+
+    def loaded() -> bool:
+        return all(
+            name in plugins for plugins in client.run(lambda dask_worker: list(dask_worker.plugins)).values()
+        )
+
+    assert loaded()
+    del ds, again
+    gc.collect()
+    time.sleep(1.0)
+    assert loaded(), "a selection of the result can still run the model"
+    assert_close_logits(part.logits.values, reference_logits(images[:4], "resnet18", str(small_weights)))
+    del part
+    gc.collect()
+    deadline = time.monotonic() + 20
+    while (loaded() or lazy._registered(client, name)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not lazy._registered(client, name)
+    assert not any(name in p for p in client.run(lambda dask_worker: list(dask_worker.plugins)).values())

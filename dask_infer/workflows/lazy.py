@@ -12,11 +12,13 @@ Only data-parallel placement is offered: every worker holds the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +44,7 @@ from dask_infer.workflows.run import clamped_top_k, output_shapes
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor, infer_chunk
 from dask_infer.workflows.stages import RuntimeSpec
 
-__all__ = ["PREDICT_OPTIONS", "RUNTIME_ATTR", "predict"]
+__all__ = ["PREDICT_OPTIONS", "RUNTIME_ATTR", "RuntimeHandle", "predict"]
 
 PREDICT_OPTIONS = frozenset(
     {
@@ -215,21 +217,71 @@ def _registered(client: Client, name: str) -> bool:
     return bool(client.run_on_scheduler(lambda dask_scheduler: name in dask_scheduler.worker_plugins))
 
 
-def _register(client: Client, spec: RuntimeSpec) -> str:
-    """The runtime's name, registered on every worker (and those that join) once."""
+class RuntimeHandle:
+    """The name of a ``predict`` runtime, as its tasks take it; the last one dropped unloads it.
+
+    Every lazy result that can still run the model holds this object in its graph (a
+    selection or a derived Dataset too). Once none does, the handle is collected and the
+    worker plugin is unregistered, which frees the model on every worker. It travels to
+    the workers as its plain name.
+    """
+
+    def __init__(self, name: str, client: Client) -> None:
+        self.name = name
+        weakref.finalize(self, _unload, client, name)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (str, (self.name,))
+
+    def __dask_tokenize__(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_HANDLES: weakref.WeakValueDictionary[tuple[int, str], RuntimeHandle] = weakref.WeakValueDictionary()
+_HANDLES_LOCK = threading.Lock()
+
+
+def _unload(client: Client, name: str) -> None:
+    """Unregister the runtime ``name`` on ``client``'s cluster, from whatever thread collected its handle."""
+    scheduler, loop = client.scheduler, client.loop
+    if client.status not in ("running", "connecting") or scheduler is None or loop is None:
+        return
+
+    async def unregister() -> None:
+        with contextlib.suppress(Exception):
+            await scheduler.unregister_worker_plugin(name=name)
+
+    with contextlib.suppress(RuntimeError):
+        loop.add_callback(unregister)
+
+
+def _register(client: Client, spec: RuntimeSpec) -> RuntimeHandle:
+    """The runtime's handle, its plugin registered on every worker (and those that join) once.
+
+    Calls that agree on the spec share one runtime and one handle while any of their
+    results lives.
+    """
     name = _runtime_name(spec)
-    if not _registered(client, name):
+    with _HANDLES_LOCK:
+        handle = _HANDLES.get((id(client), name))
+        if handle is not None and _registered(client, name):
+            return handle
         client.register_plugin(ModelRuntime(spec, name), name=name)
-    return name
+        handle = _HANDLES[(id(client), name)] = RuntimeHandle(name, client)
+        return handle
 
 
-def _infer_block(images: np.ndarray, runtime: str) -> dict[str, np.ndarray]:
+def _infer_block(images: np.ndarray, runtime: str | RuntimeHandle) -> dict[str, np.ndarray]:
     """Task body: the runtime's outputs for one image chunk, computed in its compute executor.
 
     The task is annotated to run there, but dask's graph optimisation may fuse it with
     the read before it, dropping the annotation; then it hands the model work over.
     """
     images = np.ascontiguousarray(images)
+    runtime = str(runtime)
     executor = compute_executor(runtime)
     if threading.current_thread().name.startswith(executor):
         return infer_chunk(runtime, images)
@@ -277,7 +329,9 @@ def _outputs(
     return out
 
 
-def _attrs(loaded: LoadedModel, spec: RuntimeSpec, config: RunConfig, runtime: str) -> dict[str, Any]:
+def _attrs(
+    loaded: LoadedModel, spec: RuntimeSpec, config: RunConfig, runtime: RuntimeHandle
+) -> dict[str, Any]:
     preprocess = spec.preprocessing
     return {
         WRITER_ATTR: "predictions",
@@ -290,7 +344,7 @@ def _attrs(loaded: LoadedModel, spec: RuntimeSpec, config: RunConfig, runtime: s
         "normalize_std": list(preprocess.std),
         "preprocess": json.dumps(preprocess.describe()),
         "config": json.dumps({k: v for k, v in config.to_dict().items() if k in PREDICT_OPTIONS}),
-        RUNTIME_ATTR: runtime,
+        RUNTIME_ATTR: runtime.name,
     }
 
 
@@ -300,13 +354,13 @@ def _dataset(
     spec: RuntimeSpec,
     config: RunConfig,
     shapes: OutputShapes,
-    runtime: str,
+    runtime: RuntimeHandle,
 ) -> xr.Dataset:
     """The lazy graph: read -> infer per image chunk, then one array per output."""
     data = images.data
-    token = tokenize(runtime, data)
+    token = tokenize(runtime.name, data)
     read = da.map_blocks(np.ascontiguousarray, data, dtype=data.dtype, name=f"{READ}-{token}")
-    with dask.annotate(executor=compute_executor(runtime)):
+    with dask.annotate(executor=compute_executor(runtime.name)):
         results = da.map_blocks(
             _infer_block,
             read,
@@ -374,8 +428,10 @@ def predict(
         ``top_k_probability`` (image, rank) and ``features`` (image, feature), as
         ``outputs`` asks, with the input's coordinates along its image dim (that dim's own
         as ``image``), a lazy ``valid`` flag per image, and the model and preprocessing in
-        attrs; ``attrs["dask_infer_runtime"]`` names the worker plugin holding the model
-        (``client.unregister_worker_plugin(name)`` frees it).
+        attrs; ``attrs["dask_infer_runtime"]`` names the worker plugin holding the model.
+        The plugin is unregistered (the model freed on every worker) once no lazy result
+        that could run it is left; ``client.unregister_worker_plugin(name)`` frees it
+        sooner.
 
     Raises
     ------
