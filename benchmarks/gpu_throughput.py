@@ -296,6 +296,42 @@ class Budget:
         return False
 
 
+def on_new_cluster(
+    threads: int,
+    environ: dict[str, str],
+    source: str,
+    work: Path,
+    label: str,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    checks: list[Check],
+    **options: Any,
+) -> dict[str, Any]:
+    """One checked dask-infer run on a new local cluster (``threads`` per worker, ``environ`` set)."""
+    saved = {k: os.environ.get(k) for k in environ}
+    os.environ.update(environ)
+    try:
+        client, _ = make_client(threads_per_worker=threads)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        return dask_infer_runs(client, source, work, label, reference, tolerance, checks, 1, **options)
+    finally:
+        close(client)
+
+
+def close(client: Client) -> None:
+    """Close ``client`` and the local cluster it started, so no idle worker holds the GPU."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
 def two_stages_one_device(
     source: str,
     work: Path,
@@ -522,28 +558,21 @@ def main() -> None:
                 compress=graphs_recipe,
                 **options,
             )
-        client.close()
+        close(client)
         client = None
         if budget.allows("dask-infer with Python's default GIL switch interval", 60):
-            os.environ[SWITCH_INTERVAL_ENV] = "0.005"
-            try:
-                client, _ = make_client(threads_per_worker=args.threads)
-            finally:
-                del os.environ[SWITCH_INTERVAL_ENV]
-            runs["zstd_switch_5ms"] = dask_infer_runs(
-                client,
+            runs["zstd_switch_5ms"] = on_new_cluster(
+                args.threads,
+                {SWITCH_INTERVAL_ENV: "0.005"},
                 zstd,
                 work,
                 f"{recipe}, GIL switch 5 ms",
                 plain_logits,
                 tolerance,
                 checks,
-                1,
                 compress=recipe,
                 **options,
             )
-            client.close()
-            client = None
         result["dask_infer"] = runs
         if budget.allows("two stages sharing the GPU", 120):
             result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
@@ -551,21 +580,18 @@ def main() -> None:
             )
         fewer = max(1, args.threads // 2)
         if budget.allows(f"dask-infer with {fewer} reading threads", 60):
-            client, _ = make_client(threads_per_worker=fewer)
-            runs[f"zstd_{fewer}_threads"] = dask_infer_runs(
-                client,
+            runs[f"zstd_{fewer}_threads"] = on_new_cluster(
+                fewer,
+                {},
                 zstd,
                 work,
                 f"{recipe}, {fewer} threads",
                 plain_logits,
                 tolerance,
                 checks,
-                1,
                 compress=recipe,
                 **options,
             )
-            client.close()
-            client = None
         # Last, as the least likely to change the recipe: a bigger compiled batch, fp8 linear layers.
         if args.model_extras and args.compile and budget.allows("model alone, compiled batch 512", 60):
             result["model_alone_compiled_batch512_images_per_s"] = alone(torch.compile(model), 512)
@@ -595,7 +621,7 @@ def main() -> None:
         )
     finally:
         if client is not None:
-            client.close()
+            close(client)
         shutil.rmtree(work, ignore_errors=True)
     result["skipped"] = budget.skipped
     result["output_tolerance"] = str(tolerance)

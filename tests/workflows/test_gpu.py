@@ -20,19 +20,14 @@ pytestmark = [
 ]
 
 
-def test_pool_leases_pinned_memory() -> None:
-    arr = HostBufferPool(capacity=2, pinned=True).lease((8, 32, 32, 3), "uint8")
-    assert torch.from_numpy(arr).is_pinned()
-
-
-def test_cuda_runtime_matches_cpu(small_dataset: Path, small_weights: Path) -> None:
-    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+def _cuda_spec(weights: Path, compress: str | None = None) -> RuntimeSpec:
+    """The random 10-class ResNet-18 on the GPU, batches of 48, logits only."""
     from dask_infer.models.registry import build_model
 
-    loaded = build_model("resnet18", weights=str(small_weights))
-    spec = RuntimeSpec(
+    loaded = build_model("resnet18", weights=str(weights))
+    return RuntimeSpec(
         model="resnet18",
-        weights=str(small_weights),
+        weights=str(weights),
         num_classes=10,
         input_size=loaded.input_size,
         mean=loaded.mean,
@@ -41,8 +36,18 @@ def test_cuda_runtime_matches_cpu(small_dataset: Path, small_weights: Path) -> N
         top_k=5,
         batch_size=48,
         device="cuda",
+        compress=compress,
     )
-    runtime = ModelRuntime(spec, "gpu-test")
+
+
+def test_pool_leases_pinned_memory() -> None:
+    arr = HostBufferPool(capacity=2, pinned=True).lease((8, 32, 32, 3), "uint8")
+    assert torch.from_numpy(arr).is_pinned()
+
+
+def test_cuda_runtime_matches_cpu(small_dataset: Path, small_weights: Path) -> None:
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    runtime = ModelRuntime(_cuda_spec(small_weights), "gpu-test")
     runtime.load()
     got = runtime.forward(images).cpu().numpy()
     want = reference_logits(images, "resnet18", str(small_weights))
@@ -127,24 +132,10 @@ def test_cuda_graph_stages_pad_the_last_batch(small_dataset: Path, small_weights
     outputs within bf16 rounding of fp32 on the CPU."""
     from torch._dynamo.utils import counters
 
-    from dask_infer.models.registry import build_model
-
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:100]
-    loaded = build_model("resnet18", weights=str(small_weights))
-    spec = RuntimeSpec(
-        model="resnet18",
-        weights=str(small_weights),
-        num_classes=10,
-        input_size=loaded.input_size,
-        mean=loaded.mean,
-        std=loaded.std,
-        outputs=("logits",),
-        top_k=5,
-        batch_size=48,
-        device="cuda",
-        compress="bf16+channels_last+cudagraphs",
+    runtime = ModelRuntime(
+        _cuda_spec(small_weights, compress="bf16+channels_last+cudagraphs"), "gpu-graphs-test"
     )
-    runtime = ModelRuntime(spec, "gpu-graphs-test")
     runtime.load()
     compiled = counters["stats"]["unique_graphs"]
     first = runtime.forward(images).cpu().numpy()  # batches of 48, 48 and 4
