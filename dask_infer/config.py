@@ -111,7 +111,9 @@ class RunConfig:
         Storage chunks absent from the input (Zarr reads them as the fill value): ``"refuse"``
         the run, naming them, or ``"fill"`` to read them as the fill value, marked in the output.
     outputs
-        Which results to write: any of ``logits``, ``probabilities``, ``top_k``, ``features``.
+        Which results to write: any of ``logits``, ``probabilities``, ``top_k``, ``features``;
+        with ``tile``: ``mask`` (the best class per pixel), ``logits``, ``probabilities``
+        (default: ``mask`` for a map, ``logits,probabilities`` for a classifier's tiles).
     top_k
         How many best classes to keep per image.
     activation
@@ -121,6 +123,18 @@ class RunConfig:
     feature_layer
         Module of the model (a name from ``model.named_modules()``, e.g. ``avgpool``) whose
         output, flattened per image, is written as ``features`` (with ``outputs`` ``features``).
+    tile
+        Split each image into tiles of this side (pixels) and run the model on each: a model
+        that returns a map writes per-pixel ``mask``/``logits`` on the input's own y/x grid,
+        stitched from the tiles' centres; a classifier writes one prediction per tile.
+        ``None``: whole images, resized to the model's input.
+    halo
+        Pixels of context read around each tile of a dense map and dropped after the
+        forward pass, so tiles stitch without seams: a number (at most ``tile``), or ``"auto"``
+        (``None`` with ``tile``) for the model's measured receptive field, rounded up to its
+        output stride and capped at half the tile (at most 256).
+    stride
+        Step between tile origins of a classifier's tiles (at most ``tile``); ``None``: ``tile``.
     chunk_size
         Images per task (rounded to whole storage chunks); ``None`` picks from the data.
     batch_size
@@ -169,6 +183,9 @@ class RunConfig:
     compress
         Compression plan: one recipe for all stages (``"bf16+channels_last"``) or per
         stage (``"0-2:int8,3-4:bf16"``); see ``dask_infer.partition.compress.recipe``.
+        ``"auto"`` (``"auto=0.99"``): each worker picks, per stage, the fastest recipe its
+        hardware does well whose top-1 agreement with fp32 on the input's first images is at
+        least 99.5% (0.99); see ``dask_infer.partition.compress.auto``.
     calibration_images
         Images of the input (its first ones) that int8 and structured pruning calibrate on.
     overwrite
@@ -206,6 +223,9 @@ class RunConfig:
     top_k: int = 5
     activation: str = "softmax"
     feature_layer: str | None = None
+    tile: int | None = None
+    halo: int | str | None = None
+    stride: int | None = None
     chunk_size: int | None = None
     batch_size: int | None = None
     scheduler: str | None = None
@@ -277,15 +297,20 @@ class RunConfig:
             )
         object.__setattr__(self, "outputs", tuple(dict.fromkeys(outputs)))
         check_choice("activation", self.activation, ACTIVATIONS)
+        self._check_tiles()
         self._check_heads()
         if self.compress is not None:
             # Imported here: the recipe's package imports torch, which the CLI's --help and
             # `models` would otherwise pay for at every start.
+            from dask_infer.partition.compress.auto import auto_bound, is_auto
             from dask_infer.partition.compress.recipe import CompressionPlan
 
-            plan = CompressionPlan.coerce(self.compress)
-            plan.validate(self.stages)
-            object.__setattr__(self, "compress", None if plan.is_identity else plan.to_string())
+            if is_auto(self.compress):
+                object.__setattr__(self, "compress", f"auto={auto_bound(str(self.compress)):g}")
+            else:
+                plan = CompressionPlan.coerce(self.compress)
+                plan.validate(self.stages)
+                object.__setattr__(self, "compress", None if plan.is_identity else plan.to_string())
         for name in ("top_k", "stages", "calibration_images"):
             check_positive_int(name, getattr(self, name))
         for name in (
@@ -334,6 +359,21 @@ class RunConfig:
             raise DaskInferError(
                 f"activation='none' writes the model's raw output, but outputs include {', '.join(scored)}, "
                 "which need softmax or sigmoid; pass --outputs logits (and/or features)"
+            )
+
+    def _check_tiles(self) -> None:
+        """``tile``, ``halo`` and ``stride`` in canonical form; ``mask`` only with a tile.
+
+        What else goes with tiles (outputs, preprocessing, placement) is checked by the
+        tiled run once the model is known, before any cluster starts.
+        """
+        from dask_infer.tiles.options import check_tile_options
+
+        tile, halo, _ = check_tile_options(self.tile, self.halo, self.stride)
+        object.__setattr__(self, "halo", halo)
+        if tile is None and "mask" in self.outputs:
+            raise DaskInferError(
+                "outputs include 'mask', which tiled runs write; give --tile (e.g. --tile 512)"
             )
 
     def _check_preprocessing(self) -> None:

@@ -25,6 +25,7 @@ from dask_infer.models import Preprocess, build_model
 from dask_infer.options import DEFAULT_BALANCE, check_positive_int
 from dask_infer.partition import partition_model
 from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
+from dask_infer.partition.compress.cpu import cpu_features
 from dask_infer.partition.compress.measure import count_flops, serialized_size, time_call
 from dask_infer.partition.compress.quantize import check_int8_device, int8_backend
 
@@ -91,6 +92,13 @@ class EvaluationReport:
     accuracy_ref: float | None
     accuracy: float | None
     stages: tuple[StageReport, ...]
+    cpu: str = ""
+    """The CPU's model name (``/proc/cpuinfo``)."""
+    cpu_capability: str = ""
+    """``torch.backends.cpu.get_cpu_capability()``: the kernels torch picked for this CPU."""
+    cpu_flags: tuple[str, ...] = ()
+    """The CPU flags that decide which precision is fast (see
+    :data:`~dask_infer.partition.compress.cpu.RELEVANT_FLAGS`)."""
 
     @property
     def flops_reduction(self) -> float:
@@ -103,6 +111,13 @@ class EvaluationReport:
         """Uncompressed time over compressed time, all stages together."""
         total = sum(s.time_s for s in self.stages)
         return sum(s.time_ref_s for s in self.stages) / total if total else float("nan")
+
+    @property
+    def images_per_s(self) -> tuple[float, float]:
+        """Images per second through all stages, ``(uncompressed, compressed)``, timed in this run."""
+        ref, new = sum(s.time_ref_s for s in self.stages), sum(s.time_s for s in self.stages)
+        nan = float("nan")
+        return (self.batch_size / ref if ref else nan, self.batch_size / new if new else nan)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe dict of every field, plus the derived totals."""
@@ -117,6 +132,7 @@ class EvaluationReport:
         """Read back :meth:`to_dict` output."""
         values = {k: v for k, v in data.items() if k not in ("flops_reduction", "speedup")}
         values["stages"] = tuple(StageReport(**s) for s in values["stages"])
+        values["cpu_flags"] = tuple(values.get("cpu_flags", ()))
         return cls(**values)
 
     def format(self) -> str:
@@ -138,11 +154,17 @@ class EvaluationReport:
                 if self.accuracy is not None and self.accuracy_ref is not None
                 else ""
             ),
-            f"  FLOPs reduction      {pct(self.flops_reduction)};  speed-up x{self.speedup:.2f}",
+            f"  FLOPs reduction      {pct(self.flops_reduction)};  speed-up x{self.speedup:.2f} over fp32 "
+            f"({self.images_per_s[0]:.1f} -> {self.images_per_s[1]:.1f} images/s, same run)",
             "",
             f"  {'stage':>5}  {'recipe':<24} {'MFLOP/img':>17} {'size MB':>15} {'zlib MB':>15} "
             f"{'ms/batch':>17}",
         ]
+        if self.cpu:
+            lines.insert(
+                1,
+                f"  CPU {self.cpu}; torch capability {self.cpu_capability}; flags {' '.join(self.cpu_flags)}",
+            )
         for s in self.stages:
             lines.append(
                 f"  {s.index:>5}  {s.recipe:<24} {s.flops_ref / 1e6:>8.1f}>{s.flops / 1e6:<8.1f} "
@@ -311,6 +333,7 @@ def evaluate(
             )
         )
     )
+    features = cpu_features()
     return EvaluationReport(
         input=str(input),
         model=loaded.source.ref if loaded.source is not None else loaded.name,
@@ -330,6 +353,9 @@ def evaluate(
         accuracy_ref=accuracy_ref,
         accuracy=accuracy,
         stages=reports,
+        cpu=features.model,
+        cpu_capability=features.capability,
+        cpu_flags=features.flags,
     )
 
 

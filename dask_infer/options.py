@@ -41,8 +41,8 @@ DEFAULT_BALANCE = "time"
 PLACEMENTS = ("auto", "data", "pipeline", "hybrid")
 """Where stages run over the workers."""
 
-OUTPUT_KINDS = ("logits", "probabilities", "top_k", "features")
-"""Results a run can write."""
+OUTPUT_KINDS = ("logits", "probabilities", "top_k", "features", "mask")
+"""Results a run can write; ``mask`` (the best class per pixel or per tile) needs ``tile``."""
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 """What turns the model's output into ``probabilities`` (and ``top_k``): softmax for one class

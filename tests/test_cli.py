@@ -114,6 +114,7 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
     ),
     "compress-unknown": (["--compress", "nonsense"], "unknown recipe term 'nonsense' in 'nonsense'"),
     "compress-stage": (["--stages", "2", "--compress", "0-3:int8"], "names stage(s) [2, 3] but the model"),
+    "compress-auto-bound": (["--compress", "auto=2"], "auto bound '2' in 'auto=2' is not a top-1 agreement"),
     "config-missing": (["--config", "{tmp}/none.yaml"], "none.yaml' does not exist"),
     "config-list": (["--config", "{tmp}/run.yaml"], "run.yaml' must hold a mapping of options"),
     "config-unknown-key": (["--config", "{tmp}/run.yaml"], "unknown config keys ['bogus_key']; known keys:"),
@@ -183,6 +184,14 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
         ["--weights", "{weights}", "--bands", "3,5,1"],
         "bands=3,5,1: input array 'images' has 3 band(s), numbered 1 to 3 (bands are 1-based); band 5",
     ),
+    "tile-larger-than-image": (["--tile", "64"], "tile=64 is larger than the images of"),
+    "halo-larger-than-tile": (["--tile", "16", "--halo", "24"], "halo=24 is larger than tile=16"),
+    "stride-leaves-gaps": (["--tile", "16", "--stride", "20"], "stride=20 is larger than tile=16, so tiles"),
+    "mask-not-a-map": (
+        ["--weights", "{weights}", "--tile", "16", "--outputs", "mask"],
+        "resnet18 gives per-tile outputs of shape (10,), not a map, so outputs 'mask' does not apply",
+    ),
+    "mask-without-tile": (["--outputs", "mask"], "outputs include 'mask', which tiled runs write; give"),
     "dims-unknown": (
         ["--dims", "image=time,channel=band"],
         "maps image to 'time', but array 'images' has no dim 'time'; its dims are image, y, x, channel",

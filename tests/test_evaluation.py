@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,6 +216,16 @@ def test_bf16_report_agrees(digits_store: str, digits_weights: Path) -> None:
     assert stage.recipe == "bf16" and stage.flops == stage.flops_ref == _flops(loaded.module, x[:1])
     assert (stage.size_ref, stage.size_zlib_ref) == _saved_size(loaded.module)
     assert (stage.size, stage.size_zlib) == _saved_size(copy.deepcopy(loaded.module).to(torch.bfloat16))
+    # Speed against fp32 from the same run, and the CPU it ran on, as /proc/cpuinfo and torch see it.
+    ref_rate, new_rate = report.images_per_s
+    assert ref_rate == pytest.approx(report.batch_size / stage.time_ref_s)
+    assert new_rate / ref_rate == pytest.approx(report.speedup)
+    assert report.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].splitlines()[0].split())
+    assert set(report.cpu_flags) <= flags and ("avx2" in report.cpu_flags) == ("avx2" in flags)
+    table = report.format()
+    assert f"speed-up x{report.speedup:.2f} over fp32" in table and report.cpu_capability in table
+    assert EvaluationReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 def test_heavy_pruning_report_counts_disagreements(digits_store: str, digits_weights: Path) -> None:

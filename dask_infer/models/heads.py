@@ -96,7 +96,7 @@ def probe_outputs(
         raise ModelError(
             f"{label} gives per-image outputs of shape {shape}, not (category,) scores, so "
             f"activation={activation!r}, probabilities and top_k do not apply; write it as it is with "
-            "--activation none --outputs logits (tiled dense outputs are not supported yet)"
+            "--activation none --outputs logits, or run a map over tiles with --tile (e.g. --tile 512)"
         )
     if feature_layer is None:
         return OutputShapes(shape)

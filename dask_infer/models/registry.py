@@ -23,6 +23,13 @@ from torch import nn
 
 from dask_infer.errors import ModelError
 from dask_infer.models.channels import adapt_input_channels, input_channels
+from dask_infer.models.dense import (
+    DEFAULT_DENSE_CLASSES,
+    MapOutput,
+    dense_classes,
+    dense_models,
+    make_dense_model,
+)
 from dask_infer.models.own import DEFAULT_INPUT_SIZE, build_own_module, count_outputs, program_input_size
 from dask_infer.models.sources import ModelSource, model_source
 from dask_infer.models.weights import fit_error, head_size, load_weights
@@ -57,7 +64,7 @@ def check_model_name(name: str) -> str:
     ModelError
         With the closest known names as the fix.
     """
-    if isinstance(name, str) and name in available_models():
+    if isinstance(name, str) and (name in available_models() or name in dense_models()):
         return name
     if not isinstance(name, str):
         raise ModelError(f"model={name!r} is not a torchvision model name")
@@ -85,6 +92,10 @@ def model_defaults(name: str) -> ModelDefaults:
     except (ValueError, AttributeError):
         return ModelDefaults(224, 256, _IMAGENET_MEAN, _IMAGENET_STD, ())
     transforms = weights.transforms()
+    if name in dense_models():
+        # Segmentation weights resize without a crop; tiled runs feed tiles at their own size.
+        side = int(transforms.resize_size[0])
+        return ModelDefaults(side, side, tuple(transforms.mean), tuple(transforms.std), ())
     crop = int(transforms.crop_size[0])
     resize = int(transforms.resize_size[0]) if transforms.resize_size else crop
     return ModelDefaults(
@@ -247,6 +258,7 @@ def _build_torchvision(
     defaults = model_defaults(name)
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
+    dense = name in dense_models()
     if weights is not None:
         state, meta, weights = load_weights(weights)
         if meta.get("model") not in (None, name):
@@ -255,7 +267,26 @@ def _build_torchvision(
                 f"use --model {meta['model']}"
             )
         if num_classes is None:
-            num_classes = head_size(name, state)
+            num_classes = dense_classes(state) if dense else head_size(name, state)
+    if dense:
+        num_classes = num_classes or DEFAULT_DENSE_CLASSES
+        aux = state is not None and any(k.startswith("aux_classifier.") for k in state)
+        inner = make_dense_model(name, num_classes, aux=aux, seed=seed)
+        if state is not None:
+            try:
+                inner.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise fit_error(name, str(weights), inner, state) from exc
+        return LoadedModel(
+            module=MapOutput(inner).eval(),
+            name=name,
+            num_classes=num_classes,
+            input_size=_input_size(meta.get("input_size", defaults.input_size), weights),
+            mean=_channel_values("mean", meta.get("mean", defaults.mean), weights),
+            std=_channel_values("std", meta.get("std", defaults.std), weights, positive=True),
+            class_names=tuple(str(c) for c in meta["class_names"]) if "class_names" in meta else None,
+            weights=str(weights) if weights is not None else None,
+        )
     num_classes = num_classes or 1000
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name in ("inception_v3", "googlenet"):

@@ -47,7 +47,8 @@ from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.sources import ModelSource, model_label
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
-from dask_infer.partition.compress import CompressionPlan, check_recipe
+from dask_infer.partition.compress import CompressionError, CompressionPlan, check_recipe
+from dask_infer.partition.compress.auto import auto_bound, is_auto
 from dask_infer.partition.compress.measure import forward_cost
 from dask_infer.workflows.cluster import (
     ClusterChoice,
@@ -145,6 +146,9 @@ def _check_compression(
     """Refuse a plan that cannot be applied to these stages here; the plan as a dict."""
     if config.compress is None:
         return None
+    if is_auto(config.compress):
+        # Chosen on each worker; what was chosen and measured is in the run summary.
+        return {"auto": {"min_agreement": auto_bound(config.compress)}}
     plan = CompressionPlan.coerce(config.compress)
     device = torch.device("cuda" if _gpu(config) else "cpu")
     stages = split_model(loaded.module, list(cuts)) if cuts else [loaded.module]
@@ -224,6 +228,11 @@ def output_shapes(
 ) -> OutputShapes:
     """What the model gives per image (and its feature layer), checked against the asked outputs."""
     if config.feature_layer is not None and config.compress is not None:
+        if is_auto(config.compress):
+            raise CompressionError(
+                f"feature_layer={config.feature_layer!r} cannot be read from stages --compress auto "
+                "may compile; give a recipe such as bf16 with features"
+            )
         plan = CompressionPlan.coerce(config.compress)
         check_feature_compression(plan, len(cuts) + 1, config.feature_layer)
     return probe_outputs(
@@ -669,6 +678,9 @@ def _summarise(
         invalid_images=invalid_images(output),
         filled_images=sum(stop - start for start, stop in layout.prepared.filled),
         recoveries=run.recoveries,
+        compression_choices={
+            a: s["auto_compression"] for a, s in sorted(stats.items()) if s["auto_compression"]
+        },
     )
 
 
@@ -725,6 +737,10 @@ def run_config(
     say = echo or (lambda _line: None)
     # Workers may run elsewhere: they must read and write what the user named here.
     config = config.replace(input=absolute_location(config.input), output=absolute_location(config.output))
+    if config.tile is not None:
+        from dask_infer.workflows.tiled import run_tiled
+
+        return run_tiled(config, client=client, echo=echo)
     prepared = _prepare(config, say)
     with _connected(config, client) as (client, choice):
         say(f"dashboard: {client.dashboard_link}")

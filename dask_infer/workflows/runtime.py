@@ -426,6 +426,11 @@ class ModelRuntime(WorkerPlugin):
             "busy_s": self.busy_seconds,
             "stages": stages,
             "gpu": self._gpu.stats(),
+            "auto_compression": [
+                choice.to_dict()
+                for _, stage in sorted(self._stages.items())
+                if (choice := getattr(stage, "auto_choice", None)) is not None
+            ],
         }
 
 

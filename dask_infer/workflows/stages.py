@@ -23,7 +23,8 @@ from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.sources import ModelSource
 from dask_infer.models.tracing import running_modules
 from dask_infer.partition import split_model
-from dask_infer.partition.compress import CompressedStage, CompressionPlan, compress_stages
+from dask_infer.partition.compress import CompressedStage, CompressionError, CompressionPlan, compress_stages
+from dask_infer.partition.compress.auto import auto_bound, choose_recipe, is_auto
 
 __all__ = ["RuntimeSpec", "build_stages"]
 
@@ -171,6 +172,8 @@ def build_stages(
             with running_modules():
                 _warm_up(stages, held, min(spec.warmup_images, batch_size), shape, device)
         return {i: stages[i].to(device).eval() for i in held}
+    if is_auto(spec.compress):
+        return _build_auto(spec, stages, held, preprocess, device, batch_size)
     plan = CompressionPlan.coerce(spec.compress)
     calibration = _calibration(spec, preprocess, device) if plan.uses_calibration else None
     ordered = [s.to(device).eval() for s in stages]
@@ -184,3 +187,46 @@ def build_stages(
     for _ in range(3 if any(plan.recipe_for(i).cuda_graphs for i in held) else 1 if compiled else 0):
         _warm_up(compressed, held, batch_size, shape, device)
     return {i: compressed[i] for i in held}
+
+
+def _build_auto(
+    spec: RuntimeSpec,
+    stages: Sequence[nn.Module],
+    held: tuple[int, ...],
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int,
+) -> dict[int, nn.Module]:
+    """``--compress auto``: measure candidate recipes for each held stage here, keep the fastest
+    accurate one (see :mod:`dask_infer.partition.compress.auto`)."""
+    assert spec.compress is not None
+    bound = auto_bound(spec.compress)
+    data = _calibration(spec, preprocess, device)
+    if data is None:
+        raise CompressionError(
+            "--compress auto measures agreement on the input's first images, and none has finite "
+            "pixels; give a recipe such as bf16 instead"
+        )
+    ordered = [s.to(device).eval() for s in stages]
+    out: dict[int, nn.Module] = {}
+    last = len(ordered) - 1
+    for index in range(max(held) + 1):
+        stage: nn.Module = ordered[index]
+        if index in held:
+            chosen, choice = choose_recipe(
+                stage,
+                data,
+                device=device,
+                batch_size=batch_size,
+                min_agreement=bound,
+                stage=index,
+                output_dtype=torch.float32 if index == last else None,
+            )
+            chosen.note_choice(choice)
+            out[index] = stage = chosen
+        if index < max(held):
+            with torch.inference_mode():
+                data = torch.cat(
+                    [_eager(stage)(data[i : i + batch_size]).float() for i in range(0, len(data), batch_size)]
+                )
+    return out

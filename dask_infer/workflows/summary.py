@@ -45,6 +45,9 @@ class RunSummary:
     """Images read (wholly or partly) from absent input chunks as the fill value."""
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     """Each re-placement of a pipeline's stages after workers were lost or joined."""
+    compression_choices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Under ``--compress auto``: per worker address, each held stage's chosen recipe and every
+    candidate's measured images/s and top-1 agreement with fp32."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON and output attrs."""
@@ -59,7 +62,23 @@ class RunSummary:
             f"{self.images} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s){resumed}, "
             f"{self.chunks} chunks of {self.chunk_size} on {self.workers} worker(s) [{self.cluster}]"
             f"{self._bad_data()}\n"
+            f"{self._choices()}"
             f"results: {self.output}  (xarray.open_zarr({self.output!r}))"
+        )
+
+    def _choices(self) -> str:
+        """One line per worker and stage that ``--compress auto`` chose a recipe for."""
+        return "".join(
+            f"compress auto on {address}, stage {c['stage']}: {c['recipe']} ("
+            + ", ".join(
+                f"{k['recipe']} {k['images_per_s']:.1f} img/s top-1 {100 * k['top1_agreement']:.2f}%"
+                if k["error"] is None
+                else f"{k['recipe']} failed"
+                for k in c["candidates"]
+            )
+            + ")\n"
+            for address, choices in sorted(self.compression_choices.items())
+            for c in choices
         )
 
     def _bad_data(self) -> str:

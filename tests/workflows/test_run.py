@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -249,6 +250,81 @@ def test_compressed_run_matches_in_process_compression(
     fp32 = reference_logits(images, "resnet18", str(digits_weights))
     assert_close_logits(got, fp32, rel=2e-2)
     # The fp32 model misses at most 3 of the 78 held-out digits; bf16 at most 2 more (none seen).
+    assert_held_out_mistakes(ds, got, fp32, held_out=78)
+
+
+@pytest.mark.parametrize("freezing", ["", "0"])
+def test_compiled_bf16_run_agrees_with_fp32(
+    digits_store: Path, digits_weights: Path, tmp_path: Path, freezing: str
+) -> None:
+    """bf16+channels_last+compile on a worker process, frozen (the default) or not (``0``),
+    against fp32 plain PyTorch: top-1 agreement >= 99.5% of the 320 digits (at most one differs),
+    relative logit error <= 2% (bf16's 8-bit mantissa), and the held-out accuracy kept."""
+    from distributed import LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+            env={"DASK_INFER_INDUCTOR_FREEZING": freezing},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        run_small(
+            client,
+            digits_store,
+            tmp_path / "o.zarr",
+            digits_weights,
+            compress="bf16+channels_last+compile",
+            chunk_size=32,
+            batch_size=32,
+        )
+    ds = xr.open_zarr(tmp_path / "o.zarr")
+    got = ds["logits"].values
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    fp32 = reference_logits(images, "resnet18", str(digits_weights))
+    agreement = float((got.argmax(1) == fp32.argmax(1)).mean())
+    assert agreement >= 0.995, f"top-1 agreement with fp32 {agreement:.2%}"
+    relative = float(np.linalg.norm(got - fp32) / np.linalg.norm(fp32))
+    assert relative <= 2e-2, f"relative logit error {relative:.3g}"
+    assert_held_out_mistakes(ds, got, fp32, held_out=78)
+
+
+def test_auto_compression_records_its_choice(
+    client: Client, digits_store: Path, digits_weights: Path, tmp_path: Path
+) -> None:
+    """--compress auto: every worker measures its candidates on the input's first 64 images and keeps
+    the fastest with top-1 agreement >= 99.5% with fp32; the choice and the figures are in the
+    summary and the attrs, and the output stays within 2% top-1 of fp32 plain PyTorch."""
+    summary = run_small(
+        client,
+        digits_store,
+        tmp_path / "o.zarr",
+        digits_weights,
+        compress="auto",
+        chunk_size=32,
+        batch_size=32,
+    )
+    assert set(summary.compression_choices) == set(summary.loaded_stages)
+    for choices in summary.compression_choices.values():
+        (choice,) = choices
+        assert choice["stage"] == 0 and choice["images"] == 64 and choice["min_agreement"] == 0.995
+        measured = {c["recipe"]: c for c in choice["candidates"] if c["error"] is None}
+        assert "none" in measured and measured["none"]["top1_agreement"] == 1.0
+        allowed = [c for c in measured.values() if c["top1_agreement"] >= 0.995]
+        fastest = max(allowed, key=lambda c: c["images_per_s"])
+        assert choice["recipe"] == ("fp32" if fastest["recipe"] == "none" else fastest["recipe"])
+    assert "compress auto on" in summary.format()
+    ds = xr.open_zarr(tmp_path / "o.zarr")
+    assert json.loads(ds.attrs["compression"]) == {"auto": {"min_agreement": 0.995}}
+    assert json.loads(ds.attrs["run_summary"])["compression_choices"] == summary.compression_choices
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    fp32 = reference_logits(images, "resnet18", str(digits_weights))
+    got = ds["logits"].values
+    assert float((got.argmax(1) == fp32.argmax(1)).mean()) >= 0.98
     assert_held_out_mistakes(ds, got, fp32, held_out=78)
 
 

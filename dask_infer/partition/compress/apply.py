@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dask_infer.partition.compress.freeze import FrozenCompile, compile_frozen, freezes
 from dask_infer.partition.compress.prune import check_structured, prune_structured, prune_unstructured
 from dask_infer.partition.compress.quantize import (
     check_int8_device,
@@ -68,10 +69,28 @@ class CompressedStage(nn.Module):
         # Kept outside the module tree so the state_dict holds each weight once.
         self.__dict__["compiled"] = None
         self.__dict__["static_batch"] = None
+        self.__dict__["auto_choice"] = None
+
+    @property
+    def auto_choice(self) -> Any:
+        """The :class:`~dask_infer.partition.compress.auto.AutoChoice` that picked this stage's
+        recipe under ``--compress auto``, else ``None``."""
+        return self.__dict__["auto_choice"]
+
+    def note_choice(self, choice: Any) -> None:
+        """Record how ``--compress auto`` chose this stage's recipe."""
+        self.__dict__["auto_choice"] = choice
 
     def set_compiled(self, compiled: Callable[..., Any] | None) -> None:
         """Run ``compiled`` (e.g. ``torch.compile(self.module)``) instead of the eager module."""
         self.__dict__["compiled"] = compiled
+
+    @property
+    def frozen(self) -> bool | None:
+        """Whether the compiled stage runs with inductor freezing; ``None`` when not compiled for
+        the CPU or not yet called."""
+        compiled = self.__dict__["compiled"]
+        return compiled.frozen if isinstance(compiled, FrozenCompile) else None
 
     def pad_batches_to(self, batch: int | None) -> None:
         """Run the compiled stage on batches of exactly ``batch`` images, padding smaller ones.
@@ -192,7 +211,8 @@ def compress_module(
     """Compress a copy of ``module`` by ``recipe``; ``module`` itself is never modified.
 
     Steps run in this order: prune, then int8 or precision and memory format, then
-    ``torch.compile`` (which compiles on first call).
+    ``torch.compile`` (which compiles on first call; on a CPU with inductor freezing, see
+    :mod:`dask_infer.partition.compress.freeze`).
 
     Parameters
     ----------
@@ -246,7 +266,9 @@ def compress_module(
         if recipe.quantize == "int8":
             stage.set_compiled(compile_int8(work))
         else:
-            stage.set_compiled(torch.compile(work, mode="reduce-overhead" if recipe.cuda_graphs else None))
+            mode = "reduce-overhead" if recipe.cuda_graphs else None
+            frozen = dev.type == "cpu" and freezes(recipe)
+            stage.set_compiled(compile_frozen(work, mode=mode) if frozen else torch.compile(work, mode=mode))
     return stage
 
 

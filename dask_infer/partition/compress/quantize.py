@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dask_infer.errors import reason
-from dask_infer.partition.compress.recipe import CompressionError
+from dask_infer.partition.compress.freeze import compile_frozen, freezes
+from dask_infer.partition.compress.recipe import CompressionError, CompressionRecipe
 
 __all__ = ["compile_int8", "int8_backend", "quantize_int8"]
 
@@ -151,8 +152,8 @@ def _drop_unused(graph_module: nn.Module) -> None:
 def compile_int8(module: nn.Module) -> Callable[..., Any]:
     """``torch.compile`` a converted int8 model: inductor fuses its quantize/dequantize steps.
 
-    Inductor's freezing (prepacked oneDNN int8 weights) is not used: in some builds it fails
-    for want of a fake kernel for ``onednn.qconv_prepack``, while plain compilation works and
-    keeps the batch size dynamic.
+    Compiled with inductor freezing, which prepacks the int8 weights for oneDNN once, unless
+    ``DASK_INFER_INDUCTOR_FREEZING=0``; a build that cannot freeze the graph compiles it
+    without freezing (see :class:`~dask_infer.partition.compress.freeze.FrozenCompile`).
     """
-    return torch.compile(module)
+    return compile_frozen(module) if freezes(CompressionRecipe(quantize="int8")) else torch.compile(module)

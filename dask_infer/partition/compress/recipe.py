@@ -200,6 +200,11 @@ class CompressionRecipe:
                 put("cuda_graphs", True, term)
             elif term == "none":
                 continue
+            elif term == "auto" or term.startswith("auto="):
+                raise CompressionError(
+                    f"{text!r}: auto is chosen by `dask-infer run` on its workers, not a recipe here; "
+                    "give a recipe such as bf16+channels_last+compile"
+                )
             elif "=" in term:
                 key, _, value = term.partition("=")
                 method = _PRUNE_TERMS.get(key.strip())

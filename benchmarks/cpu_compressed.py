@@ -1,0 +1,286 @@
+"""Compressed recipes on the CPU: plain PyTorch loops against dask-infer, in one run, on one Zarr dataset.
+
+For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile`` and
+``int8+compile``) the script times:
+
+* the plain loop a user writes by hand (read a chunk, normalise, forward, write logits to
+  Zarr; best of ``--passes``) with the recipe applied by hand: the model cast to the dtype
+  and memory format, or quantized by the project's ``quantize_int8``, then
+  ``torch.compile`` with and without inductor freezing; each loop runs one batch before
+  its timing starts;
+* ``dask_infer.run`` with ``--compress`` set to the recipe on a fresh LocalCluster: the
+  warm rate (the run summary's seconds, from submission, after the workers built and
+  compiled their stages), the cold time from the call to the first written chunk, and the
+  whole call.
+
+It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
+to fp32, the CPU model, its flags and the load average (other work may share the
+machine). Output checks: every dask-infer run against the plain loop of its recipe with
+freezing (fp32: max relative error 1e-5; bf16: 5e-2; int8: 1e-1, the same quantization
+applied to the same calibration images, compiled in another process); outside them the
+script exits with status 1 and one ``OUTPUT CHECK FAILED`` line. Agreement with fp32 is
+printed, not checked (random weights give near-tied top-1 classes).
+
+    python benchmarks/cpu_compressed.py [--model resnet50] [--images 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch._inductor.config as inductor_config
+import zarr
+from _common import Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
+
+import dask_infer
+from dask_infer.io import write_sample
+from dask_infer.models import build_model
+from dask_infer.partition.compress import CompressionRecipe
+from dask_infer.partition.compress.quantize import quantize_int8
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOLERANCE = {"fp32": Tolerance(max_rel_err=1e-5), "bf16": Tolerance(max_rel_err=5e-2)}
+_INT8_TOLERANCE = Tolerance(max_rel_err=1e-1)
+CALIBRATION_IMAGES = 64  # what a dask-infer worker calibrates int8 on by default: the input's first images
+
+
+def _normalise(block: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW (channels-last strides, as the images arrive)."""
+    return (block.permute(0, 3, 1, 2).float().div(255) - mean) / std
+
+
+def hand_model(
+    module: torch.nn.Module, recipe: CompressionRecipe, calibration: torch.Tensor, freeze: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The recipe applied by hand; returns forward(normalised fp32 batch) -> fp32 logits."""
+    module = copy.deepcopy(module).eval()
+    dtype = _DTYPES[recipe.precision]
+    if recipe.quantize == "int8":
+        module = quantize_int8(module, calibration)
+    else:
+        module = module.to(dtype)
+        if recipe.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+    run: Callable[[torch.Tensor], torch.Tensor] = module
+    if recipe.compile:
+        compiled = torch.compile(module)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with inductor_config.patch(freezing=freeze):
+                return compiled(x)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif recipe.quantize == "int8":
+            x = x.contiguous()  # the exported int8 graph is specialised to contiguous inputs
+        return run(x).float()
+
+    return forward
+
+
+def plain_loop(
+    images_url: str,
+    output_url: str,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loaded: Any,
+    batch: int,
+    passes: int = 2,
+) -> float:
+    """Read a chunk, normalise, forward in batches, write; the fastest of ``passes`` passes, in seconds,
+    after one warm-up batch."""
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    src = zarr.open_group(images_url, mode="r")["images"]
+    n, step = src.shape[0], src.chunks[0]
+    out = zarr.create_array(
+        output_url, shape=(n, loaded.num_classes), chunks=(step, loaded.num_classes), dtype="float32"
+    )
+    best = float("inf")
+    with torch.inference_mode():
+        forward(_normalise(torch.from_numpy(np.asarray(src[:batch])), mean, std))  # compiles here
+        for _ in range(passes):
+            start = time.perf_counter()
+            for s in range(0, n, step):
+                block = torch.from_numpy(np.asarray(src[s : s + step]))
+                logits = [
+                    forward(_normalise(block[i : i + batch], mean, std)) for i in range(0, len(block), batch)
+                ]
+                out[s : s + len(block)] = torch.cat(logits).numpy()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _first_chunk_watch(output: Path) -> tuple[threading.Event, list[float]]:
+    """Poll ``output`` for its first written logits chunk; the time it appears goes in the list."""
+    stop, seen = threading.Event(), []
+
+    def poll() -> None:
+        chunks = output / "logits" / "c"
+        while not stop.is_set():
+            if chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*")):
+                seen.append(time.perf_counter())
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return stop, seen
+
+
+def dask_infer_run(
+    images: str, output: Path, model: str, weights: str, batch: int, recipe: str
+) -> dict[str, Any]:
+    """One ``dask_infer.run`` on a fresh LocalCluster: warm rate, time to the first chunk, whole call."""
+    stop, seen = _first_chunk_watch(output)
+    t0 = time.perf_counter()
+    summary = dask_infer.run(
+        images,
+        str(output),
+        model=model,
+        weights=weights,
+        batch_size=batch,
+        compress=None if recipe == "fp32" else recipe,
+        progress=False,
+        echo=None,
+    )
+    total = time.perf_counter() - t0
+    stop.set()
+    return {
+        "seconds": summary.seconds,
+        "images_per_s": summary.images / summary.seconds,
+        "first_chunk_s": seen[0] - t0 if seen else None,
+        "call_s": total,
+        "cluster": summary.cluster,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--passes", type=int, default=2, help="timed passes of each plain loop (best kept)")
+    parser.add_argument("--recipes", default="fp32,bf16+channels_last+compile,int8+compile")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    info_start = machine_info()
+    print(machine_line(info_start), flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="dask-infer-bench-"))
+    rows: list[dict[str, Any]] = []
+    checks = []
+    try:
+        images = str(work / "images.zarr")
+        write_sample(images, kind="photos", size=args.size, count=args.images, chunk=args.chunk)
+        weights = str(work / "weights.pt")
+        torch.manual_seed(0)
+        model = build_model(args.model).module
+        torch.save(
+            {"state_dict": model.state_dict(), "meta": {"model": args.model, "input_size": args.size}},
+            weights,
+        )
+        loaded = build_model(args.model, weights=weights)
+        mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+        std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+        first = np.asarray(zarr.open_group(images, mode="r")["images"][:CALIBRATION_IMAGES])
+        calibration = _normalise(torch.from_numpy(first), mean, std).contiguous()
+        torch.set_num_threads(os.cpu_count() or 1)
+        fp32_logits = None
+        for text in recipes:
+            recipe = CompressionRecipe.parse(text)
+            row: dict[str, Any] = {"recipe": text}
+            for freeze in (True, False) if recipe.compile else (False,):
+                key = "plain_frozen" if freeze else "plain"
+                out = work / f"{key}-{text}.zarr"
+                forward = hand_model(loaded.module, recipe, calibration, freeze)
+                seconds = plain_loop(images, str(out), forward, loaded, args.batch, args.passes)
+                row[f"{key}_images_per_s"] = args.images / seconds
+                print(f"{text:<32} {key:<14} {row[f'{key}_images_per_s']:8.2f} images/s", flush=True)
+                torch._dynamo.reset()
+            ref_key = "plain_frozen" if recipe.compile else "plain"
+            reference = zarr.open_array(str(work / f"{ref_key}-{text}.zarr"), mode="r")[:]
+            if text == "fp32":
+                fp32_logits = reference
+            ours = dask_infer_run(images, work / f"ours-{text}.zarr", args.model, weights, args.batch, text)
+            row.update({f"dask_infer_{k}": v for k, v in ours.items()})
+            best = max(v for k, v in row.items() if k.startswith("plain") and k.endswith("images_per_s"))
+            row["best_plain_images_per_s"] = best
+            row["ratio_to_best_plain"] = ours["images_per_s"] / best
+            got = zarr.open_group(str(work / f"ours-{text}.zarr"), mode="r")["logits"][:]
+            tolerance = _INT8_TOLERANCE if recipe.quantize else _TOLERANCE.get(recipe.precision, Tolerance())
+            check = compare_logits(
+                f"dask-infer {text}", got, reference, tolerance, reference=f"plain loop {text}"
+            )
+            checks.append(check)
+            if fp32_logits is not None:
+                row["top1_agreement_with_fp32"] = float((got.argmax(1) == fp32_logits.argmax(1)).mean())
+            print(
+                f"{text:<32} dask-infer     {ours['images_per_s']:8.2f} images/s "
+                f"({row['ratio_to_best_plain']:.2f}x best plain loop); first chunk "
+                f"{ours['first_chunk_s']:.1f} s after the call, whole call {ours['call_s']:.1f} s",
+                flush=True,
+            )
+            print(check.line(), flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    fp32_rate = next((r["dask_infer_images_per_s"] for r in rows if r["recipe"] == "fp32"), None)
+    for r in rows:
+        if fp32_rate:
+            r["dask_infer_vs_fp32"] = r["dask_infer_images_per_s"] / fp32_rate
+    result = {
+        "machine_info": info_start,
+        "load_average_end": os.getloadavg(),
+        "model": args.model,
+        "images": args.images,
+        "size": args.size,
+        "batch": args.batch,
+        "storage_chunk": args.chunk,
+        "plain_loop_passes": args.passes,
+        "rows": rows,
+        "output_checks": [c.to_dict() for c in checks],
+    }
+    print(json.dumps(result, indent=2))
+    print(machine_line(info_start))
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    header = (
+        "| recipe | plain loop | plain loop, frozen | dask-infer | / best plain | vs fp32 | first chunk s |"
+    )
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+
+        def cell(key: str, fmt: str = "{:.2f}", row: dict[str, Any] = r) -> str:
+            value = row.get(key)
+            return "-" if value is None else fmt.format(value)
+
+        print(
+            f"| `{r['recipe']}` | {cell('plain_images_per_s')} | {cell('plain_frozen_images_per_s')} | "
+            f"{cell('dask_infer_images_per_s')} | {cell('ratio_to_best_plain', '{:.2f}x')} | "
+            f"{cell('dask_infer_vs_fp32', '{:.2f}x')} | {cell('dask_infer_first_chunk_s', '{:.1f}')} |"
+        )
+    for c in checks:
+        print(c.line())
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    exit_if_failed(checks, "cpu_compressed.py")
+
+
+if __name__ == "__main__":
+    main()

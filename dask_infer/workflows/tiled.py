@@ -1,0 +1,611 @@
+"""Tiled runs: each image cut into tiles (with halos), tiles run as Dask tasks, results stitched in place.
+
+:func:`run_tiled` is what :func:`~dask_infer.workflows.run.run_config` runs when ``tile``
+is set. Per tile there are three tasks, as per chunk in an ordinary run: a read of the
+tile's window (its core plus the halo, clipped at the image's border) straight from the
+input store, which decodes only the storage chunks the window touches; the model on the
+worker's :class:`~dask_infer.workflows.runtime.ModelRuntime`, in its compute thread; and
+a write of the core's results into the output's region, followed by the tile's manifest
+element. Tasks are submitted a bounded number at a time, so neither the client nor any
+worker ever holds a whole image: an image of any size streams through.
+
+A model returning (N, C, H, W) maps at its input's resolution gives per-pixel ``mask``
+and ``logits``/``probabilities`` stitched from the tiles' cores; a classifier gives one
+prediction per ``tile`` x ``tile`` window every ``stride`` pixels, a row of tiles per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+from distributed import Client, get_worker, wait
+from tqdm.auto import tqdm
+
+from dask_infer._version import __version__
+from dask_infer.config import RunConfig
+from dask_infer.errors import DaskInferError, InputError, ModelError
+from dask_infer.io.images import (
+    ImageSource,
+    _cached_array,
+    check_missing_chunks,
+    describe_source,
+    image_coords,
+)
+from dask_infer.io.outputs import check_output_location
+from dask_infer.io.stores import normalise_location
+from dask_infer.io.writable import check_run_targets
+from dask_infer.models import LoadedModel, build_model
+from dask_infer.models.heads import activate
+from dask_infer.models.preprocess import PreprocessSpec
+from dask_infer.models.tracing import running_modules
+from dask_infer.tiles.coords import spatial_grid
+from dask_infer.tiles.field import auto_halo, field_cap, measure_field
+from dask_infer.tiles.grid import Box, TileGrid, Window, dense_grid, sliding_grid
+from dask_infer.tiles.options import AUTO, DEFAULT_OUTPUTS, TILED_OUTPUTS
+from dask_infer.tiles.pixels import PixelSteps
+from dask_infer.tiles.stitch import core_of
+from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
+from dask_infer.workflows.pauses import PauseReporter
+from dask_infer.workflows.preprocessing import preprocess_spec
+from dask_infer.workflows.runtime import ModelRuntime, compute_executor
+from dask_infer.workflows.stages import RuntimeSpec
+from dask_infer.workflows.summary import RunSummary
+
+__all__ = ["TILE_RUN_ATTR", "TiledPlan", "plan_tiles", "read_window", "run_tiled"]
+
+TILE_RUN_ATTR = "dask_infer_run"
+"""Output attr recording what the results depend on; a resume must match it."""
+
+_IN_FLIGHT_PER_THREAD = 4
+"""Tile tasks submitted ahead per worker thread: enough to keep every model busy."""
+
+_PROBE_SIDE = 256
+"""Largest tile side the model's output is probed with."""
+
+
+@dataclass(frozen=True)
+class TiledPlan:
+    """What a tiled run decided before any cluster: the images, the model, the grid and the outputs."""
+
+    source: ImageSource
+    loaded: LoadedModel
+    grid: TileGrid
+    classes: int
+    outputs: tuple[str, ...]
+    preprocess: PreprocessSpec
+    fingerprint: dict[str, Any]
+    done: frozenset[TileTask] = frozenset()
+
+    @property
+    def tasks(self) -> tuple[TileTask, ...]:
+        """Every task of the run, image by image, row by row."""
+        cols = self.grid.cols if self.grid.dense else 1
+        return tuple(
+            TileTask(i, r, c)
+            for i in range(self.source.n_images)
+            for r in range(self.grid.rows)
+            for c in range(cols)
+        )
+
+    def read_box(self, task: TileTask) -> Box:
+        """The pixels task ``task`` reads: its window, or its row's band of windows."""
+        if self.grid.dense:
+            return self.grid.window(task.row, task.col).read
+        first, last = self.grid.window(task.row, 0), self.grid.window(task.row, self.grid.cols - 1)
+        return Box(first.read.y0, first.read.y1, first.read.x0, last.read.x1)
+
+
+def _tile_preprocess(config: RunConfig, loaded: LoadedModel, source: ImageSource) -> PreprocessSpec:
+    """The run's preprocessing without resizing or cropping: pixels scaled and normalised only."""
+    spec = preprocess_spec(config, loaded, source)
+    steps = PixelSteps(
+        spec.mean,
+        spec.std,
+        normalize=spec.normalize,
+        scale=spec.scale,
+        channels=spec.channels,
+        expand=spec.bands is None,
+    )
+    return dataclasses.replace(spec, transform=steps)
+
+
+def _probe(loaded: LoadedModel, channels: int, side: int) -> torch.Tensor:
+    loaded.module.eval()
+    with torch.inference_mode(), running_modules():
+        out = loaded.module(torch.zeros(1, channels, side, side))
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(
+            f"{loaded.name} returns {type(out).__name__}, not one tensor; wrap it in a module that returns "
+            "the map (N, C, H, W) or scores (N, C) to write"
+        )
+    return out
+
+
+def _outputs(config: RunConfig, dense: bool, label: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    if config.outputs == ("logits", "top_k"):  # RunConfig's default: what suits the model
+        return DEFAULT_OUTPUTS if dense else ("logits", "probabilities")
+    if not dense and "mask" in config.outputs:
+        raise ModelError(
+            f"{label} gives per-tile outputs of shape {shape}, not a map, so outputs 'mask' does not "
+            "apply; write its scores per tile with --outputs logits,probabilities"
+        )
+    return config.outputs
+
+
+def _halo(
+    config: RunConfig, loaded: LoadedModel, channels: int, tile: int, say: Callable[[str], None]
+) -> int:
+    if config.halo not in (None, AUTO):
+        return int(config.halo)
+    cap = field_cap(tile)
+    field = measure_field(loaded.module, channels, cap=cap)
+    halo = auto_halo(field, tile)
+    reach = f"beyond {cap} (capped at half the tile, at most 256)" if field.capped else str(field.radius)
+    say(f"halo auto: {halo} px ({loaded.name} reaches {reach} px, output stride {field.stride})")
+    if tile % field.stride:
+        say(
+            f"warning: tile={tile} is not a multiple of {loaded.name}'s output stride {field.stride}; tiles "
+            f"may differ slightly from the whole image's map; use a multiple of {field.stride}"
+        )
+    return halo
+
+
+def _fingerprint(
+    config: RunConfig, source: ImageSource, loaded: LoadedModel, grid: TileGrid, outputs: tuple[str, ...]
+) -> dict[str, Any]:
+    digest = None
+    if loaded.weights is not None:
+        h = hashlib.sha256()
+        with open(loaded.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {
+        "input": normalise_location(config.input),
+        "variable": source.variable,
+        "images": source.n_images,
+        "model": loaded.source.ref if loaded.source is not None else loaded.name,
+        "weights_sha256": digest,
+        "num_classes": loaded.num_classes,
+        "outputs": list(outputs),
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "stride": grid.stride,
+        "dense": grid.dense,
+        "compress": config.compress,
+    }
+
+
+def _check_options(config: RunConfig) -> None:
+    """Outputs and preprocessing a tiled run can honour."""
+    tile = config.tile
+    bad = [o for o in config.outputs if o not in TILED_OUTPUTS]
+    # The default outputs become what suits the model (a mask, or tile scores) once it is built.
+    if bad and config.outputs != RunConfig.outputs:
+        raise DaskInferError(
+            f"outputs={list(config.outputs)!r} with tile={tile}: tiled runs write "
+            f"{', '.join(TILED_OUTPUTS)}; drop {', '.join(bad)}"
+        )
+    given = [n for n in ("resize", "crop", "transform") if getattr(config, n) is not None]
+    if given:
+        raise DaskInferError(
+            f"{given[0]} given with tile={tile}: tiles go to the model at their own size, with the "
+            f"image's pixels; leave --{given[0]} out"
+        )
+
+
+def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) -> TiledPlan:
+    """Everything a tiled run checks before a cluster: bad input fails here, in one line.
+
+    Raises
+    ------
+    DaskInferError
+        For a tile larger than the images, a stride or halo given to the wrong kind of
+        model, ``mask`` asked of a model that gives no map, a pipelined placement, or a
+        resume that does not match.
+    """
+    assert config.tile is not None
+    _check_options(config)
+    if config.stages > 1 or config.placement in ("pipeline", "hybrid"):
+        raise DaskInferError(
+            f"placement={config.placement!r}, stages={config.stages} with tile={config.tile}: tiled runs "
+            "hold the whole model on every worker; use --placement data (or auto) and one stage"
+        )
+    source = describe_source(
+        config.input,
+        variable=config.variable,
+        layout=config.layout,
+        dims=config.dims,
+        storage_options=config.storage_options,
+    )
+    missing = check_missing_chunks(source, config.missing_chunks)
+    if missing.chunks:
+        say(f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r}")
+    height, width, _ = source.image_shape
+    tile = config.tile
+    if tile > min(height, width):
+        raise InputError(
+            f"tile={tile} is larger than the images of {config.input!r} ({height}x{width} pixels); give a "
+            f"tile of at most {min(height, width)}"
+        )
+    check_output_location(
+        config.input,
+        config.output,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
+    )
+    check_run_targets(config.output, summary=config.summary, report=config.report)
+    loaded = build_model(
+        config.model, weights=config.weights, num_classes=config.num_classes, model_kwargs=config.model_kwargs
+    )
+    if not loaded.pretrained:
+        say(f"warning: no --weights given, so {loaded.name} is randomly initialised")
+    preprocess = _tile_preprocess(config, loaded, source)
+    channels = preprocess.channels
+    side = min(tile, _PROBE_SIDE)
+    out = _probe(loaded, channels, side)
+    shape = tuple(int(n) for n in out.shape[1:])
+    dense = out.ndim == 4
+    if dense and tuple(out.shape[-2:]) != (side, side):
+        raise ModelError(
+            f"{loaded.name} gives maps of {tuple(out.shape[-2:])} for tiles of {side}x{side}; tiled runs "
+            "write maps at the input's resolution: make the model upsample its output to its input's size"
+        )
+    if not dense and out.ndim != 2:
+        raise ModelError(
+            f"{loaded.name} gives per-tile outputs of shape {shape}; tiled runs take maps (class, y, x) "
+            "or scores (class,)"
+        )
+    outputs = _outputs(config, dense, loaded.name, shape)
+    if dense:
+        if config.stride is not None:
+            raise DaskInferError(
+                f"stride={config.stride} given, but {loaded.name} returns maps, whose tiles are stitched "
+                "edge to edge with halos; leave --stride out"
+            )
+        grid = dense_grid(height, width, tile, _halo(config, loaded, channels, tile, say))
+    else:
+        if isinstance(config.halo, int) and config.halo:
+            raise DaskInferError(
+                f"halo={config.halo} given, but {loaded.name} gives one prediction per tile; leave --halo "
+                "out, and overlap tiles with --stride"
+            )
+        grid = sliding_grid(height, width, tile, config.stride or tile)
+    say(
+        f"tiles: {grid.rows}x{grid.cols} per image of {height}x{width} (tile {tile}, "
+        + (f"halo {grid.halo}" if dense else f"stride {grid.stride}")
+        + f"); {grid.halo_overhead:.0%} extra pixels computed"
+    )
+    classes = shape[0]
+    side_in = min(tile + 2 * grid.halo, height, width)
+    preprocess = dataclasses.replace(preprocess, model_input=(channels, side_in, side_in))
+    plan = TiledPlan(
+        source,
+        loaded,
+        grid,
+        classes,
+        outputs,
+        preprocess,
+        _fingerprint(config, source, loaded, grid, outputs),
+    )
+    return _resumable(config, plan, say) if config.resume else plan
+
+
+def _resumable(config: RunConfig, plan: TiledPlan, say: Callable[[str], None]) -> TiledPlan:
+    import zarr
+
+    done = done_tiles(config.output, config.storage_options)
+    attrs = dict(
+        zarr.open_group(config.output, mode="r", storage_options=config.storage_options or None).attrs
+    )
+    recorded = json.loads(str(attrs.get(TILE_RUN_ATTR, "{}")))
+    differ = [k for k in plan.fingerprint if recorded.get(k) != plan.fingerprint[k]]
+    if differ:
+        raise InputError(
+            f"cannot resume {config.output!r}: it was written with other {', '.join(differ)}; resume with "
+            "the same options, or start again with --overwrite"
+        )
+    say(f"resuming {config.output}: {len(done)} tile task(s) already written")
+    return dataclasses.replace(plan, done=frozenset(done))
+
+
+def read_window(source: ImageSource, image: int, box: Box) -> np.ndarray:
+    """Pixels ``box`` of image ``image``, (1, y, x, channel), decoding only the chunks it touches."""
+    arr = _cached_array(source.url, source.variable, json.dumps(source.storage_options, sort_keys=True))
+    ys, xs = slice(box.y0, box.y1), slice(box.x0, box.x1)
+    if source.layout == "NHWC":
+        out = np.asarray(arr[image, ys, xs, :])
+    elif source.layout == "NCHW":
+        out = np.asarray(arr[image, :, ys, xs]).transpose(1, 2, 0)
+    else:
+        out = np.asarray(arr[image, ys, xs])[..., None]
+    return np.ascontiguousarray(out[None])
+
+
+def _results(
+    logits: torch.Tensor, outputs: tuple[str, ...], activation: str, axis: int
+) -> dict[str, np.ndarray]:
+    result: dict[str, np.ndarray] = {}
+    if "mask" in outputs:
+        classes = logits.shape[axis]
+        dtype = torch.uint8 if classes <= 256 else torch.int32
+        result["mask"] = logits.argmax(dim=axis).to(dtype).cpu().numpy()
+    if "logits" in outputs:
+        result["logits"] = logits.float().cpu().numpy()
+    if "probabilities" in outputs:
+        moved = logits.movedim(axis, 1) if logits.ndim > 1 else logits[None]
+        probs = activate(moved, "softmax" if activation == "none" else activation)
+        result["probabilities"] = (probs.movedim(1, axis) if logits.ndim > 1 else probs[0]).cpu().numpy()
+    return result
+
+
+def infer_tile(
+    runtime: str,
+    windows: tuple[Window, ...],
+    band: Box,
+    pixels: np.ndarray,
+    outputs: tuple[str, ...],
+    activation: str,
+    dense: bool,
+) -> dict[str, np.ndarray]:
+    """Task body: the model on one task's pixels (``band``), each window's results.
+
+    ``dense``: one window, whose core's map gives (class, y, x) scores and a (y, x) mask.
+    Otherwise a classifier's row of windows: (tile, class) scores and a (tile,) mask.
+    """
+    plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
+    with running_modules():
+        if dense:
+            window = windows[0]
+            logits = plugin.forward(pixels)[0]
+            return _results(core_of(logits, window), outputs, activation, axis=0)
+        crops = np.stack(
+            [
+                pixels[
+                    0, w.read.y0 - band.y0 : w.read.y1 - band.y0, w.read.x0 - band.x0 : w.read.x1 - band.x0
+                ]
+                for w in windows
+            ]
+        )
+        return _results(plugin.forward(crops), outputs, activation, axis=1)
+
+
+def _tasks_of(plan: TiledPlan, task: TileTask) -> tuple[tuple[Window, ...], Box, tuple[int, int, int, int]]:
+    grid = plan.grid
+    if grid.dense:
+        window = grid.window(task.row, task.col)
+        core = window.core
+        return (window,), window.read, (core.y0, core.y1, core.x0, core.x1)
+    windows = tuple(grid.window(task.row, c) for c in range(grid.cols))
+    return windows, plan.read_box(task), (0, 0, 0, 0)
+
+
+def _submit(
+    client: Client,
+    plan: TiledPlan,
+    target: TileTarget,
+    runtime: str,
+    tasks: list[TileTask],
+    activation: str,
+    token: str,
+) -> list[Any]:
+    """Read, infer and write tasks of ``tasks``; the write futures."""
+    futures = []
+    for task in tasks:
+        windows, band, core = _tasks_of(plan, task)
+        suffix = f"{token}-{task.image}_{task.row}_{task.col}"
+        pixels = client.submit(
+            read_window, plan.source, task.image, band, key=f"read_tile-{suffix}", priority=0
+        )
+        with dask.annotate(executor=compute_executor(runtime)):
+            result = client.submit(
+                infer_tile,
+                runtime,
+                windows,
+                band,
+                pixels,
+                plan.outputs,
+                activation,
+                plan.grid.dense,
+                key=f"infer_tile-{suffix}",
+                priority=1,
+            )
+        futures.append(
+            client.submit(write_tile, target, task, core, result, key=f"write_tile-{suffix}", priority=2)
+        )
+    return futures
+
+
+def _feed(
+    submit: Callable[[list[TileTask]], list[Any]],
+    todo: list[TileTask],
+    ahead: int,
+    on_done: Callable[[int], None],
+    check: Callable[[], None],
+) -> None:
+    """Keep ``ahead`` tasks in flight until every one of ``todo`` is written; ``check`` about every second."""
+    pending = iter(todo)
+    flying = set(submit(_take(pending, ahead)))
+    while flying:
+        try:
+            done, flying = wait(flying, timeout=1.0, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # none finished within the second
+            done = set()
+        for future in done:
+            future.result()
+            on_done(1)
+        flying |= set(submit(_take(pending, len(done))))
+        check()
+
+
+def _take(items: Iterator[TileTask], n: int) -> list[TileTask]:
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def _runtime_spec(config: RunConfig, plan: TiledPlan, threads: int | None) -> RuntimeSpec:
+    loaded = plan.loaded
+    return RuntimeSpec(
+        model=loaded.source or loaded.name,
+        weights=loaded.weights,
+        num_classes=loaded.num_classes,
+        input_size=loaded.input_size,
+        mean=loaded.mean,
+        std=loaded.std,
+        preprocess=plan.preprocess,
+        outputs=("logits",),
+        top_k=1,
+        activation=config.activation,
+        batch_size=config.batch_size,
+        device=config.device,
+        torch_threads=threads,
+        compress=config.compress,
+        calibration=plan.source if config.compress is not None else None,
+        calibration_images=config.calibration_images,
+        warmup_images=1,
+    )
+
+
+def run_tiled(
+    config: RunConfig, *, client: Client | None = None, echo: Callable[[str], None] | None = print
+) -> RunSummary:
+    """Run ``config`` (with ``tile`` set) tile by tile; see :func:`dask_infer.run` for the options."""
+    from dask_infer.workflows.run import _connected
+
+    say = echo or (lambda _line: None)
+    plan = plan_tiles(config, say)
+    source, grid = plan.source, plan.grid
+    with _connected(config, client) as (client, choice):
+        say(f"dashboard: {client.dashboard_link}")
+        if plan.done or config.resume:
+            target = TileTarget(config.output, plan.outputs, grid.dense, dict(config.storage_options))
+        else:
+            target = create_tiled_output(
+                config.output,
+                n_images=source.n_images,
+                grid=grid,
+                classes=plan.classes,
+                outputs=plan.outputs,
+                spatial=spatial_grid(source),
+                image_coords=image_coords(source),
+                class_names=plan.loaded.class_names,
+                attrs={"dask_infer_complete": False, TILE_RUN_ATTR: plan.fingerprint},
+                overwrite=config.overwrite,
+                storage_options=config.storage_options,
+            )
+        name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
+        spec = _runtime_spec(config, plan, choice.torch_threads if choice else None)
+        say(f"loading {plan.loaded.name} on {len(client.scheduler_info()['workers'])} worker(s)")
+        client.register_plugin(ModelRuntime(spec, name), name=name)
+        try:
+            todo = [t for t in plan.tasks if t not in plan.done]
+            threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+            token = uuid.uuid4().hex[:8]
+            start = time.perf_counter()
+            bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
+            with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
+                _feed(
+                    lambda tasks: _submit(client, plan, target, name, tasks, config.activation, token),
+                    todo,
+                    max(2, _IN_FLIGHT_PER_THREAD * threads),
+                    progress.update,
+                    PauseReporter(client, say).check,
+                )
+            seconds = time.perf_counter() - start
+            loads = sum(
+                int(v) for v in client.run(lambda dask_worker: dask_worker.plugins[name].loads).values()
+            )
+        finally:
+            client.unregister_worker_plugin(name)
+        summary = RunSummary(
+            images=source.n_images,
+            seconds=seconds,
+            images_per_second=source.n_images / seconds if seconds > 0 else 0.0,
+            output=config.output,
+            model=plan.loaded.name,
+            pretrained=plan.loaded.pretrained,
+            chunks=len(todo),
+            chunk_size=1,
+            workers=len(client.scheduler_info()["workers"]),
+            model_loads=loads,
+            cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
+            dashboard=client.dashboard_link,
+            placement={"kind": "data", "tiles": _tile_record(plan, seconds, len(todo))},
+            skipped_chunks=len(plan.done),
+        )
+    _finalize(config, plan, target, summary)
+    say(summary.format())
+    say(_tile_line(plan, seconds, len(todo)))
+    return summary
+
+
+def _tile_record(plan: TiledPlan, seconds: float, tasks: int) -> dict[str, Any]:
+    grid = plan.grid
+    tiles = tasks if grid.dense else tasks * grid.cols
+    pixels = plan.source.n_images * grid.height * grid.width * tasks / max(1, len(plan.tasks))
+    return {
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "stride": grid.stride,
+        "dense": grid.dense,
+        "rows": grid.rows,
+        "cols": grid.cols,
+        "tiles": tiles,
+        "tiles_per_second": tiles / seconds if seconds > 0 else 0.0,
+        "pixels_per_second": pixels / seconds if seconds > 0 else 0.0,
+        "halo_overhead": grid.halo_overhead,
+    }
+
+
+def _tile_line(plan: TiledPlan, seconds: float, tasks: int) -> str:
+    r = _tile_record(plan, seconds, tasks)
+    return (
+        f"{r['tiles']} tiles ({r['tiles_per_second']:.2f} tiles/s, "
+        f"{r['pixels_per_second'] / 1e6:.2f} Mpixel/s), "
+        f"halo overhead {r['halo_overhead']:.0%} extra pixels computed"
+    )
+
+
+def _finalize(config: RunConfig, plan: TiledPlan, target: TileTarget, summary: RunSummary) -> None:
+    import zarr
+
+    from dask_infer.io.outputs import quiet_zarr
+    from dask_infer.workflows.summary import write_summary
+
+    group = zarr.open_group(store=target.url, mode="r+", storage_options=config.storage_options or None)
+    attrs: dict[str, Any] = {
+        "dask_infer_complete": True,
+        "dask_infer_version": __version__,
+        "model": plan.loaded.name,
+        "weights": plan.loaded.weights,
+        "pretrained": plan.loaded.pretrained,
+        "source": config.input,
+        "source_variable": plan.source.variable,
+        "tile": plan.grid.tile,
+        "halo": plan.grid.halo,
+        "stride": plan.grid.stride,
+        "normalize_mean": list(plan.preprocess.mean),
+        "normalize_std": list(plan.preprocess.std),
+        "config": json.dumps(config.to_dict()),
+        "run_summary": json.dumps(summary.to_dict()),
+    }
+    group.attrs.update(attrs)
+    with quiet_zarr():
+        zarr.consolidate_metadata(group.store)
+    if config.summary:
+        write_summary(config.summary, summary.to_dict())

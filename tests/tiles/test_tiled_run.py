@@ -1,0 +1,205 @@
+"""Tiled runs on a real LocalCluster and Zarr stores, against plain PyTorch on the whole image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from distributed import Client
+
+import dask_infer
+from dask_infer.config import RunConfig
+from dask_infer.errors import DaskInferError
+from dask_infer.tiles.store import TILE_MANIFEST
+from dask_infer.workflows.tiled import plan_tiles
+from tests.tiles.nets import TileClassifier, TinyFCN
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+_CRS = 'PROJCS["WGS 84 / UTM zone 33N"]'
+
+
+def _georeferenced(path: Path, images: np.ndarray, chunk: int) -> Path:
+    """A store like a satellite scene's: projected x/y coordinates and a spatial_ref variable."""
+    n, height, width, _ = images.shape
+    ys = 5_000_000.0 - 10.0 * np.arange(height) - 5.0
+    xs = 400_000.0 + 10.0 * np.arange(width) + 5.0
+    ds = xr.Dataset(
+        {"images": (("image", "y", "x", "channel"), images, {"grid_mapping": "spatial_ref"})},
+        coords={
+            "y": ("y", ys, {"units": "m", "standard_name": "projection_y_coordinate"}),
+            "x": ("x", xs, {"units": "m", "standard_name": "projection_x_coordinate"}),
+            "spatial_ref": ((), 0, {"crs_wkt": _CRS, "GeoTransform": "400000 10 0 5000000 0 -10"}),
+        },
+    )
+    ds.to_zarr(path, encoding={"images": {"chunks": (1, chunk, chunk, 3)}}, consolidated=False)
+    return path
+
+
+def _model_input(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - _MEAN) / _STD
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 96, 80, 3), dtype=np.uint8)
+    return _georeferenced(tmp_path_factory.mktemp("scene") / "scene.zarr", images, 24), images
+
+
+def test_dense_tiles_equal_whole_image_forward(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "map.zarr"
+    lines: list[str] = []
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TinyFCN(),
+        tile=32,
+        halo="auto",
+        outputs=("mask", "logits"),
+        client=client,
+        progress=False,
+        echo=lines.append,
+    )
+    assert any(line.startswith("halo auto: ") and "output stride 2" in line for line in lines), lines
+    with torch.inference_mode():
+        whole = TinyFCN().eval()(_model_input(images)).numpy()
+    ds = xr.open_zarr(out)
+    logits = ds["logits"].values
+    assert ds["logits"].dims == ("image", "category", "y", "x")
+    assert np.abs(logits - whole).max() <= 1e-5 * np.abs(whole).max()
+    assert ds["mask"].dims == ("image", "y", "x") and ds["mask"].dtype == np.uint8
+    np.testing.assert_array_equal(ds["mask"].values, whole.argmax(axis=1))
+    source = xr.open_zarr(src, consolidated=False)
+    np.testing.assert_array_equal(ds["y"].values, source["y"].values)
+    np.testing.assert_array_equal(ds["x"].values, source["x"].values)
+    assert ds["x"].attrs["standard_name"] == "projection_x_coordinate"
+    assert ds["spatial_ref"].attrs["crs_wkt"] == _CRS
+    assert ds["mask"].attrs["grid_mapping"] == "spatial_ref"
+    assert ds.attrs["dask_infer_complete"] is True
+    assert ds.attrs["tile"] == 32 and ds.attrs["halo"] > 0
+    assert int(np.asarray(zarr.open_group(str(out), mode="r")[TILE_MANIFEST][:]).sum()) == 2 * 3 * 3
+
+
+def test_dense_tiles_without_halo_show_seams(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "seams.zarr"
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TinyFCN(),
+        tile=32,
+        halo=0,
+        outputs=("logits",),
+        client=client,
+        progress=False,
+        echo=None,
+    )
+    with torch.inference_mode():
+        whole = TinyFCN().eval()(_model_input(images)).numpy()
+    assert np.abs(xr.open_zarr(out)["logits"].values - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_tile_classification_map(scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path) -> None:
+    src, images = scene
+    out = tmp_path / "tiles.zarr"
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TileClassifier(),
+        tile=32,
+        stride=16,
+        client=client,
+        progress=False,
+        echo=None,
+    )
+    ds = xr.open_zarr(out)
+    assert ds["logits"].dims == ("image", "tile_y", "tile_x", "category")
+    assert ds["logits"].shape == (2, 5, 4, 5)
+    x = _model_input(images)
+    net = TileClassifier().eval()
+    expected = np.zeros((2, 5, 4, 5), dtype=np.float32)
+    with torch.inference_mode():
+        for r in range(5):
+            for c in range(4):
+                expected[:, r, c] = net(x[:, :, 16 * r : 16 * r + 32, 16 * c : 16 * c + 32]).numpy()
+    assert np.abs(ds["logits"].values - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(ds["probabilities"].values.sum(axis=-1), 1.0, rtol=1e-5)
+    source = xr.open_zarr(src, consolidated=False)
+    # Tile centres in the input's coordinates: pixel 15.5 lies between y[15] and y[16].
+    np.testing.assert_allclose(ds["tile_y"].values[0], source["y"].values[15:17].mean())
+    np.testing.assert_allclose(ds["tile_x"].values[-1], source["x"].values[63:65].mean())
+
+
+def test_resume_computes_only_missing_tiles(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "resume.zarr"
+    options = {
+        "model": "tests.tiles.nets:tiny_fcn",
+        "tile": 32,
+        "halo": 8,
+        "client": client,
+        "progress": False,
+        "echo": None,
+    }
+    dask_infer.run(str(src), str(out), outputs=("mask",), **options)
+    first = xr.open_zarr(out)["mask"].values
+    group = zarr.open_group(str(out), mode="r+")
+    group[TILE_MANIFEST][1, 2, 0] = 0  # type: ignore[index]
+    group["mask"][1, 64:96, 0:32] = 255  # type: ignore[index]
+    lines: list[str] = []
+    dask_infer.run(str(src), str(out), outputs=("mask",), resume=True, **{**options, "echo": lines.append})
+    assert any("17 tile task(s) already written" in line for line in lines), lines
+    np.testing.assert_array_equal(xr.open_zarr(out)["mask"].values, first)
+
+
+def test_a_compression_recipe_runs_on_tiles(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "bf16.zarr"
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TinyFCN(),
+        tile=32,
+        halo=8,
+        outputs=("logits",),
+        compress="bf16",
+        client=client,
+        progress=False,
+        echo=None,
+    )
+    with torch.inference_mode():
+        whole = TinyFCN().eval()(_model_input(images)).numpy()
+    # bf16 keeps 8 bits of mantissa: within a few percent of the largest logit.
+    assert np.abs(xr.open_zarr(out)["logits"].values - whole).max() <= 0.05 * np.abs(whole).max()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"outputs": ("mask", "top_k")}, "tiled runs write mask, logits, probabilities; drop top_k"),
+        ({"resize": 256}, "resize given with tile=32: tiles go to the model at their own size"),
+        ({"placement": "pipeline", "stages": 2}, "tiled runs hold the whole model on every worker"),
+        ({"stride": 16}, "stride=16 given, but TinyFCN returns maps"),
+    ],
+)
+def test_what_tiles_cannot_honour_is_refused_before_any_cluster(
+    scene: tuple[Path, np.ndarray], tmp_path: Path, options: dict, match: str
+) -> None:
+    config = RunConfig(str(scene[0]), str(tmp_path / "o.zarr"), model=TinyFCN(), tile=32, halo=4, **options)
+    with pytest.raises(DaskInferError, match=match):
+        plan_tiles(config)
+    assert not (tmp_path / "o.zarr").exists()
