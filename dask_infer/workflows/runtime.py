@@ -114,6 +114,9 @@ class StageStats:
         self.work_s += work_s
 
 
+_EXECUTOR_GRACE_S = 30.0
+"""Seconds a removed runtime's compute executor stays, for the tasks of a cancelled run still arriving."""
+
 SWITCH_INTERVAL_ENV = "DASK_INFER_SWITCH_INTERVAL"
 _GPU_SWITCH_INTERVAL = 0.0005
 
@@ -198,10 +201,22 @@ class ModelRuntime(WorkerPlugin):
             sys.setswitchinterval(gpu_switch_interval())
 
     def teardown(self, worker: Any) -> None:
-        """Free the model and stop the compute thread."""
-        executor = worker.executors.pop(compute_executor(self.name), None)
+        """Free the model now; stop the compute thread a little later.
+
+        Tasks of a cancelled run may still be on their way into the worker's compute
+        executor: finding it gone, the worker would log each one as an error with its
+        traceback, where finding it there they fail quietly, being cancelled.
+        """
+        name = compute_executor(self.name)
+        executor = worker.executors.get(name)
         if executor is not None:
-            executor.shutdown(wait=False)
+
+            def retire() -> None:
+                if worker.executors.get(name) is executor:
+                    worker.executors.pop(name, None)
+                executor.shutdown(wait=False)
+
+            worker.loop.call_later(_EXECUTOR_GRACE_S, retire)
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None

@@ -8,6 +8,7 @@ Where tasks ran is read from the scheduler's own transition records.
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,9 @@ def test_cli_placement_options(
             str(tmp_path / "s.json"),
         ],
     )
-    assert good.exit_code == 0, good.output
+    assert good.exit_code == 0, good.output + "".join(
+        traceback.format_exception(*good.exc_info or (None,) * 3)
+    )
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["placement"]["mode"] == "pipeline" and summary["rebalance"] is None
     assert "placement: pipeline" in good.output and "stage 1:" in good.output
