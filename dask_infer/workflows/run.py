@@ -650,6 +650,7 @@ def _summarise(
     rebalance: Rebalance | None,
     choice: ClusterChoice | None,
     output: OutputTarget,
+    dashboard: str | None,
 ) -> RunSummary:
     placement, done = run.placement, layout.prepared.done
     stats = runtime_stats(client, run.current)
@@ -668,7 +669,7 @@ def _summarise(
         workers=len(scheduler_workers(client)),
         model_loads=run.loads,
         cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
-        dashboard=client.dashboard_link,
+        dashboard=dashboard,
         placement=placement.to_dict(),
         loaded_stages={address: s["held_stages"] for address, s in sorted(stats.items())},
         stage_stats=stage_summary(stats, time.perf_counter() - run.last_start, placement.num_stages),
@@ -743,7 +744,8 @@ def run_config(
         return run_tiled(config, client=client, echo=echo)
     prepared = _prepare(config, say)
     with _connected(config, client) as (client, choice):
-        say(f"dashboard: {client.dashboard_link}")
+        dashboard = client.dashboard_link
+        say(f"dashboard: {dashboard}")
         layout = _lay_out(config, client, prepared, choice, say)
         spec = _runtime_spec(config, layout, choice)
         output = _create_output(config, layout, spec)
@@ -754,7 +756,7 @@ def run_config(
                 run.register(client)
                 recorder = RunRecorder(client) if config.report else None
                 seconds, rebalance = _execute(client, config, layout, output, run, say, recorder)
-            summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output)
+            summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output, dashboard)
             if config.report and recorder is not None:
                 plan = layout.prepared.plan
                 report_run(
