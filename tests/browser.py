@@ -89,12 +89,15 @@ class PageVisit:
         transparent nor white.
     exceptions
         Uncaught JavaScript exceptions.
+    text
+        The page's visible text when the visit ended.
     """
 
     requests: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     canvases: list[tuple[int, int, int]] = field(default_factory=list)
     exceptions: list[str] = field(default_factory=list)
+    text: str = ""
 
     def painted(self, at_least: int = 500) -> int:
         """Canvases with at least ``at_least`` painted pixels."""
@@ -149,14 +152,19 @@ async def _drive(ws_url: str, page: str, *, canvases: int, seconds: float) -> Pa
             if visit.painted() >= canvases or time.monotonic() > deadline:
                 break
         await asyncio.sleep(1.0)
-        await call("Runtime.evaluate", expression="1")
+        result = await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)
+        visit.text = str((result.get("result") or {}).get("value") or "")
     finally:
         conn.close()
     return visit
 
 
-def visit_offline(browser: str, page: Path, *, canvases: int, seconds: float = 30.0) -> PageVisit:
-    """Open ``page`` in headless ``browser``, offline, until ``canvases`` are painted or ``seconds`` pass."""
+def visit_offline(browser: str, page: Path | str, *, canvases: int, seconds: float = 30.0) -> PageVisit:
+    """Open ``page`` in headless ``browser``, offline, until ``canvases`` are painted or ``seconds`` pass.
+
+    ``page`` is a file, or the URL of a page served on this machine (127.0.0.1 is reached
+    directly; every other address stays unreachable).
+    """
     with tempfile.TemporaryDirectory(prefix="dask-infer-chromium-") as profile:
         args = [
             browser,
@@ -167,7 +175,7 @@ def visit_offline(browser: str, page: Path, *, canvases: int, seconds: float = 3
             "--disable-extensions",
             "--disable-background-networking",
             "--proxy-server=127.0.0.1:9",
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
             "--window-size=1200,2000",
@@ -184,7 +192,8 @@ def visit_offline(browser: str, page: Path, *, canvases: int, seconds: float = 3
             port = int(port_file.read_text().split()[0])
             targets = _no_proxy_get(f"http://127.0.0.1:{port}/json/list")
             ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
-            return asyncio.run(_drive(ws_url, page.resolve().as_uri(), canvases=canvases, seconds=seconds))
+            url = page if isinstance(page, str) else page.resolve().as_uri()
+            return asyncio.run(_drive(ws_url, url, canvases=canvases, seconds=seconds))
         finally:
             proc.terminate()
             try:

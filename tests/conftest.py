@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,6 +62,28 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def gpu_labelled(n_workers: int, **cluster: Any) -> Iterator[Client]:
+    """A client of a LocalCluster of ``n_workers`` single-thread processes, each labelled with one GPU.
+
+    Pipelined placements place stages on GPU-labelled workers; on a CPU machine the
+    label is all a test needs. ``cluster`` passes more LocalCluster options.
+    """
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            resources={"GPU": 1},
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+            **cluster,
+        ) as local,
+        Client(local) as c,
+    ):
+        yield c
+
+
 @pytest.fixture(scope="session")
 def client() -> Iterator[Client]:
     """A real LocalCluster: two worker processes, two threads each."""
@@ -70,3 +94,16 @@ def client() -> Iterator[Client]:
         Client(cluster) as c,
     ):
         yield c
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """Chromium on PATH, or installed with apt-get where the tests run as root."""
+    from tests.browser import INSTALL, install_browser
+
+    found = install_browser()
+    if found is None:
+        pytest.skip(
+            f"no Chromium or Chrome on PATH and none could be installed here; install it with `{INSTALL}`"
+        )
+    return found

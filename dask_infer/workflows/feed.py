@@ -66,22 +66,25 @@ def track(
     futures: list[Future],
     *,
     progress: bool,
-    on_done: Callable[[int], None],
+    on_done: Callable[[Future], None],
     refill: Callable[[], list[Future]] | None = None,
     check: Callable[[], None] | None = None,
     check_every: float = 1.0,
-    on_future: Callable[[Future], None] | None = None,
 ) -> None:
-    """Wait for ``futures``, calling ``on_done(result)`` for each as it finishes.
+    """Wait for ``futures``, calling ``on_done(future)`` for each as it finishes.
 
-    ``futures`` is emptied: a finished future is dropped as soon as it is seen, so the
-    scheduler may forget its result, and a worker lost later does not make it compute
-    a written chunk again. ``refill``, when given, is called after each finished future and returns futures
-    to wait for as well (the next chunks of a pipeline fed in a window). ``check``, when
-    given, is called at least every ``check_every`` seconds while waiting, and stops the
-    wait by raising (:class:`WorkersChanged` when a pipeline lost a stage's worker).
-    ``on_future`` sees each future just before its ``on_done``. If a future fails, the
-    wait is interrupted, or ``check`` raises, every future still running is cancelled.
+    No result is fetched: a chunk's write task says all there is to say by finishing.
+    ``futures`` is emptied and a finished future is dropped as soon as it is seen, so
+    the scheduler forgets its task at once, and a worker lost later does not make it
+    compute a written chunk again. (A worker lost in the few milliseconds between
+    finishing a write and the scheduler hearing the future dropped still makes it
+    recompute that chunk, which writes the same values again.) ``refill``, when given,
+    is called after each finished future and returns futures to wait for as well (the
+    next chunks of a pipeline fed in a window). ``check``, when given, is called at least
+    every ``check_every`` seconds while waiting, and stops the wait by raising
+    (:class:`WorkersChanged` when a pipeline lost a stage's worker). If a future fails
+    (its exception is raised), the wait is interrupted, or ``check`` raises, every
+    future still running is cancelled.
 
     In a Jupyter kernel with ``progress`` set and every chunk submitted at once (no
     ``refill``), ``distributed.progress`` also draws its per-task-group widget (read,
@@ -97,9 +100,7 @@ def track(
     # Only the futures still running are kept: a long pipeline run must not hold on to
     # (and keep the scheduler holding) every chunk it has written.
     live = set(futures)
-    # Results are fetched as each future finishes: asking later could find the worker holding
-    # one gone, and wait for a recomputation that a pipeline's pinned stages never run.
-    waiting = as_completed(futures, with_results=True)
+    waiting = as_completed(futures)
     futures.clear()
     checked = time.monotonic()
     try:
@@ -111,12 +112,12 @@ def track(
                     checked = time.monotonic()
                 if not ready:
                     continue
-            future, result = next(waiting)
+            future = next(waiting)
             live.discard(future)
-            if on_future is not None:
-                on_future(future)
+            if future.status != "finished":
+                future.result()  # raises the task's exception (kept by the scheduler) or CancelledError
+            on_done(future)
             del future
-            on_done(result)
             if refill is not None:
                 more = refill()
                 live.update(more)
@@ -151,8 +152,10 @@ def feed(
         The chunks to compute, in order.
     submit
         Submits the chunks of the given indices and returns their write futures.
-    progress, on_done
+    progress
         As for :func:`track`.
+    on_done
+        Called with the index of each chunk written.
     after_write
         Pipelines only: called after each written chunk with the number written and
         the number not yet submitted (a re-cut judges and switches here), before the
@@ -167,21 +170,24 @@ def feed(
     """
     if not indices:
         return
-    if not placement.pipelined:
-        track(submit(list(indices)), progress=progress, on_done=on_done, check=check)
-        return
-    pending = deque(indices)
-    chunk_of: dict[Future, int] = {}
-    written = 0
+    chunk_of: dict[str, int] = {}
 
-    def send(count: int) -> list[Future]:
-        batch = [pending.popleft() for _ in range(min(count, len(pending)))]
+    def sent(batch: list[int]) -> list[Future]:
         futures = submit(batch) if batch else []
-        chunk_of.update(zip(futures, batch, strict=True))
+        chunk_of.update(zip((str(f.key) for f in futures), batch, strict=True))
         return futures
 
     def finished(future: Future) -> None:
-        chunk_of.pop(future, None)
+        on_done(chunk_of.pop(str(future.key)))
+
+    if not placement.pipelined:
+        track(sent(list(indices)), progress=progress, on_done=finished, check=check)
+        return
+    pending = deque(indices)
+    written = 0
+
+    def send(count: int) -> list[Future]:
+        return sent([pending.popleft() for _ in range(min(count, len(pending)))])
 
     def refill() -> list[Future]:
         nonlocal written
@@ -196,10 +202,9 @@ def feed(
             track(
                 first,
                 progress=progress,
-                on_done=on_done,
+                on_done=finished,
                 refill=refill,
                 check=check,
-                on_future=finished,
             )
             return
         except WorkersChanged as changed:

@@ -81,6 +81,7 @@ from dask_infer.workflows.placement import (
     workers_from_scheduler,
 )
 from dask_infer.workflows.preprocessing import preprocess_record, preprocess_spec
+from dask_infer.workflows.progress_page import RunBoard
 from dask_infer.workflows.rebalance import Rebalance, Rebalancer
 from dask_infer.workflows.recovery import PipelineGuard
 from dask_infer.workflows.report import RunRecorder, report_run
@@ -583,10 +584,12 @@ def _execute(
     run: Execution,
     say: Callable[[str], None],
     recorder: RunRecorder | None = None,
+    dashboard: str | None = None,
 ) -> tuple[float, Rebalance | None]:
     """Feed every chunk through the current runtime; the wall time and what a re-cut decided.
 
     ``recorder``, when given, records each chunk's times and samples the workers' memory.
+    The run is counted on the dashboard's progress page (:mod:`.progress_page`).
     """
     source, label, chunks = layout.prepared.source, layout.prepared.loaded.name, layout.chunks
     every = len(scheduler_workers(client))
@@ -626,17 +629,29 @@ def _execute(
     start = run.last_start = time.perf_counter()
     written = source.n_images - sum(chunks.bounds[i][1] - chunks.bounds[i][0] for i in todo)
     bar_options = {"unit": "img", "disable": not config.progress, "desc": label, "leave": True}
+    board = RunBoard(
+        client, label=label, chunks=len(todo), images=source.n_images - written, say=say, dashboard=dashboard
+    )
+    status = "failed"
     with tqdm(total=source.n_images, initial=written, **bar_options) as bar:
-        feed(
-            run.placement,
-            todo,
-            submit if recorder is None else recorder.watch(submit),
-            progress=config.progress,
-            on_done=bar.update if recorder is None else recorder.on_done(bar.update),
-            after_write=rebalancer.after_write if rebalancer is not None else None,
-            check=check,
-            recover=guard.recover if guard is not None else None,
-        )
+        count = bar.update if recorder is None else recorder.on_done(bar.update)
+        try:
+            feed(
+                run.placement,
+                todo,
+                board.watch(submit if recorder is None else recorder.watch(submit)),
+                progress=config.progress,
+                on_done=lambda i: count(chunks.bounds[i][1] - chunks.bounds[i][0]),
+                after_write=rebalancer.after_write if rebalancer is not None else None,
+                check=check,
+                recover=guard.recover if guard is not None else None,
+            )
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            board.finish(status)
     run.recoveries = [r.to_dict() for r in guard.records] if guard is not None else []
     return time.perf_counter() - start, rebalancer.record if rebalancer is not None else None
 
@@ -755,7 +770,7 @@ def run_config(
             with maybe_performance_report(client, config.report):
                 run.register(client)
                 recorder = RunRecorder(client) if config.report else None
-                seconds, rebalance = _execute(client, config, layout, output, run, say, recorder)
+                seconds, rebalance = _execute(client, config, layout, output, run, say, recorder, dashboard)
             summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output, dashboard)
             if config.report and recorder is not None:
                 plan = layout.prepared.plan

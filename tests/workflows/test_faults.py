@@ -88,12 +88,15 @@ def test_a_worker_killed_mid_run_is_restarted_and_loads_the_model(
         counter = WriteCounter()
         cluster.scheduler.add_plugin(counter)
         with after_chunks_written(
-            tmp_path / "hit.zarr", 4, lambda: os.kill(pids[victim], signal.SIGKILL)
+            tmp_path / "hit.zarr", 16, lambda: os.kill(pids[victim], signal.SIGKILL)
         ) as killed:
             summary = run_small(client, src, tmp_path / "hit.zarr", small_weights, chunk_size=4)
         assert killed.is_set(), "the run ended before a worker could be killed"
-        # Every chunk written once: none written before the kill was computed again.
-        assert len(counter.writes) == 60 and not counter.rewritten(), counter.writes
+        # The chunks written before the kill (about 8 by the victim) are not computed again.
+        # Only a write the victim finished in the milliseconds before the scheduler heard
+        # that the run had seen it may be: at most one per thread of the victim.
+        assert len(set(counter.writes)) == 60, counter.writes
+        assert len(counter.writes) - 60 == len(counter.rewritten()) <= 2, counter.rewritten()
         # The restarted worker (a new address) holds the model, as every worker does.
         assert victim not in summary.loaded_stages
         assert all(held == [0] for held in summary.loaded_stages.values())

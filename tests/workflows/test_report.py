@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from distributed import Client
 
 from dask_infer.workflows.monitor import dask_report_path
 from dask_infer.workflows.report import Recording, RunRecorder, StageRun, _labels, _throughput, build_report
 from dask_infer.workflows.summary import stage_summary
-from tests.browser import INSTALL, install_browser, visit_offline
+from tests.browser import visit_offline
 from tests.reference import run_small
 
 _OUTSIDE = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
@@ -131,17 +130,6 @@ def test_recorder_counts_written_chunks_without_a_client() -> None:
 def test_dask_report_goes_beside_the_run_report() -> None:
     assert dask_report_path("/r/run.html") == "/r/run.dask.html"
     assert dask_report_path("out/report.htm") == "out/report.dask.htm"
-
-
-@pytest.fixture(scope="session")
-def browser() -> str:
-    """Chromium on PATH, or installed with apt-get where the tests run as root."""
-    found = install_browser()
-    if found is None:
-        pytest.skip(
-            f"no Chromium or Chrome on PATH and none could be installed here; install it with `{INSTALL}`"
-        )
-    return found
 
 
 def test_run_report_opens_offline_and_draws_its_plots(

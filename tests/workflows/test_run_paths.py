@@ -19,7 +19,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import dask_infer
 from dask_infer import InputError
@@ -28,7 +28,7 @@ from dask_infer.io.samples import write_sample
 from dask_infer.models.preprocess import Preprocess
 from dask_infer.models.registry import build_model
 from dask_infer.partition.compress.apply import compress_stages
-from tests.conftest import random_images
+from tests.conftest import gpu_labelled, random_images
 from tests.reference import assert_close_logits, reference_logits, run_small
 
 
@@ -325,19 +325,7 @@ def small_memory_client() -> Iterator[Client]:
     restart), which would act on the real size of a process with torch in it, is off.
     """
     off = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause", "terminate")}
-    with (
-        dask.config.set(off),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            memory_limit=_STAGE_LIMIT,
-            resources={"GPU": 1},
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with dask.config.set(off), gpu_labelled(2, memory_limit=_STAGE_LIMIT) as client:
         yield client
 
 

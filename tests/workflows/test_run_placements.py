@@ -23,7 +23,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dask_infer.io.dataset import write_image_dataset
 from dask_infer.workflows.placement import PlacementError
-from tests.conftest import random_images
+from dask_infer.workflows.progress_page import run_progress
+from tests.conftest import gpu_labelled, random_images
 from tests.reference import assert_close_logits, reference_logits, run_small
 
 
@@ -48,17 +49,7 @@ class _WhereTasksRan(SchedulerPlugin):
 
 @pytest.fixture(scope="module")
 def gpu_client() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=4,
-            threads_per_worker=1,
-            resources={"GPU": 1},
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with gpu_labelled(4) as client:
         client.register_plugin(_WhereTasksRan(), name="where-tasks-ran")
         yield client
 
@@ -339,3 +330,12 @@ def test_a_pipeline_keeps_a_bounded_window_of_chunks_in_flight(
         gpu_client.unregister_scheduler_plugin("chunks-in-flight")
     assert summary.chunks == 120
     assert 2 <= peak <= 8, f"{peak} chunks in flight"
+    # The dashboard's dask-infer page counts the whole run, not the window: every group 120.
+    run = run_progress(gpu_client)[0]
+    assert run["status"] == "finished" and run["chunks"] == 120 and run["images"] == 240
+    assert [(g["name"], g["done"]) for g in run["groups"]] == [
+        ("read", 120),
+        ("s0_resnet18", 120),
+        ("s1_resnet18", 120),
+        ("write", 120),
+    ]
