@@ -9,6 +9,7 @@ this folder on ``sys.path``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -218,3 +219,20 @@ def exit_if_failed(checks: list[Check], benchmark: str) -> None:
         f"OUTPUT CHECK FAILED ({benchmark}, {len(failed)} of {len(checks)}): {detail}; "
         "the timings above compare different computations and must not be reported"
     )
+
+
+_KINDS: dict[str, type] = {"model": str, "recipes": str}
+
+
+def bench_parser(doc: str | None, **defaults: Any) -> argparse.ArgumentParser:
+    """A parser whose description is ``doc``'s first line, with ``--NAME`` for each of ``defaults``.
+
+    Each option takes its default's type (``--model resnet50``, ``--images 256``, ...);
+    every benchmark also gets ``--json FILE`` to write its figures to. A script adds
+    options of its own to the parser it gets.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=_KINDS.get(name, type(default)), default=default)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser

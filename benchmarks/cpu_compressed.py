@@ -21,12 +21,11 @@ applied to the same calibration images, compiled in another process); outside th
 script exits with status 1 and one ``OUTPUT CHECK FAILED`` line. Agreement with fp32 is
 printed, not checked (random weights give near-tied top-1 classes).
 
-    python benchmarks/cpu_compressed.py [--model resnet50] [--images 128] [--json out.json]
+    python benchmarks/cpu_compressed.py [--model resnet50] [--images 512] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch._inductor.config as inductor_config
 import zarr
-from _common import Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
+from _common import Tolerance, bench_parser, compare_logits, exit_if_failed, machine_info, machine_line
 
 import dask_infer
 from dask_infer.io import write_sample
@@ -168,15 +167,9 @@ def dask_infer_run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = bench_parser(__doc__, model="resnet50", images=512, size=224, chunk=32, batch=32)
     parser.add_argument("--passes", type=int, default=2, help="timed passes of each plain loop (best kept)")
     parser.add_argument("--recipes", default="fp32,bf16+channels_last+compile,int8+compile")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     info_start = machine_info()

@@ -12,7 +12,6 @@ exits with status 1 and one ``OUTPUT CHECK FAILED`` line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from _common import Tolerance, compare_logits, exit_if_failed, machine_info, machine_line
+from _common import Tolerance, bench_parser, compare_logits, exit_if_failed, machine_info, machine_line
 
 import dask_infer
 from dask_infer.io import write_sample
@@ -62,14 +61,7 @@ def plain_loop(images_url: str, output_url: str, model_name: str, weights: str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path)
+    parser = bench_parser(__doc__, model="resnet50", images=256, size=224, chunk=32, batch=32, repeats=2)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dask-infer-bench-"))
