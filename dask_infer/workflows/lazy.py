@@ -40,7 +40,7 @@ from dask_infer.models.heads import OutputShapes
 from dask_infer.partition.compress import CompressionPlan
 from dask_infer.workflows.graph import READ, infer_prefix
 from dask_infer.workflows.preprocessing import TRANSFORM_CHECK_IMAGES, preprocess_spec
-from dask_infer.workflows.run import clamped_top_k, output_shapes
+from dask_infer.workflows.run import output_shapes, runtime_spec
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor, infer_chunk
 from dask_infer.workflows.stages import RuntimeSpec
 
@@ -453,21 +453,6 @@ def predict(
     sample = np.zeros((count, *source.image_shape), dtype=source.dtype)
     preprocessing = preprocess_spec(config, loaded, source, sample=sample)
     shapes = output_shapes(config, loaded, (), preprocessing.input_shape)
-    spec = RuntimeSpec(
-        model=loaded.source or loaded.name,
-        weights=loaded.weights,
-        num_classes=loaded.num_classes,
-        input_size=loaded.input_size,
-        mean=loaded.mean,
-        std=loaded.std,
-        preprocess=preprocessing,
-        outputs=config.outputs,
-        top_k=clamped_top_k(config, shapes),
-        activation=config.activation,
-        feature_layer=config.feature_layer,
-        batch_size=config.batch_size,
-        device=config.device,
-        compress=config.compress,
-    )
+    spec = runtime_spec(config, loaded, preprocessing, shapes)
     runtime = _register(connected, spec)
     return _dataset(array, loaded, spec, config, shapes, runtime)

@@ -468,8 +468,18 @@ def _lay_out(
     return _Layout(placement, chunks, prepared, labelled)
 
 
-def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | None) -> RuntimeSpec:
-    loaded = layout.prepared.loaded
+def runtime_spec(
+    config: RunConfig,
+    loaded: LoadedModel,
+    preprocess: PreprocessSpec | None,
+    shapes: OutputShapes,
+    **placed: Any,
+) -> RuntimeSpec:
+    """What every worker needs to build the model as ``config`` says; ``placed`` adds the run's layout.
+
+    A run adds its cuts, stage map, calibration source and thread count; a lazy
+    ``predict`` needs none of them.
+    """
     return RuntimeSpec(
         model=loaded.source or loaded.name,
         weights=loaded.weights,
@@ -477,17 +487,28 @@ def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | No
         input_size=loaded.input_size,
         mean=loaded.mean,
         std=loaded.std,
-        preprocess=layout.prepared.preprocess,
+        preprocess=preprocess,
         outputs=config.outputs,
-        top_k=clamped_top_k(config, layout.prepared.shapes),
+        top_k=clamped_top_k(config, shapes),
         activation=config.activation,
         feature_layer=config.feature_layer,
         batch_size=config.batch_size,
         device=config.device,
-        torch_threads=choice.torch_threads if choice else None,
-        cut_points=layout.prepared.cuts,
         compress=config.compress,
-        calibration=layout.prepared.source,
+        **placed,
+    )
+
+
+def _runtime_spec(config: RunConfig, layout: _Layout, choice: ClusterChoice | None) -> RuntimeSpec:
+    prepared = layout.prepared
+    return runtime_spec(
+        config,
+        prepared.loaded,
+        prepared.preprocess,
+        prepared.shapes,
+        torch_threads=choice.torch_threads if choice else None,
+        cut_points=prepared.cuts,
+        calibration=prepared.source,
         calibration_images=config.calibration_images,
         stage_map=tuple(layout.placement.stages_on().items()) if layout.placement.pipelined else (),
         device_resource=DEVICE_RESOURCE if layout.labelled else None,
