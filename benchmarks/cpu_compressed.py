@@ -6,12 +6,14 @@ For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile``
 * the plain loop a user writes by hand (read a chunk, normalise, forward, write logits to
   Zarr; best of ``--passes``) with the recipe applied by hand: the model cast to the dtype
   and memory format, or quantized by the project's ``quantize_int8``, then
-  ``torch.compile`` with and without inductor freezing; each loop runs one batch before
-  its timing starts;
+  ``torch.compile`` with and without inductor freezing, and (``plain_folded``) frozen with
+  the normalisation compiled into the same graph; each loop runs one batch before its
+  timing starts;
 * ``dask_infer.run`` with ``--compress`` set to the recipe on a fresh LocalCluster: the
   warm rate (the run summary's seconds, from submission, after the workers built and
   compiled their stages), the cold time from the call to the first written chunk, and the
-  whole call.
+  whole call; for compiled recipes also with ``DASK_INFER_COMPILE_PREPROCESS=0``
+  (preprocessing left eager), to show what compiling it gives.
 
 It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
 to fp32, the CPU model, its flags and the load average (other work may share the
@@ -48,6 +50,7 @@ from dask_infer.io import write_sample
 from dask_infer.models import build_model
 from dask_infer.partition.compress import CompressionRecipe
 from dask_infer.partition.compress.quantize import quantize_int8
+from dask_infer.workflows.fold import FOLD_ENV
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOLERANCE = {"fp32": Tolerance(max_rel_err=1e-5), "bf16": Tolerance(max_rel_err=5e-2)}
@@ -61,9 +64,20 @@ def _normalise(block: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def hand_model(
-    module: torch.nn.Module, recipe: CompressionRecipe, calibration: torch.Tensor, freeze: bool
+    module: torch.nn.Module,
+    recipe: CompressionRecipe,
+    calibration: torch.Tensor,
+    freeze: bool,
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    fold: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The recipe applied by hand; returns forward(normalised fp32 batch) -> fp32 logits."""
+    """The recipe applied by hand; returns forward(uint8 NHWC batch) -> fp32 logits.
+
+    With ``fold`` (compiled recipes), normalising and converting the batch are compiled
+    into the same graph as the model; otherwise they run eagerly before it.
+    """
     module = copy.deepcopy(module).eval()
     dtype = _DTYPES[recipe.precision]
     if recipe.quantize == "int8":
@@ -72,21 +86,33 @@ def hand_model(
         module = module.to(dtype)
         if recipe.channels_last:
             module = module.to(memory_format=torch.channels_last)
-    run: Callable[[torch.Tensor], torch.Tensor] = module
-    if recipe.compile:
-        compiled = torch.compile(module)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with inductor_config.patch(freezing=freeze):
-                return compiled(x)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def convert(x: torch.Tensor) -> torch.Tensor:
         x = x.to(dtype)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         elif recipe.quantize == "int8":
             x = x.contiguous()  # the exported int8 graph is specialised to contiguous inputs
-        return run(x).float()
+        return x
+
+    def whole(raw: torch.Tensor) -> torch.Tensor:
+        return module(convert(_normalise(raw, mean, std))).float()
+
+    if not recipe.compile:
+        return whole
+    if fold:
+        compiled_whole = torch.compile(whole)
+
+        def folded(raw: torch.Tensor) -> torch.Tensor:
+            with inductor_config.patch(freezing=freeze):
+                return compiled_whole(raw)
+
+        return folded
+    compiled = torch.compile(module)
+
+    def forward(raw: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(freezing=freeze):
+            return compiled(convert(_normalise(raw, mean, std))).float()
 
     return forward
 
@@ -99,10 +125,8 @@ def plain_loop(
     batch: int,
     passes: int = 2,
 ) -> float:
-    """Read a chunk, normalise, forward in batches, write; the fastest of ``passes`` passes, in seconds,
-    after one warm-up batch."""
-    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    """Read a chunk, forward (normalising) in batches, write; the fastest of ``passes`` passes, in
+    seconds, after one warm-up batch."""
     src = zarr.open_group(images_url, mode="r")["images"]
     n, step = src.shape[0], src.chunks[0]
     out = zarr.create_array(
@@ -110,14 +134,12 @@ def plain_loop(
     )
     best = float("inf")
     with torch.inference_mode():
-        forward(_normalise(torch.from_numpy(np.asarray(src[:batch])), mean, std))  # compiles here
+        forward(torch.from_numpy(np.asarray(src[:batch])))  # compiles here
         for _ in range(passes):
             start = time.perf_counter()
             for s in range(0, n, step):
                 block = torch.from_numpy(np.asarray(src[s : s + step]))
-                logits = [
-                    forward(_normalise(block[i : i + batch], mean, std)) for i in range(0, len(block), batch)
-                ]
+                logits = [forward(block[i : i + batch]) for i in range(0, len(block), batch)]
                 out[s : s + len(block)] = torch.cat(logits).numpy()
             best = min(best, time.perf_counter() - start)
     return best
@@ -198,10 +220,12 @@ def main() -> None:
         for text in recipes:
             recipe = CompressionRecipe.parse(text)
             row: dict[str, Any] = {"recipe": text}
-            for freeze in (True, False) if recipe.compile else (False,):
-                key = "plain_frozen" if freeze else "plain"
+            variants = [("plain_frozen", True, False), ("plain", False, False), ("plain_folded", True, True)]
+            for key, freeze, fold in variants if recipe.compile else [("plain", False, False)]:
                 out = work / f"{key}-{text}.zarr"
-                forward = hand_model(loaded.module, recipe, calibration, freeze)
+                forward = hand_model(
+                    loaded.module, recipe, calibration, freeze, mean=mean, std=std, fold=fold
+                )
                 seconds = plain_loop(images, str(out), forward, loaded, args.batch, args.passes)
                 row[f"{key}_images_per_s"] = args.images / seconds
                 print(f"{text:<32} {key:<14} {row[f'{key}_images_per_s']:8.2f} images/s", flush=True)
@@ -210,6 +234,19 @@ def main() -> None:
             reference = zarr.open_array(str(work / f"{ref_key}-{text}.zarr"), mode="r")[:]
             if text == "fp32":
                 fp32_logits = reference
+            if recipe.compile:
+                os.environ[FOLD_ENV] = "0"
+                try:
+                    eager = dask_infer_run(
+                        images, work / f"eager-{text}.zarr", args.model, weights, args.batch, text
+                    )
+                finally:
+                    del os.environ[FOLD_ENV]
+                row["dask_infer_eager_preprocess_images_per_s"] = eager["images_per_s"]
+                print(
+                    f"{text:<32} dask-infer, eager preprocessing {eager['images_per_s']:8.2f} images/s",
+                    flush=True,
+                )
             ours = dask_infer_run(images, work / f"ours-{text}.zarr", args.model, weights, args.batch, text)
             row.update({f"dask_infer_{k}": v for k, v in ours.items()})
             best = max(v for k, v in row.items() if k.startswith("plain") and k.endswith("images_per_s"))
@@ -253,10 +290,11 @@ def main() -> None:
     print(machine_line(info_start))
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     header = (
-        "| recipe | plain loop | plain loop, frozen | dask-infer | / best plain | vs fp32 | first chunk s |"
+        "| recipe | plain loop | plain loop, frozen | plain loop, frozen + folded | dask-infer, eager "
+        "preprocessing | dask-infer | / best plain | vs fp32 | first chunk s |"
     )
     print(header)
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
 
         def cell(key: str, fmt: str = "{:.2f}", row: dict[str, Any] = r) -> str:
@@ -265,6 +303,7 @@ def main() -> None:
 
         print(
             f"| `{r['recipe']}` | {cell('plain_images_per_s')} | {cell('plain_frozen_images_per_s')} | "
+            f"{cell('plain_folded_images_per_s')} | {cell('dask_infer_eager_preprocess_images_per_s')} | "
             f"{cell('dask_infer_images_per_s')} | {cell('ratio_to_best_plain', '{:.2f}x')} | "
             f"{cell('dask_infer_vs_fp32', '{:.2f}x')} | {cell('dask_infer_first_chunk_s', '{:.1f}')} |"
         )

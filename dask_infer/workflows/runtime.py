@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias
@@ -34,6 +35,7 @@ from dask_infer.models.heads import activate
 from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
 from dask_infer.workflows.activation import Activation
+from dask_infer.workflows.fold import fold_preprocessing
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
 
@@ -232,14 +234,14 @@ class ModelRuntime(WorkerPlugin):
         if spec.torch_threads is not None:
             torch.set_num_threads(spec.torch_threads)
         self.device = _pick_device(spec.device)
-        self.preprocess = spec.preprocessing.build().to(self.device)
+        eager = spec.preprocessing.build().to(self.device)
+        self.preprocess: Callable[[torch.Tensor], torch.Tensor] = eager
         self.batch_size = spec.batch_size or default_batch_size(self.device.type == "cuda")
         held = spec.stages_for(address, resources)
         if not held:
             return
-        self._stages = build_stages(
-            spec, held, self.preprocess, self.device, self.batch_size, address=address
-        )
+        self._stages = build_stages(spec, held, eager, self.device, self.batch_size, address=address)
+        self.preprocess = fold_preprocessing(spec, self._stages, eager, self.device, self.batch_size)
         self._stage_stats.clear()
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)

@@ -102,14 +102,18 @@ class CompressedStage(nn.Module):
         """
         self.__dict__["static_batch"] = batch
 
-    def _run(self, x: torch.Tensor, fn: Callable[..., Any]) -> Any:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype and memory format the module computes in (``x`` itself if it is)."""
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         elif self.recipe.quantize is not None:
             x = x.contiguous()  # the exported int8 graph is specialised to contiguous inputs
-        out = fn(x)
+        return x
+
+    def _run(self, x: torch.Tensor, fn: Callable[..., Any]) -> Any:
+        out = fn(self.prepare_input(x))
         if self.output_dtype is not None and isinstance(out, torch.Tensor) and out.dtype != self.output_dtype:
             out = out.to(self.output_dtype)
         return out
