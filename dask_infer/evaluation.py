@@ -29,9 +29,20 @@ from dask_infer.partition.compress.cpu import cpu_features
 from dask_infer.partition.compress.measure import count_flops, serialized_size, time_call
 from dask_infer.partition.compress.quantize import check_int8_device, int8_backend
 
-__all__ = ["REPORT_ATTR", "EvaluationReport", "StageReport", "evaluate", "read_report", "write_report"]
+__all__ = [
+    "REPORTS_ATTR",
+    "REPORT_ATTR",
+    "EvaluationReport",
+    "StageReport",
+    "evaluate",
+    "format_comparison",
+    "read_report",
+    "read_reports",
+    "write_report",
+]
 
 REPORT_ATTR = "compression_evaluation"
+REPORTS_ATTR = "compression_evaluations"
 
 
 @dataclass(frozen=True)
@@ -388,10 +399,40 @@ def _stage_report(
     )
 
 
+def format_comparison(reports: Sequence[EvaluationReport]) -> str:
+    """The recipes of one ``evaluate`` call side by side, fastest first: speed and agreement.
+
+    Each recipe's fp32 rate is timed in the same call, just before the recipe's, so
+    ``vs fp32`` compares like with like even if the machine's speed drifts between recipes.
+    """
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    head = (
+        f"  {'recipe':<34} {'images/s':>9} {'fp32 images/s':>14} {'vs fp32':>8} "
+        f"{'top-1 agreement':>16} {'rel. logit error':>17} {'accuracy':>9}"
+    )
+    lines = [f"recipes compared on the same {reports[0].n_images} images:", head]
+    for r in sorted(reports, key=lambda r: r.images_per_s[1], reverse=True):
+        fp32, rate = r.images_per_s
+        lines.append(
+            f"  {r.compress:<34} {rate:>9.1f} {fp32:>14.1f} {r.speedup:>7.2f}x "
+            f"{pct(r.top1_agreement):>16} {r.relative_logit_error:>17.4g} {pct(r.accuracy):>9}"
+        )
+    return "\n".join(lines)
+
+
 def write_report(
-    report: EvaluationReport, store: str, *, storage_options: dict[str, Any] | None = None
+    report: EvaluationReport | Sequence[EvaluationReport],
+    store: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Record ``report`` in the attrs of a Zarr store (as JSON text under ``compression_evaluation``).
+
+    Several reports (one ``evaluate`` call comparing recipes) go under
+    ``compression_evaluations`` as a JSON list; :func:`read_reports` reads either.
 
     Raises
     ------
@@ -406,7 +447,10 @@ def write_report(
         raise InputError(
             f"cannot record the report in {store!r}: it is not an existing Zarr group ({exc})"
         ) from exc
-    group.attrs[REPORT_ATTR] = json.dumps(report.to_dict())
+    if isinstance(report, EvaluationReport):
+        group.attrs[REPORT_ATTR] = json.dumps(report.to_dict())
+    else:
+        group.attrs[REPORTS_ATTR] = json.dumps([r.to_dict() for r in report])
     # Readers open consolidated metadata first; refresh it so they see the new attrs.
     with quiet_zarr():
         zarr.consolidate_metadata(group.store)
@@ -418,3 +462,13 @@ def read_report(store: str, *, storage_options: dict[str, Any] | None = None) ->
 
     group = zarr.open_group(store, mode="r", storage_options=storage_options or None)
     return EvaluationReport.from_dict(json.loads(str(group.attrs[REPORT_ATTR])))
+
+
+def read_reports(store: str, *, storage_options: dict[str, Any] | None = None) -> list[EvaluationReport]:
+    """Every report :func:`write_report` stored in ``store``: the list of several, or the one."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r", storage_options=storage_options or None)
+    if REPORTS_ATTR in group.attrs:
+        return [EvaluationReport.from_dict(d) for d in json.loads(str(group.attrs[REPORTS_ATTR]))]
+    return [EvaluationReport.from_dict(json.loads(str(group.attrs[REPORT_ATTR])))]

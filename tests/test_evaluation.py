@@ -290,3 +290,35 @@ def test_plan_errors_before_reading_anything(tmp_path: Path) -> None:
         evaluate(missing, model="resnet18", compress="int4")
     with pytest.raises(CompressionError, match="int8 runs on CPU only"):
         evaluate(missing, model="resnet18", compress="1:int8", stages=2, device="cuda")
+
+
+def test_evaluate_compares_several_recipes_in_one_call(
+    small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """`dask-infer evaluate --compress A --compress B`: each recipe on the same images, fp32 timed
+    beside each, one table comparing them, and every report in the output's attrs."""
+    from click.testing import CliRunner
+
+    from dask_infer.cli import main
+    from dask_infer.evaluation import REPORTS_ATTR, read_reports
+
+    base = ["evaluate", "--input", str(small_dataset), "--model", "resnet18", "--weights", str(small_weights)]
+    base += ["--images", "32", "--calibration-images", "16"]
+    report = tmp_path / "report.zarr"
+    result = CliRunner().invoke(
+        main, [*base, "--compress", "fp32", "--compress", "bf16", "--output", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "recipes compared on the same 32 images:" in result.output
+    table = result.output.split("recipes compared on the same 32 images:")[1]
+    assert "fp32" in table and "bf16" in table and f"({REPORTS_ATTR})" in result.output
+    reports = read_reports(str(report))
+    assert [r.compress for r in reports] == ["fp32", "bf16"]
+    fp32, bf16 = reports
+    # fp32 "compressed" is the model itself: every answer the same.
+    assert fp32.top1_agreement == 1.0 and fp32.relative_logit_error == 0.0
+    assert bf16.relative_logit_error > 0.0 and all(r.n_images == 32 for r in reports)
+    assert all(r.images_per_s[0] > 0 and r.images_per_s[1] > 0 for r in reports)
+    # A bad plan among them stops the call before any recipe is evaluated.
+    bad = CliRunner().invoke(main, [*base, "--compress", "bf16", "--compress", "prune=1.5"])
+    assert bad.exit_code == 2 and "prune" in bad.output and "top-1 agreement" not in bad.output
