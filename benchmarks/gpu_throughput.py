@@ -44,6 +44,7 @@ from dask_infer.io import write_image_dataset
 from dask_infer.io.samples import photo_crops
 from dask_infer.models import Preprocess, build_model
 from dask_infer.workflows.cluster import make_client
+from dask_infer.workflows.fold import FOLD_ENV
 from dask_infer.workflows.runtime import SWITCH_INTERVAL_ENV, gpu_switch_interval
 
 TOLERANCES = {
@@ -560,6 +561,20 @@ def main() -> None:
             )
         close(client)
         client = None
+        if gpu and args.compile and budget.allows("dask-infer with preprocessing compiled", 90):
+            # Uncompressed, where the model's task was furthest from the card's own speed.
+            runs["uncompressed_preprocess_compiled"] = on_new_cluster(
+                args.threads,
+                {FOLD_ENV: "1"},
+                plain,
+                work,
+                f"{recipe} uncompressed, preprocessing compiled with stage 0's input conversion",
+                none_logits,
+                tolerance,
+                checks,
+                compress=recipe,
+                **options,
+            )
         if budget.allows("dask-infer with Python's default GIL switch interval", 60):
             runs["zstd_switch_5ms"] = on_new_cluster(
                 args.threads,

@@ -25,7 +25,7 @@ from dask_infer.workflows.stages import RuntimeSpec
 __all__ = ["FOLD_ENV", "FoldedPreprocess", "fold_preprocessing"]
 
 FOLD_ENV = "DASK_INFER_COMPILE_PREPROCESS"
-"""Set to ``0`` in the workers' environment to keep preprocessing eager."""
+"""In the workers' environment: ``0`` keeps preprocessing eager; ``1`` folds it on GPUs too."""
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +62,30 @@ def fold_preprocessing(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The preprocessing a worker runs before stage 0: folded and compiled where it pays, else ``preprocess``.
 
-    Folded only on a CPU, for a worker holding stage 0 whose recipe compiles (without CUDA
-    graphs), with the built-in preprocessing (a user's ``transform`` stays as written),
-    and when the stored images' shape is known, so it compiles here, before the run's
-    clock starts, on a blank batch. A build that cannot compile it keeps it eager and
-    says so in one warning line.
+    Folded for a worker holding stage 0 whose recipe compiles (without CUDA graphs), with
+    the built-in preprocessing (a user's ``transform`` stays as written), and when the
+    stored images' shape is known, so it compiles here, before the run's clock starts, on a
+    blank batch. On a CPU by default; on a GPU only with ``DASK_INFER_COMPILE_PREPROCESS=1``
+    (a GPU's eager preprocessing is a few kernel launches per batch, and what folding
+    changes there is measured by ``benchmarks/gpu_throughput.py`` before it becomes the
+    default). ``0`` keeps it eager everywhere. A build that cannot compile it keeps it
+    eager and says so in one warning line.
     """
     stage = stages.get(0)
     source = spec.calibration
+    setting = os.environ.get(FOLD_ENV, "")
     if (
-        device.type != "cpu"
+        setting == "0"
+        or (device.type != "cpu" and setting != "1")
         or not isinstance(stage, CompressedStage)
         or not stage.recipe.compile
         or stage.recipe.cuda_graphs
         or spec.preprocessing.transform is not None
         or source is None
-        or os.environ.get(FOLD_ENV, "1") == "0"
     ):
         return preprocess
     folded = FoldedPreprocess(preprocess, stage, batch)
-    blank = torch.from_numpy(np.zeros((batch, *source.image_shape), dtype=source.dtype))
+    blank = torch.from_numpy(np.zeros((batch, *source.image_shape), dtype=source.dtype)).to(device)
     try:
         with torch.inference_mode():
             folded(blank)

@@ -78,5 +78,28 @@ def test_folded_where_stage_0_is_compiled_on_a_cpu(monkeypatch: pytest.MonkeyPat
     assert fold_preprocessing(_spec(), graphs, preprocess, cpu, 4) is preprocess
     assert fold_preprocessing(_spec(transform=lambda x: x), compiled, preprocess, cpu, 4) is preprocess
     assert fold_preprocessing(_spec(source=False), compiled, preprocess, cpu, 4) is preprocess
+    # A GPU keeps it eager unless asked (nothing touches the device on the way out).
+    assert fold_preprocessing(_spec(), compiled, preprocess, torch.device("cuda"), 4) is preprocess
     monkeypatch.setenv(FOLD_ENV, "0")
     assert fold_preprocessing(_spec(), compiled, preprocess, cpu, 4) is preprocess
+    monkeypatch.setenv(FOLD_ENV, "1")
+    assert isinstance(fold_preprocessing(_spec(), compiled, preprocess, cpu, 4), FoldedPreprocess)
+
+
+@pytest.mark.gpu
+def test_a_folded_pass_on_the_gpu_equals_the_eager_steps() -> None:
+    """On the card, with DASK_INFER_COMPILE_PREPROCESS=1: uint8 batches in, bf16 channels-last out."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cuda = torch.device("cuda")
+    preprocess = Preprocess(32, MEAN, STD).to(cuda)
+    stage = _stage("bf16+channels_last+compile")
+    folded = FoldedPreprocess(preprocess, stage, batch=8)
+    images = _images(8).to(cuda)
+    with torch.inference_mode():
+        for n in (8, 5):
+            got, want = folded(images[:n]), stage.prepare_input(preprocess(images[:n]))
+            assert got.is_cuda and got.dtype == torch.bfloat16
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            scale = float(want.float().abs().max())
+            assert float((got.float() - want.float()).abs().max()) <= 1e-2 * scale
