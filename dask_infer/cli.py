@@ -27,6 +27,7 @@ from dask_infer.options import (
     DEFAULT_BALANCE,
     DEVICES,
     LAYOUTS,
+    LOGITS_DTYPES,
     MISSING_CHUNKS,
     PLACEMENTS,
 )
@@ -116,6 +117,7 @@ _CHOICES = {
     "placement": PLACEMENTS,
     "activation": ACTIVATIONS,
     "interpolation": INTERPOLATIONS,
+    "logits_dtype": LOGITS_DTYPES,
 }
 _PYTHON_ONLY = ("transform",)
 """``RunConfig`` fields that hold Python objects, so have no flag."""

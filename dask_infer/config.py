@@ -135,6 +135,13 @@ class RunConfig:
         output stride and capped at half the tile (at most 256).
     stride
         Step between tile origins of a classifier's tiles (at most ``tile``); ``None``: ``tile``.
+    logits_dtype
+        How tiled runs store ``logits``: ``float32``, or ``float16`` for half the size
+        (about 3 significant digits; scores beyond 65504 become infinite).
+    scale_factor
+        With ``tile``: resample each whole image by this factor (``0.5`` halves its height and
+        width) before tiling, with ``interpolation``; outputs lie on the resampled grid, its
+        coordinates the input's resampled the same way. ``1``: the image's own pixels.
     chunk_size
         Images per task (rounded to whole storage chunks); ``None`` picks from the data.
     batch_size
@@ -226,6 +233,8 @@ class RunConfig:
     tile: int | None = None
     halo: int | str | None = None
     stride: int | None = None
+    logits_dtype: str = "float32"
+    scale_factor: float = 1.0
     chunk_size: int | None = None
     batch_size: int | None = None
     scheduler: str | None = None
@@ -362,15 +371,17 @@ class RunConfig:
             )
 
     def _check_tiles(self) -> None:
-        """``tile``, ``halo`` and ``stride`` in canonical form; ``mask`` only with a tile.
+        """The tile options in canonical form; ``mask``, float16 logits and resampling only with a tile.
 
         What else goes with tiles (outputs, preprocessing, placement) is checked by the
         tiled run once the model is known, before any cluster starts.
         """
-        from dask_infer.tiles.options import check_tile_options
+        from dask_infer.tiles.options import check_logits_dtype, check_scale_factor, check_tile_options
 
         tile, halo, _ = check_tile_options(self.tile, self.halo, self.stride)
         object.__setattr__(self, "halo", halo)
+        check_logits_dtype(self.logits_dtype, tile)
+        object.__setattr__(self, "scale_factor", check_scale_factor(self.scale_factor, tile))
         if tile is None and "mask" in self.outputs:
             raise DaskInferError(
                 "outputs include 'mask', which tiled runs write; give --tile (e.g. --tile 512)"

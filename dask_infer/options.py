@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_BALANCE",
     "DEVICES",
     "LAYOUTS",
+    "LOGITS_DTYPES",
     "MISSING_CHUNKS",
     "OUTPUT_KINDS",
     "PLACEMENTS",
@@ -50,6 +51,9 @@ per image, sigmoid for multi-label, none for a raw output (regression, dense map
 
 MISSING_CHUNKS = ("refuse", "fill")
 """What a run does with storage chunks absent from the input: refuse it, or read them as the fill value."""
+
+LOGITS_DTYPES = ("float32", "float16")
+"""How a tiled run stores ``logits``: float16 halves the output, with about 3 significant digits."""
 
 _BATCH_CUDA = 256
 _BATCH_CPU = 32

@@ -192,6 +192,18 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
         "resnet18 gives per-tile outputs of shape (10,), not a map, so outputs 'mask' does not apply",
     ),
     "mask-without-tile": (["--outputs", "mask"], "outputs include 'mask', which tiled runs write; give"),
+    "logits-dtype-unknown": (
+        ["--tile", "16", "--logits-dtype", "float64"],
+        "'--logits-dtype': 'float64' is not one of 'float32', 'float16'",
+    ),
+    "logits-dtype-without-tile": (["--logits-dtype", "float16"], "logits_dtype='float16' given without tile"),
+    "scale-factor-zero": (["--tile", "16", "--scale-factor", "0"], "scale_factor=0.0 must be a number > 0"),
+    "scale-factor-negative": (["--tile", "16", "--scale-factor", "-0.5"], "scale_factor=-0.5 must be a"),
+    "scale-factor-under-a-tile": (
+        ["--tile", "16", "--scale-factor", "0.25"],
+        "pixels, smaller than tile=16; give a scale factor of at least 0.5 or a smaller tile",
+    ),
+    "scale-factor-without-tile": (["--scale-factor", "0.5"], "scale_factor=0.5 given without tile"),
     "dims-unknown": (
         ["--dims", "image=time,channel=band"],
         "maps image to 'time', but array 'images' has no dim 'time'; its dims are image, y, x, channel",

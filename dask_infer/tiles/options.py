@@ -1,16 +1,25 @@
-"""The tile options (``tile``, ``halo``, ``stride``) checked and put in canonical form.
+"""The tile options (``tile``, ``halo``, ``stride``, ``logits_dtype``, ``scale_factor``) checked.
 
 A leaf module like :mod:`dask_infer.options`: ``RunConfig`` checks these without torch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dask_infer.errors import DaskInferError
-from dask_infer.options import check_positive_int
+from dask_infer.options import LOGITS_DTYPES, check_positive_int
 
-__all__ = ["AUTO", "DEFAULT_OUTPUTS", "TILED_OUTPUTS", "check_tile_options"]
+__all__ = [
+    "AUTO",
+    "DEFAULT_OUTPUTS",
+    "LOGITS_DTYPES",
+    "TILED_OUTPUTS",
+    "check_logits_dtype",
+    "check_scale_factor",
+    "check_tile_options",
+]
 
 AUTO = "auto"
 """``halo`` value asking for the model's measured receptive field."""
@@ -59,3 +68,49 @@ def check_tile_options(tile: Any, halo: Any, stride: Any) -> tuple[int | None, i
             f"pixels; give a stride of at most {tile}"
         )
     return tile, halo, stride
+
+
+def check_logits_dtype(value: Any, tile: int | None) -> str:
+    """``value`` if it is one of :data:`LOGITS_DTYPES` and fits ``tile``.
+
+    Raises
+    ------
+    DaskInferError
+        For another dtype, or float16 without a tile (only tiled runs store it).
+    """
+    if value not in LOGITS_DTYPES:
+        raise DaskInferError(
+            f"logits_dtype={value!r} is not one of {', '.join(LOGITS_DTYPES)}; give --logits-dtype float16 "
+            "or float32"
+        )
+    if tile is None and value != LOGITS_DTYPES[0]:
+        raise DaskInferError(
+            f"logits_dtype={value!r} given without tile: only tiled runs store float16 logits; add --tile "
+            "(e.g. --tile 512) or leave --logits-dtype out"
+        )
+    return str(value)
+
+
+def check_scale_factor(value: Any, tile: int | None) -> float:
+    """``value`` as a float if it is a finite number > 0, and 1 unless there is a ``tile``.
+
+    Raises
+    ------
+    DaskInferError
+        For zero, a negative or non-finite number, text, or a factor other than 1 without a tile.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise DaskInferError(
+            f"scale_factor={value!r} must be a number > 0 (e.g. 0.5 halves each image's height and width)"
+        )
+    if tile is None and value != 1:
+        raise DaskInferError(
+            f"scale_factor={value!r} given without tile: it resamples images before tiling; add --tile "
+            "(e.g. --tile 512), or resize whole images with --resize"
+        )
+    return float(value)

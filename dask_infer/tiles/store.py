@@ -1,8 +1,8 @@
 """Tiled outputs: a template written up front, one region per tile, and a per-tile manifest for resume.
 
 Dense maps are ``mask`` (image, y, x) and ``logits``/``probabilities`` (image, category,
-y, x), chunked ``tile`` x ``tile`` in y and x exactly as the tiles' cores, so every tile
-writes whole chunks of its own. A classifier's tiles give ``mask`` (image, tile_y,
+y, x; ``logits`` float32 or float16), chunked ``tile`` x ``tile`` in y and x exactly as the
+tiles' cores, so every tile writes whole chunks of its own. A classifier's tiles give ``mask`` (image, tile_y,
 tile_x), the best class, and ``logits``/``probabilities`` (image, tile_y, tile_x,
 category), written a row of tiles per task. The manifest ``dask_infer/done_tiles`` has one
 element (and one stored chunk) per task: 1 once its results are written.
@@ -71,8 +71,12 @@ def create_tiled_output(
     attrs: dict[str, Any],
     overwrite: bool,
     storage_options: dict[str, Any] | None = None,
+    logits_dtype: str = "float32",
 ) -> TileTarget:
-    """Write the output's metadata and coordinates; tiles' tasks write the data."""
+    """Write the output's metadata and coordinates; tiles' tasks write the data.
+
+    ``logits`` are stored as ``logits_dtype`` (float32 or float16), ``probabilities`` as float32.
+    """
     options = dict(storage_options or {})
     if overwrite:
         replace_store(url, options)
@@ -89,9 +93,10 @@ def create_tiled_output(
             )
         for name in ("logits", "probabilities"):
             if name in outputs:
+                dtype = logits_dtype if name == "logits" else "float32"
                 variables[name] = (
                     ("image", CATEGORY_DIM, ydim, xdim),
-                    da.zeros((n_images, classes, *plane), dtype="float32", chunks=(1, classes, tile, tile)),
+                    da.zeros((n_images, classes, *plane), dtype=dtype, chunks=(1, classes, tile, tile)),
                 )
         for dim, coord, size in ((ydim, spatial.y, grid.height), (xdim, spatial.x, grid.width)):
             coords[dim] = coord if coord is not None else (dim, np.arange(size))
@@ -105,9 +110,10 @@ def create_tiled_output(
             )
         for name in ("logits", "probabilities"):
             if name in outputs:
+                dtype = logits_dtype if name == "logits" else "float32"
                 variables[name] = (
                     ("image", "tile_y", "tile_x", CATEGORY_DIM),
-                    da.zeros((n_images, rows, cols, classes), dtype="float32", chunks=(1, 1, cols, classes)),
+                    da.zeros((n_images, rows, cols, classes), dtype=dtype, chunks=(1, 1, cols, classes)),
                 )
         ys, xs = grid.centres()
         for dim, source_dim, pos, coord in (

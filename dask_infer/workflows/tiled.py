@@ -12,6 +12,12 @@ worker ever holds a whole image: an image of any size streams through.
 A model returning (N, C, H, W) maps at its input's resolution gives per-pixel ``mask``
 and ``logits``/``probabilities`` stitched from the tiles' cores; a classifier gives one
 prediction per ``tile`` x ``tile`` window every ``stride`` pixels, a row of tiles per task.
+
+With ``scale_factor``, the grid lies on each image resampled by it: a tile's read task
+reads the input pixels its resampled window needs and resamples them there
+(:mod:`dask_infer.tiles.resample`), so each resampled pixel is the same in every tile.
+Before any task, :func:`~dask_infer.tiles.memory.check_tile_memory` refuses tiles one
+batch of which cannot fit the workers' memory limit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,20 +55,24 @@ from dask_infer.models import LoadedModel, build_model
 from dask_infer.models.heads import activate
 from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.tracing import running_modules
-from dask_infer.tiles.coords import spatial_grid
+from dask_infer.options import default_batch_size
+from dask_infer.tiles.coords import resampled_grid, spatial_grid
 from dask_infer.tiles.field import auto_halo, field_cap, measure_field
 from dask_infer.tiles.grid import Box, TileGrid, Window, dense_grid, sliding_grid
+from dask_infer.tiles.memory import TileBatch, check_tile_memory, worker_memory_limit
 from dask_infer.tiles.options import AUTO, DEFAULT_OUTPUTS, TILED_OUTPUTS
 from dask_infer.tiles.pixels import PixelSteps
+from dask_infer.tiles.resample import Resampling, resample_window
 from dask_infer.tiles.stitch import core_of
 from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
+from dask_infer.workflows.cluster import cuda_device_count
 from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.preprocessing import preprocess_spec
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary
 
-__all__ = ["TILE_RUN_ATTR", "TiledPlan", "plan_tiles", "read_window", "run_tiled"]
+__all__ = ["TILE_RUN_ATTR", "TiledPlan", "plan_tiles", "read_resampled", "read_window", "run_tiled"]
 
 TILE_RUN_ATTR = "dask_infer_run"
 """Output attr recording what the results depend on; a resume must match it."""
@@ -71,6 +82,12 @@ _IN_FLIGHT_PER_THREAD = 4
 
 _PROBE_SIDE = 256
 """Largest tile side the model's output is probed with."""
+
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"logits_dtype": "float32", "resample": None}
+"""What a fingerprint recorded before these keys existed meant by leaving them out."""
+
+_DTYPE_SCALE = {"uint8": 255.0, "uint16": 65535.0}
+"""What the built-in preprocessing divides integer pixels by, applied to resampled (float) pixels."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,7 @@ class TiledPlan:
     preprocess: PreprocessSpec
     fingerprint: dict[str, Any]
     done: frozenset[TileTask] = frozenset()
+    resampling: Resampling | None = None
 
     @property
     def tasks(self) -> tuple[TileTask, ...]:
@@ -105,14 +123,23 @@ class TiledPlan:
         return Box(first.read.y0, first.read.y1, first.read.x0, last.read.x1)
 
 
-def _tile_preprocess(config: RunConfig, loaded: LoadedModel, source: ImageSource) -> PreprocessSpec:
-    """The run's preprocessing without resizing or cropping: pixels scaled and normalised only."""
+def _tile_preprocess(
+    config: RunConfig, loaded: LoadedModel, source: ImageSource, resampled: bool
+) -> PreprocessSpec:
+    """The run's preprocessing without resizing or cropping: pixels scaled and normalised only.
+
+    Resampled pixels reach the model as float32 in the stored units, so they are divided
+    by the scale their stored dtype would have had.
+    """
     spec = preprocess_spec(config, loaded, source)
+    scale = spec.scale
+    if resampled and scale is None:
+        scale = _DTYPE_SCALE.get(str(source.dtype))
     steps = PixelSteps(
         spec.mean,
         spec.std,
         normalize=spec.normalize,
-        scale=spec.scale,
+        scale=scale,
         channels=spec.channels,
         expand=spec.bands is None,
     )
@@ -161,7 +188,12 @@ def _halo(
 
 
 def _fingerprint(
-    config: RunConfig, source: ImageSource, loaded: LoadedModel, grid: TileGrid, outputs: tuple[str, ...]
+    config: RunConfig,
+    source: ImageSource,
+    loaded: LoadedModel,
+    grid: TileGrid,
+    outputs: tuple[str, ...],
+    resampling: Resampling | None,
 ) -> dict[str, Any]:
     digest = None
     if loaded.weights is not None:
@@ -183,6 +215,10 @@ def _fingerprint(
         "stride": grid.stride,
         "dense": grid.dense,
         "compress": config.compress,
+        "logits_dtype": config.logits_dtype,
+        "resample": None
+        if resampling is None
+        else {"scale_factor": config.scale_factor, "interpolation": resampling.mode},
     }
 
 
@@ -233,6 +269,22 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
         say(f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r}")
     height, width, _ = source.image_shape
     tile = config.tile
+    resampling = None
+    if config.scale_factor != 1:
+        resampling = Resampling.by(height, width, config.scale_factor, config.interpolation)
+        height, width = resampling.out_height, resampling.out_width
+        if tile > min(height, width):
+            # Rounded up, so that the factor suggested does give images of a tile.
+            least = math.ceil(1000 * tile / min(resampling.height, resampling.width)) / 1000
+            raise InputError(
+                f"scale_factor={config.scale_factor:g} leaves the images of {config.input!r} "
+                f"{height}x{width} pixels, smaller than tile={tile}; give a scale factor of at least "
+                f"{least:g} or a smaller tile"
+            )
+        say(
+            f"scale factor {config.scale_factor:g}: images of {resampling.height}x{resampling.width} "
+            f"resampled ({config.interpolation}) to {height}x{width} before tiling"
+        )
     if tile > min(height, width):
         raise InputError(
             f"tile={tile} is larger than the images of {config.input!r} ({height}x{width} pixels); give a "
@@ -251,7 +303,7 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
     )
     if not loaded.pretrained:
         say(f"warning: no --weights given, so {loaded.name} is randomly initialised")
-    preprocess = _tile_preprocess(config, loaded, source)
+    preprocess = _tile_preprocess(config, loaded, source, resampling is not None)
     channels = preprocess.channels
     side = min(tile, _PROBE_SIDE)
     out = _probe(loaded, channels, side)
@@ -297,7 +349,8 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
         classes,
         outputs,
         preprocess,
-        _fingerprint(config, source, loaded, grid, outputs),
+        _fingerprint(config, source, loaded, grid, outputs, resampling),
+        resampling=resampling,
     )
     return _resumable(config, plan, say) if config.resume else plan
 
@@ -310,7 +363,9 @@ def _resumable(config: RunConfig, plan: TiledPlan, say: Callable[[str], None]) -
         zarr.open_group(config.output, mode="r", storage_options=config.storage_options or None).attrs
     )
     recorded = json.loads(str(attrs.get(TILE_RUN_ATTR, "{}")))
-    differ = [k for k in plan.fingerprint if recorded.get(k) != plan.fingerprint[k]]
+    differ = [
+        k for k in plan.fingerprint if recorded.get(k, _FINGERPRINT_DEFAULTS.get(k)) != plan.fingerprint[k]
+    ]
     if differ:
         raise InputError(
             f"cannot resume {config.output!r}: it was written with other {', '.join(differ)}; resume with "
@@ -333,8 +388,17 @@ def read_window(source: ImageSource, image: int, box: Box) -> np.ndarray:
     return np.ascontiguousarray(out[None])
 
 
+def read_resampled(source: ImageSource, image: int, box: Box, resampling: Resampling) -> np.ndarray:
+    """Pixels ``box`` of image ``image`` resampled, (1, y, x, channel) float32 in the stored units.
+
+    Reads only the input pixels the resampled ``box`` is computed from.
+    """
+    region, wy, wx = resampling.weights(box)
+    return resample_window(read_window(source, image, region), wy, wx)
+
+
 def _results(
-    logits: torch.Tensor, outputs: tuple[str, ...], activation: str, axis: int
+    logits: torch.Tensor, outputs: tuple[str, ...], activation: str, axis: int, logits_dtype: str
 ) -> dict[str, np.ndarray]:
     result: dict[str, np.ndarray] = {}
     if "mask" in outputs:
@@ -342,7 +406,7 @@ def _results(
         dtype = torch.uint8 if classes <= 256 else torch.int32
         result["mask"] = logits.argmax(dim=axis).to(dtype).cpu().numpy()
     if "logits" in outputs:
-        result["logits"] = logits.float().cpu().numpy()
+        result["logits"] = logits.to(getattr(torch, logits_dtype)).cpu().numpy()
     if "probabilities" in outputs:
         moved = logits.movedim(axis, 1) if logits.ndim > 1 else logits[None]
         probs = activate(moved, "softmax" if activation == "none" else activation)
@@ -358,18 +422,20 @@ def infer_tile(
     outputs: tuple[str, ...],
     activation: str,
     dense: bool,
+    logits_dtype: str = "float32",
 ) -> dict[str, np.ndarray]:
     """Task body: the model on one task's pixels (``band``), each window's results.
 
     ``dense``: one window, whose core's map gives (class, y, x) scores and a (y, x) mask.
     Otherwise a classifier's row of windows: (tile, class) scores and a (tile,) mask.
+    Scores are computed in float32 and ``logits`` returned as ``logits_dtype``.
     """
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
     with running_modules():
         if dense:
             window = windows[0]
             logits = plugin.forward(pixels)[0]
-            return _results(core_of(logits, window), outputs, activation, axis=0)
+            return _results(core_of(logits, window), outputs, activation, 0, logits_dtype)
         crops = np.stack(
             [
                 pixels[
@@ -378,7 +444,7 @@ def infer_tile(
                 for w in windows
             ]
         )
-        return _results(plugin.forward(crops), outputs, activation, axis=1)
+        return _results(plugin.forward(crops), outputs, activation, 1, logits_dtype)
 
 
 def _tasks_of(plan: TiledPlan, task: TileTask) -> tuple[tuple[Window, ...], Box, tuple[int, int, int, int]]:
@@ -399,15 +465,27 @@ def _submit(
     tasks: list[TileTask],
     activation: str,
     token: str,
+    logits_dtype: str = "float32",
 ) -> list[Any]:
     """Read, infer and write tasks of ``tasks``; the write futures."""
     futures = []
     for task in tasks:
         windows, band, core = _tasks_of(plan, task)
         suffix = f"{token}-{task.image}_{task.row}_{task.col}"
-        pixels = client.submit(
-            read_window, plan.source, task.image, band, key=f"read_tile-{suffix}", priority=0
-        )
+        if plan.resampling is None:
+            pixels = client.submit(
+                read_window, plan.source, task.image, band, key=f"read_tile-{suffix}", priority=0
+            )
+        else:
+            pixels = client.submit(
+                read_resampled,
+                plan.source,
+                task.image,
+                band,
+                plan.resampling,
+                key=f"read_tile-{suffix}",
+                priority=0,
+            )
         with dask.annotate(executor=compute_executor(runtime)):
             result = client.submit(
                 infer_tile,
@@ -418,6 +496,7 @@ def _submit(
                 plan.outputs,
                 activation,
                 plan.grid.dense,
+                logits_dtype,
                 key=f"infer_tile-{suffix}",
                 priority=1,
             )
@@ -443,7 +522,8 @@ def _feed(
         except TimeoutError:  # none finished within the second
             done = set()
         for future in done:
-            future.result()
+            if future.status != "finished":
+                future.result()  # raises the task's exception; a written tile's count is not fetched
             on_done(1)
         flying |= set(submit(_take(pending, len(done))))
         check()
@@ -492,6 +572,8 @@ def run_tiled(
     source, grid = plan.source, plan.grid
     with _connected(config, client) as (client, choice):
         say(f"dashboard: {client.dashboard_link}")
+        check_tile_memory(_tile_batch(config, plan), worker_memory_limit(client.scheduler_info()["workers"]))
+        spatial = spatial_grid(source)
         if plan.done or config.resume:
             target = TileTarget(config.output, plan.outputs, grid.dense, dict(config.storage_options))
         else:
@@ -501,12 +583,13 @@ def run_tiled(
                 grid=grid,
                 classes=plan.classes,
                 outputs=plan.outputs,
-                spatial=spatial_grid(source),
+                spatial=spatial if plan.resampling is None else resampled_grid(spatial, plan.resampling),
                 image_coords=image_coords(source),
                 class_names=plan.loaded.class_names,
                 attrs={"dask_infer_complete": False, TILE_RUN_ATTR: plan.fingerprint},
                 overwrite=config.overwrite,
                 storage_options=config.storage_options,
+                logits_dtype=config.logits_dtype,
             )
         name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
         spec = _runtime_spec(config, plan, choice.torch_threads if choice else None)
@@ -520,7 +603,9 @@ def run_tiled(
             bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
             with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
                 _feed(
-                    lambda tasks: _submit(client, plan, target, name, tasks, config.activation, token),
+                    lambda tasks: _submit(
+                        client, plan, target, name, tasks, config.activation, token, config.logits_dtype
+                    ),
                     todo,
                     max(2, _IN_FLIGHT_PER_THREAD * threads),
                     progress.update,
@@ -552,6 +637,35 @@ def run_tiled(
     say(summary.format())
     say(_tile_line(plan, seconds, len(todo)))
     return summary
+
+
+def _tile_batch(config: RunConfig, plan: TiledPlan) -> TileBatch:
+    """What one forward pass of ``plan`` holds: one tile for a map, up to a batch of a row's tiles."""
+    grid, resampling = plan.grid, plan.resampling
+    side = min(grid.tile + 2 * grid.halo, grid.height, grid.width)
+    # The CPU's default batch, the smaller one: the estimate must stay a lower bound.
+    batch = 1 if grid.dense else min(config.batch_size or default_batch_size(False), grid.cols)
+    read = 0
+    if resampling is not None:
+        box = plan.read_box(plan.tasks[0])
+        region = resampling.source(box)
+        read = region.pixels * plan.source.image_shape[2] * np.dtype(plan.source.dtype).itemsize
+    module = plan.loaded.module
+    weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    stored = np.dtype(plan.source.dtype).itemsize
+    return TileBatch(
+        grid.tile,
+        grid.halo,
+        side,
+        batch,
+        plan.preprocess.channels,
+        plan.classes,
+        grid.dense,
+        weight_bytes=weights,
+        read_bytes=read,
+        on_gpu=config.device == "cuda" or (config.device == "auto" and cuda_device_count() > 0),
+        pixel_bytes=4 if resampling is not None else stored,
+    )
 
 
 def _tile_record(plan: TiledPlan, seconds: float, tasks: int) -> dict[str, Any]:
@@ -599,6 +713,8 @@ def _finalize(config: RunConfig, plan: TiledPlan, target: TileTarget, summary: R
         "tile": plan.grid.tile,
         "halo": plan.grid.halo,
         "stride": plan.grid.stride,
+        "scale_factor": config.scale_factor,
+        "logits_dtype": config.logits_dtype,
         "normalize_mean": list(plan.preprocess.mean),
         "normalize_std": list(plan.preprocess.std),
         "config": json.dumps(config.to_dict()),

@@ -12,6 +12,9 @@ def test_tile_options_round_trip_and_default_outputs_are_kept_for_the_model() ->
     config = RunConfig("in.zarr", "out.zarr", tile=256, halo="32", stride=None)
     assert (config.tile, config.halo, config.outputs) == (256, 32, ("logits", "top_k"))
     assert RunConfig.from_dict(config.to_dict()) == config
+    assert (config.logits_dtype, config.scale_factor) == ("float32", 1.0)
+    half = RunConfig("in.zarr", "out.zarr", tile=256, logits_dtype="float16", scale_factor=1)
+    assert isinstance(half.scale_factor, float) and RunConfig.from_dict(half.to_dict()) == half
     assert RunConfig("in.zarr", "out.zarr", tile=256, halo="auto", outputs=["mask", "logits"]).outputs == (
         "mask",
         "logits",
@@ -29,6 +32,13 @@ def test_tile_options_round_trip_and_default_outputs_are_kept_for_the_model() ->
         ),
         ({"stride": 8}, "stride=8 given without tile"),
         ({"tile": 64, "halo": -1}, "halo=-1 must be a whole number of pixels >= 0 or 'auto'"),
+        ({"tile": 64, "logits_dtype": "float64"}, "logits_dtype='float64' is not one of float32, float16"),
+        ({"logits_dtype": "float16"}, "logits_dtype='float16' given without tile: only tiled runs store"),
+        ({"tile": 64, "scale_factor": 0}, r"scale_factor=0 must be a number > 0 \(e.g. 0.5 halves"),
+        ({"tile": 64, "scale_factor": -0.5}, r"scale_factor=-0.5 must be a number > 0"),
+        ({"tile": 64, "scale_factor": float("nan")}, r"scale_factor=nan must be a number > 0"),
+        ({"tile": 64, "scale_factor": "half"}, r"scale_factor='half' must be a number > 0"),
+        ({"scale_factor": 0.5}, "scale_factor=0.5 given without tile: it resamples images before tiling"),
     ],
 )
 def test_bad_tile_config(options: dict, match: str) -> None:

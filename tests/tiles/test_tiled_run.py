@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import xarray as xr
 import zarr
 from distributed import Client
@@ -187,9 +188,128 @@ def test_a_compression_recipe_runs_on_tiles(
     assert np.abs(xr.open_zarr(out)["logits"].values - whole).max() <= 0.05 * np.abs(whole).max()
 
 
+def test_float16_logits_are_the_float32_runs_cast(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    runs = {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path / f"{dtype}.zarr"
+        dask_infer.run(
+            str(src),
+            str(out),
+            model=TinyFCN(),
+            tile=32,
+            halo=8,
+            outputs=("mask", "logits"),
+            logits_dtype=dtype,
+            client=client,
+            progress=False,
+            echo=None,
+        )
+        runs[dtype] = xr.open_zarr(out)
+        assert zarr.open_group(str(out), mode="r")["logits"].dtype == np.dtype(dtype)  # type: ignore[union-attr]
+        assert runs[dtype].attrs["logits_dtype"] == dtype
+    wide, half = runs["float32"]["logits"].values, runs["float16"]["logits"].values
+    assert half.dtype == np.float16 and wide.dtype == np.float32
+    # float16 keeps 11 significant bits: each value within half a unit in the last place.
+    assert np.all(np.abs(half.astype(np.float32) - wide) <= 2.0**-11 * np.abs(wide) + 2.0**-25)
+    np.testing.assert_array_equal(half, wide.astype(np.float16))
+    # The mask is the float32 scores' argmax in both.
+    np.testing.assert_array_equal(runs["float16"]["mask"].values, runs["float32"]["mask"].values)
+
+
+def test_scale_factor_tiles_equal_the_whole_resampled_image_forward(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "half.zarr"
+    lines: list[str] = []
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TinyFCN(),
+        tile=16,
+        halo="auto",
+        scale_factor=0.5,
+        outputs=("mask", "logits"),
+        client=client,
+        progress=False,
+        echo=lines.append,
+    )
+    assert any("images of 96x80 resampled (bilinear) to 48x40 before tiling" in line for line in lines), lines
+    # The whole image resampled at once by torch (what the run defines), then one forward pass.
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = F.interpolate(x, size=(48, 40), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        whole = TinyFCN().eval()((x - _MEAN) / _STD).numpy()
+    ds = xr.open_zarr(out)
+    logits = ds["logits"].values
+    assert logits.shape == (2, 4, 48, 40)
+    assert np.abs(logits - whole).max() <= 1e-5 * np.abs(whole).max()
+    agree = (ds["mask"].values == whole.argmax(axis=1)).mean()
+    assert agree >= 0.999, agree
+    # Coordinates: the input's at each resampled pixel's centre, between two input pixels here.
+    source = xr.open_zarr(src, consolidated=False)
+    np.testing.assert_allclose(ds["y"].values, source["y"].values.reshape(-1, 2).mean(axis=1))
+    np.testing.assert_allclose(ds["x"].values, source["x"].values.reshape(-1, 2).mean(axis=1))
+    assert ds["x"].attrs["standard_name"] == "projection_x_coordinate"
+    assert ds["spatial_ref"].attrs["GeoTransform"] == "400000 20 0 5000000 0 -20"
+    assert ds["spatial_ref"].attrs["crs_wkt"] == _CRS
+    assert ds.attrs["scale_factor"] == 0.5
+    # A resume must resample as the run did, and store logits the same way.
+    for changed, name in (({"scale_factor": 1}, "resample"), ({"logits_dtype": "float16"}, "logits_dtype")):
+        options = {"scale_factor": 0.5, "outputs": ("mask", "logits"), **changed}
+        config = RunConfig(str(src), str(out), model=TinyFCN(), tile=16, halo="auto", resume=True, **options)
+        with pytest.raises(DaskInferError, match=f"it was written with other {name}; resume with the same"):
+            plan_tiles(config)
+
+
+def test_scale_factor_tile_classification_with_float16_logits(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, images = scene
+    out = tmp_path / "tiles.zarr"
+    dask_infer.run(
+        str(src),
+        str(out),
+        model=TileClassifier(),
+        tile=16,
+        stride=8,
+        scale_factor=0.5,
+        logits_dtype="float16",
+        interpolation="bicubic",
+        client=client,
+        progress=False,
+        echo=None,
+    )
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (F.interpolate(x, size=(48, 40), mode="bicubic", antialias=True, align_corners=False) - _MEAN) / _STD
+    net = TileClassifier().eval()
+    expected = np.zeros((2, 5, 4, 5), dtype=np.float32)
+    with torch.inference_mode():
+        for r in range(5):
+            for c in range(4):
+                expected[:, r, c] = net(x[:, :, 8 * r : 8 * r + 16, 8 * c : 8 * c + 16]).numpy()
+    ds = xr.open_zarr(out)
+    logits = ds["logits"].values
+    assert logits.dtype == np.float16 and logits.shape == (2, 5, 4, 5)
+    error = np.abs(logits.astype(np.float32) - expected)
+    assert np.all(error <= 2.0**-11 * np.abs(expected) + 1e-5 * np.abs(expected).max())
+    assert ds["probabilities"].dtype == np.float32
+    # Tile centres: resampled pixel 7.5 is input position 15.5, between y[15] and y[16].
+    source = xr.open_zarr(src, consolidated=False)
+    np.testing.assert_allclose(ds["tile_y"].values[0], source["y"].values[15:17].mean())
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
+        (
+            {"scale_factor": 0.25},
+            "scale_factor=0.25 leaves the images of .* 24x20 pixels, smaller than tile=32; give a scale "
+            "factor of at least 0.4 or a smaller tile",
+        ),
         ({"outputs": ("mask", "top_k")}, "tiled runs write mask, logits, probabilities; drop top_k"),
         ({"resize": 256}, "resize given with tile=32: tiles go to the model at their own size"),
         ({"placement": "pipeline", "stages": 2}, "tiled runs hold the whole model on every worker"),
