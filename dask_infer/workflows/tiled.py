@@ -65,7 +65,7 @@ from dask_infer.tiles.pixels import PixelSteps
 from dask_infer.tiles.resample import Resampling, resample_window
 from dask_infer.tiles.stitch import core_of
 from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
-from dask_infer.workflows.cluster import cuda_device_count
+from dask_infer.workflows.cluster import cuda_device_count, scheduler_workers
 from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.preprocessing import preprocess_spec
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor
@@ -572,7 +572,8 @@ def run_tiled(
     source, grid = plan.source, plan.grid
     with _connected(config, client) as (client, choice):
         say(f"dashboard: {client.dashboard_link}")
-        check_tile_memory(_tile_batch(config, plan), worker_memory_limit(client.scheduler_info()["workers"]))
+        workers = scheduler_workers(client)
+        check_tile_memory(_tile_batch(config, plan), worker_memory_limit(workers))
         spatial = spatial_grid(source)
         if plan.done or config.resume:
             target = TileTarget(config.output, plan.outputs, grid.dense, dict(config.storage_options))
@@ -593,11 +594,11 @@ def run_tiled(
             )
         name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
         spec = _runtime_spec(config, plan, choice.torch_threads if choice else None)
-        say(f"loading {plan.loaded.name} on {len(client.scheduler_info()['workers'])} worker(s)")
+        say(f"loading {plan.loaded.name} on {len(workers)} worker(s)")
         client.register_plugin(ModelRuntime(spec, name), name=name)
         try:
             todo = [t for t in plan.tasks if t not in plan.done]
-            threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+            threads = sum(w["nthreads"] for w in scheduler_workers(client).values())
             token = uuid.uuid4().hex[:8]
             start = time.perf_counter()
             bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
@@ -626,7 +627,7 @@ def run_tiled(
             pretrained=plan.loaded.pretrained,
             chunks=len(todo),
             chunk_size=1,
-            workers=len(client.scheduler_info()["workers"]),
+            workers=len(scheduler_workers(client)),
             model_loads=loads,
             cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
             dashboard=client.dashboard_link,
