@@ -197,6 +197,10 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
         "'--logits-dtype': 'float64' is not one of 'float32', 'float16'",
     ),
     "logits-dtype-without-tile": (["--logits-dtype", "float16"], "logits_dtype='float16' given without tile"),
+    "tile-scheduler-unreachable": (
+        ["--weights", "{weights}", "--tile", "16", "--scheduler", "tcp://127.0.0.1:1"],
+        "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'",
+    ),
     "scale-factor-zero": (["--tile", "16", "--scale-factor", "0"], "scale_factor=0.0 must be a number > 0"),
     "scale-factor-negative": (["--tile", "16", "--scale-factor", "-0.5"], "scale_factor=-0.5 must be a"),
     "scale-factor-under-a-tile": (

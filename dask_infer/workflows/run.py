@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from dask_infer._version import __version__
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError, InputError
-from dask_infer.io.images import ImageSource, check_missing_chunks, describe_source, image_coords
+from dask_infer.io.images import ImageSource, image_coords
 from dask_infer.io.outputs import (
     OutputTarget,
-    check_output_location,
     create_output,
     done_chunks,
     finalize_output,
@@ -39,7 +38,6 @@ from dask_infer.io.outputs import (
     open_output,
 )
 from dask_infer.io.stores import absolute_location, normalise_location
-from dask_infer.io.writable import check_run_targets
 from dask_infer.models import LoadedModel, build_model
 from dask_infer.models.features import check_feature_compression
 from dask_infer.models.heads import OutputShapes, probe_outputs
@@ -50,9 +48,9 @@ from dask_infer.partition import StagePlan, format_plan, partition_model, split_
 from dask_infer.partition.compress import CompressionError, CompressionPlan, check_recipe
 from dask_infer.partition.compress.auto import auto_bound, is_auto
 from dask_infer.partition.compress.measure import forward_cost
+from dask_infer.workflows.checks import checked_model, open_input
 from dask_infer.workflows.cluster import (
     ClusterChoice,
-    check_scheduler,
     cuda_device_count,
     device_memory,
     make_client,
@@ -162,42 +160,13 @@ def _check_compression(
 
 def _prepare(config: RunConfig, say: Callable[[str], None]) -> _Prepared:
     """Everything checked before a cluster starts: bad input fails here, in one line."""
-    check_scheduler(
-        config.scheduler,
-        config.scheduler_file,
-        tls_ca_file=config.tls_ca_file,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-    )
-    source = describe_source(
-        config.input,
-        variable=config.variable,
-        layout=config.layout,
-        dims=config.dims,
-        storage_options=config.storage_options,
-    )
-    missing = check_missing_chunks(source, config.missing_chunks)
+    source, missing = open_input(config)
     if missing.chunks:
         say(
             f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r} "
             "(missing_chunks='fill'); the output's 'filled' coordinate marks those images"
         )
-    check_output_location(
-        config.input,
-        config.output,
-        overwrite=config.overwrite,
-        resume=config.resume,
-        storage_options=config.storage_options,
-    )
-    check_run_targets(config.output, summary=config.summary, report=config.report)
-    loaded = build_model(
-        config.model, weights=config.weights, num_classes=config.num_classes, model_kwargs=config.model_kwargs
-    )
-    if not loaded.pretrained:
-        say(
-            f"warning: no --weights given, so {loaded.name} is randomly initialised and its predictions "
-            "are meaningless (weights are never downloaded; pass a local .pt/.pth/.safetensors file)"
-        )
+    loaded = checked_model(config, say)
     preprocessing = preprocess_spec(config, loaded, source)
     plan = None
     if config.stages > 1:

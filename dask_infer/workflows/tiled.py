@@ -44,14 +44,10 @@ from dask_infer.errors import DaskInferError, InputError, ModelError
 from dask_infer.io.images import (
     ImageSource,
     _cached_array,
-    check_missing_chunks,
-    describe_source,
     image_coords,
 )
-from dask_infer.io.outputs import check_output_location
 from dask_infer.io.stores import normalise_location
-from dask_infer.io.writable import check_run_targets
-from dask_infer.models import LoadedModel, build_model
+from dask_infer.models import LoadedModel
 from dask_infer.models.heads import activate
 from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.tracing import running_modules
@@ -65,6 +61,7 @@ from dask_infer.tiles.pixels import PixelSteps
 from dask_infer.tiles.resample import Resampling, resample_window
 from dask_infer.tiles.stitch import core_of
 from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
+from dask_infer.workflows.checks import checked_model, open_input
 from dask_infer.workflows.cluster import cuda_device_count, scheduler_workers
 from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.preprocessing import preprocess_spec
@@ -257,14 +254,7 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
             f"placement={config.placement!r}, stages={config.stages} with tile={config.tile}: tiled runs "
             "hold the whole model on every worker; use --placement data (or auto) and one stage"
         )
-    source = describe_source(
-        config.input,
-        variable=config.variable,
-        layout=config.layout,
-        dims=config.dims,
-        storage_options=config.storage_options,
-    )
-    missing = check_missing_chunks(source, config.missing_chunks)
+    source, missing = open_input(config)
     if missing.chunks:
         say(f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r}")
     height, width, _ = source.image_shape
@@ -290,19 +280,7 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
             f"tile={tile} is larger than the images of {config.input!r} ({height}x{width} pixels); give a "
             f"tile of at most {min(height, width)}"
         )
-    check_output_location(
-        config.input,
-        config.output,
-        overwrite=config.overwrite,
-        resume=config.resume,
-        storage_options=config.storage_options,
-    )
-    check_run_targets(config.output, summary=config.summary, report=config.report)
-    loaded = build_model(
-        config.model, weights=config.weights, num_classes=config.num_classes, model_kwargs=config.model_kwargs
-    )
-    if not loaded.pretrained:
-        say(f"warning: no --weights given, so {loaded.name} is randomly initialised")
+    loaded = checked_model(config, say)
     preprocess = _tile_preprocess(config, loaded, source, resampling is not None)
     channels = preprocess.channels
     side = min(tile, _PROBE_SIDE)
