@@ -21,12 +21,12 @@ from dask_infer.models import build_model
 from dask_infer.partition.balance import imbalance
 from dask_infer.partition.recut import rebalanced_cuts
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
-from dask_infer.workflows.feed import wave
+from dask_infer.workflows.feed import wave, window
 from dask_infer.workflows.graph import group_name
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.stages import RuntimeSpec
 
-__all__ = ["Rebalance", "Rebalancer", "first_wave"]
+__all__ = ["Rebalance", "Rebalancer", "first_wave", "recut_pays_off", "recut_saving"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,29 @@ def first_wave(threshold: float | None, placement: Placement, n_chunks: int) -> 
     return size if n_chunks >= 4 * size else 0
 
 
+_NEGLIGIBLE_S = 1.0
+"""Loading time beyond the chunks in flight that never stops a re-cut."""
+
+
+def recut_pays_off(saving_s: float, lost_s: float) -> bool:
+    """Whether a re-cut that may save ``saving_s`` is worth ``lost_s`` of loading with stages idle.
+
+    Under a second either way the choice hardly matters, and the better cut is taken.
+    """
+    return lost_s <= max(saving_s, _NEGLIGIBLE_S)
+
+
+def recut_saving(effective: Sequence[float], images_left: int) -> float:
+    """Seconds a perfect re-cut could save over ``images_left`` images, at most.
+
+    ``effective`` is each stage's seconds per image over the workers sharing it; the
+    slowest sets the pace now, and no cut does better than their mean.
+    """
+    if not effective:
+        return 0.0
+    return max(0, images_left) * (max(effective) - sum(effective) / len(effective))
+
+
 def _recut_here(
     spec: RuntimeSpec, measured: tuple[float, ...], sample: tuple[int, ...]
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -129,6 +152,11 @@ class Rebalancer:
         Images per forward pass of the profile a re-cut takes.
     say
         Where log lines go.
+    chunk_images
+        Images per chunk. With it, a re-cut is skipped when even a perfect balance would
+        save less time over the chunks left than loading the new stages (compiled stages
+        compile again) takes beyond what the chunks in flight keep the old ones busy for,
+        and that is over a second; 0 re-cuts whenever the imbalance is over the threshold.
     """
 
     def __init__(
@@ -139,10 +167,13 @@ class Rebalancer:
         n_chunks: int,
         batch: int,
         say: Callable[[str], None],
+        *,
+        chunk_images: int = 0,
     ) -> None:
         self.client, self.run, self.threshold, self.say = client, run, threshold, say
         self.n = n_chunks
         self.batch = batch
+        self.chunk_images = chunk_images
         self.wave = first_wave(threshold, run.placement, n_chunks)
         self.recut: Future | None = None
         self.measured: tuple[float, ...] = ()
@@ -181,6 +212,21 @@ class Rebalancer:
         if imbalance(effective) <= self.threshold or not pending:
             self._record(run.spec.cut_points, self.measured, before, chunks_before=self.n)
             return
+        if self.chunk_images:
+            # Chunks in flight run through the current cut whatever is decided: only those
+            # not yet submitted can gain. The new stages load (compile) while the window in
+            # flight keeps the old ones busy; what loading takes beyond that is lost.
+            saving = recut_saving(effective, pending * self.chunk_images)
+            reload_s = max((float(row.get("load_s") or 0.0) for row in stats.values()), default=0.0)
+            covered = window(before) * self.chunk_images * max(effective)
+            if not recut_pays_off(saving, reload_s - covered):
+                self.say(
+                    f"rebalance: a re-cut could save at most {saving:.1f} s over the {pending} chunk(s) "
+                    f"left, less than the {reload_s - covered:.1f} s its stages would take to load beyond "
+                    "the chunks in flight; keeping the current cut"
+                )
+                self._record(run.spec.cut_points, self.measured, before, chunks_before=self.n)
+                return
         self.recut = self.client.submit(
             _recut_here,
             run.spec,

@@ -605,7 +605,9 @@ def _execute(
     rebalancer = None
     if config.rebalance is not None:
         batch = min(config.batch_size or default_batch_size(False), chunks.size)
-        rebalancer = Rebalancer(client, run, config.rebalance, len(todo), batch, say)
+        rebalancer = Rebalancer(
+            client, run, config.rebalance, len(todo), batch, say, chunk_images=chunks.size
+        )
     guard = _guard(client, config, layout, output, run, rebalancer, say) if run.placement.pipelined else None
     pauses = PauseReporter(client, say)
 

@@ -169,6 +169,7 @@ class ModelRuntime(WorkerPlugin):
         self.spec = spec
         self.name = name
         self.loads = 0
+        self.load_s = 0.0
         self.chunks = 0
         self.images = 0
         self.busy_seconds = 0.0
@@ -231,6 +232,7 @@ class ModelRuntime(WorkerPlugin):
         """Build the stages placed on the worker at ``address`` with ``resources`` (see ``stages_for``)."""
         spec = self.spec
         self.address = address
+        started = time.perf_counter()
         if spec.torch_threads is not None:
             torch.set_num_threads(spec.torch_threads)
         self.device = _pick_device(spec.device)
@@ -247,6 +249,7 @@ class ModelRuntime(WorkerPlugin):
             self._copy_stream = torch.cuda.Stream(self.device)
             self._gpu.start()
         self.loads += 1
+        self.load_s = time.perf_counter() - started
 
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         # Per-stage times need no device sync on the CPU; on a GPU only the chunk total is kept.
@@ -437,6 +440,7 @@ class ModelRuntime(WorkerPlugin):
             stages = {k: asdict(s) for k, s in sorted(self._stage_stats.items())}
         return {
             "loads": self.loads,
+            "load_s": self.load_s,
             "held_stages": sorted(self._stages),
             "chunks": self.chunks,
             "images": self.images,
