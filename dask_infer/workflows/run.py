@@ -304,12 +304,47 @@ def _partition_here(
     stages: int,
     sample: tuple[int, ...],
     threads: int | None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Task body: partition the model by time as this worker runs it."""
+    """Task body: partition the model by time as this worker runs it.
+
+    With ``precision`` (``bf16``/``fp16``) and ``channels_last``, the model is profiled in
+    the dtype and memory format its compressed stages compute in: layers' relative costs
+    change with both, and a cut balanced in fp32 can leave bf16 stages far apart. Where
+    that profile fails, the fp32 one is taken.
+    """
     module = build_model(model, weights=weights, num_classes=num_classes).module
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None or channels_last:
+        x = torch.zeros(sample, dtype=dtype or torch.float32)
+        cast = module.to(dtype) if dtype is not None else module
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            cast = cast.to(memory_format=torch.channels_last)
+        try:
+            plan = partition_model(
+                cast, stages, balance="time", sample=x, name=str(model), repeats=3, threads=threads
+            ).plan
+            return replace(plan, input_shape=tuple(sample)).to_dict()
+        except Exception:  # a layer without a kernel for that dtype here: balance by fp32 times
+            module = build_model(model, weights=weights, num_classes=num_classes).module
     return partition_model(
         module, stages, balance="time", sample=sample, name=str(model), repeats=3, threads=threads
     ).plan.to_dict()
+
+
+def _profiled_as(compress: Any, stages: int) -> tuple[str, bool]:
+    """The precision and memory format every stage of ``compress`` computes in, if they all agree
+    and are not int8; else fp32 (no compression, ``auto``, or stages that differ)."""
+    if compress is None or is_auto(compress):
+        return "fp32", False
+    plan = CompressionPlan.coerce(compress)
+    recipes = {plan.recipe_for(i) for i in range(stages)}
+    if len({(r.precision, r.channels_last, r.quantize) for r in recipes}) != 1:
+        return "fp32", False
+    recipe = next(iter(recipes))
+    return ("fp32", False) if recipe.quantize else (recipe.precision, recipe.channels_last)
 
 
 def _profile_on(
@@ -320,6 +355,7 @@ def _profile_on(
     batch: int,
     threads: int,
     input_shape: tuple[int, int, int],
+    compress: Any = None,
 ) -> StagePlan:
     """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch.
 
@@ -336,6 +372,7 @@ def _profile_on(
         stages,
         (batch, *input_shape),
         threads,
+        *_profiled_as(compress, stages),
         workers=[worker],
         pure=False,
         key=f"{group_name('profile', loaded.name)}-{uuid.uuid4().hex[:8]}",
@@ -424,7 +461,14 @@ def _lay_out(
         worker = placement.stage_workers(0)[0]
         threads = (choice.torch_threads if choice else None) or max(1, info[worker]["nthreads"])
         profiled = _profile_on(
-            client, worker, loaded, plan.num_stages, min(batch, chunks.size), threads, prepared.input_shape
+            client,
+            worker,
+            loaded,
+            plan.num_stages,
+            min(batch, chunks.size),
+            threads,
+            prepared.input_shape,
+            config.compress,
         )
         say(f"re-profiled on {worker}:\n" + format_plan(profiled))
         placement = with_plan(placement, profiled, workers, batch_size=batch)

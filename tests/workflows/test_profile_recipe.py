@@ -1,0 +1,21 @@
+"""A pipeline balanced by time is profiled in the precision and layout its stages compute in."""
+
+from __future__ import annotations
+
+from dask_infer.workflows.run import _partition_here, _profiled_as
+
+
+def test_the_profile_takes_the_recipe_all_stages_share() -> None:
+    assert _profiled_as("bf16+channels_last+compile", 2) == ("bf16", True)
+    assert _profiled_as("fp16", 3) == ("fp16", False)
+    # int8 graphs are not the model's layers; stages that differ, auto and none: fp32.
+    assert _profiled_as("int8+compile", 2) == ("fp32", False)
+    assert _profiled_as("0:bf16,1:fp32", 2) == ("fp32", False)
+    assert _profiled_as("auto", 2) == ("fp32", False)
+    assert _profiled_as(None, 2) == ("fp32", False)
+
+
+def test_a_bf16_profile_gives_a_plan_for_the_runs_input() -> None:
+    """Profiled in bf16 channels-last, the plan still names the run's input shape and one cut."""
+    plan = _partition_here("resnet18", None, 10, 2, (4, 3, 32, 32), 1, "bf16", True)
+    assert len(plan["cut_points"]) == 1 and tuple(plan["input_shape"]) == (4, 3, 32, 32)
