@@ -427,6 +427,16 @@ def main() -> None:
         "recipe": recipe,
     }
     client = None
+
+    def save() -> None:
+        """Write what is measured so far, so a run cut off by its time limit still leaves figures."""
+        if args.json:
+            args.json.write_text(json.dumps({**result, "partial": True}, indent=2, default=str))
+
+    def allows(what: str, needs: float) -> bool:
+        save()
+        return budget.allows(what, needs)
+
     try:
         loaded = build_model(args.model)
         weights = str(work / "weights.pt")
@@ -466,16 +476,19 @@ def main() -> None:
             sweep[str(batch)] = alone(model, batch)
         sweep[str(args.batch)] = result["model_alone_eager_images_per_s"]
         result["batch_sweep_eager_images_per_s"] = dict(sorted(sweep.items(), key=lambda kv: int(kv[0])))
+        save()
         compiled_model: Any = model
         if args.compile:
             start = time.perf_counter()
             compiled_model = torch.compile(model)
             result["model_alone_compiled_images_per_s"] = alone(compiled_model)
             result["compile_s"] = time.perf_counter() - start
+            save()
             probe_check("compiled model alone", compiled_model)
-            if gpu and args.model_extras and budget.allows("model alone, CUDA graphs", 90):
+            if gpu and args.model_extras and allows("model alone, CUDA graphs", 90):
                 graphs = torch.compile(model, mode="reduce-overhead")
                 result["model_alone_cudagraphs_images_per_s"] = alone(graphs)
+                save()
                 probe_check("CUDA-graph model alone", graphs)
                 del graphs
         for codec in ("zstd", "none"):
@@ -491,6 +504,7 @@ def main() -> None:
                     f"of {args.images}"
                 )
             result[f"decode_only_{codec}_images_per_s"] = timed(decode, args.repeats)
+            save()
         zstd, plain = str(work / "images-zstd.zarr"), str(work / "images-none.zarr")
         plain_logits = np.full((args.images, loaded.num_classes), np.nan, dtype=np.float32)
         loop = plain_loop(
@@ -503,6 +517,7 @@ def main() -> None:
         )
         result["plain_loop_uncompressed_images_per_s"] = timed(loop_none, args.repeats)
         result["plain_loop_recipe"] = recipe
+        save()
         first = torch.from_numpy(np.asarray(zarr.open_group(zstd, mode="r")["images"][: args.batch]))
         checks.append(
             compare_logits(
@@ -521,6 +536,7 @@ def main() -> None:
             "chunk_size": args.chunk,
         }
         runs: dict[str, Any] = {}
+        result["dask_infer"] = runs
         runs["zstd"] = dask_infer_runs(
             client,
             zstd,
@@ -546,7 +562,7 @@ def main() -> None:
             **options,
         )
         graphs_recipe = recipe.replace("+compile", "+cudagraphs")
-        if gpu and args.compile and budget.allows("dask-infer with CUDA graphs", 90):
+        if gpu and args.compile and allows("dask-infer with CUDA graphs", 90):
             runs["zstd_cudagraphs"] = dask_infer_runs(
                 client,
                 zstd,
@@ -561,7 +577,7 @@ def main() -> None:
             )
         close(client)
         client = None
-        if gpu and args.compile and budget.allows("dask-infer with preprocessing compiled", 90):
+        if gpu and args.compile and allows("dask-infer with preprocessing compiled", 90):
             # Uncompressed, where the model's task was furthest from the card's own speed.
             runs["uncompressed_preprocess_compiled"] = on_new_cluster(
                 args.threads,
@@ -575,7 +591,7 @@ def main() -> None:
                 compress=recipe,
                 **options,
             )
-        if budget.allows("dask-infer with Python's default GIL switch interval", 60):
+        if allows("dask-infer with Python's default GIL switch interval", 60):
             runs["zstd_switch_5ms"] = on_new_cluster(
                 args.threads,
                 {SWITCH_INTERVAL_ENV: "0.005"},
@@ -589,12 +605,12 @@ def main() -> None:
                 **options,
             )
         result["dask_infer"] = runs
-        if budget.allows("two stages sharing the GPU", 120):
+        if allows("two stages sharing the GPU", 120):
             result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
                 zstd, work, recipe, plain_logits, tolerance, checks, args.threads, options
             )
         fewer = max(1, args.threads // 2)
-        if budget.allows(f"dask-infer with {fewer} reading threads", 60):
+        if allows(f"dask-infer with {fewer} reading threads", 60):
             runs[f"zstd_{fewer}_threads"] = on_new_cluster(
                 fewer,
                 {},
@@ -608,9 +624,9 @@ def main() -> None:
                 **options,
             )
         # Last, as the least likely to change the recipe: a bigger compiled batch, fp8 linear layers.
-        if args.model_extras and args.compile and budget.allows("model alone, compiled batch 512", 60):
+        if args.model_extras and args.compile and allows("model alone, compiled batch 512", 60):
             result["model_alone_compiled_batch512_images_per_s"] = alone(torch.compile(model), 512)
-        if gpu and args.compile and budget.allows("model alone, fp8 linear layers (torchao)", 60):
+        if gpu and args.compile and allows("model alone, fp8 linear layers (torchao)", 60):
             fp8 = fp8_model(model)
             if fp8 is None:
                 result["fp8"] = "torchao is not installed"
