@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DASK_INFER_TEST_CACHE=/tmp/dask-infer-test-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1
 start=$(date +%s)
-timeout "$tests_s" python3 -m pytest -q -ra -m gpu tests/workflows/test_gpu.py tests/workflows/test_fold.py -p no:cacheprovider 2>&1 | tail -n 40 > "$out/gpu-tests.log"
+timeout "$tests_s" python3 -m pytest -q -ra -m gpu tests/workflows/test_gpu.py tests/workflows/test_fold.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -p no:cacheprovider 2>&1 | tail -n 40 > "$out/gpu-tests.log"
 echo "gpu tests: $(( $(date +%s) - start )) s" >> "$out/gpu-tests.log"
 tail -n 3 "$out/gpu-tests.log"
 timeout "${GPU_BENCH_TIMEOUT_S:-400}" python3 benchmarks/gpu_throughput.py --budget-s "$budget_s" --json "$out/gpu_throughput.json" \

@@ -46,6 +46,7 @@ from dask_infer.models import Preprocess, build_model
 from dask_infer.workflows.cluster import make_client
 from dask_infer.workflows.fold import FOLD_ENV
 from dask_infer.workflows.runtime import SWITCH_INTERVAL_ENV, gpu_switch_interval
+from dask_infer.workflows.streams import GPU_STREAMS_ENV
 
 TOLERANCES = {
     # Same fp32 arithmetic, other kernels (compiled, batched differently, another process).
@@ -300,15 +301,16 @@ class Budget:
 def on_new_cluster(
     threads: int,
     environ: dict[str, str],
-    source: str,
+    sources: list[tuple[str, str, np.ndarray, int]],
     work: Path,
-    label: str,
-    reference: np.ndarray,
     tolerance: Tolerance,
     checks: list[Check],
     **options: Any,
-) -> dict[str, Any]:
-    """One checked dask-infer run on a new local cluster (``threads`` per worker, ``environ`` set)."""
+) -> list[dict[str, Any]]:
+    """Checked dask-infer runs on a new local cluster (``threads`` per worker, ``environ`` set).
+
+    ``sources`` holds (store, label, reference logits, rounds) for each store, run in turn.
+    """
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
     try:
@@ -320,7 +322,10 @@ def on_new_cluster(
             else:
                 os.environ[k] = v
     try:
-        return dask_infer_runs(client, source, work, label, reference, tolerance, checks, 1, **options)
+        return [
+            dask_infer_runs(client, source, work, label, reference, tolerance, checks, rounds, **options)
+            for source, label, reference, rounds in sources
+        ]
     finally:
         close(client)
 
@@ -397,6 +402,13 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=gpu,
         help="also time eager batch sizes 128-1024, CUDA graphs and compiled batch 512 for the model alone",
+    )
+    parser.add_argument(
+        "--diagnostics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run dask-infer with Python's 5 ms GIL switch, half the reading threads and "
+        "preprocessing compiled on the GPU",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -575,57 +587,70 @@ def main() -> None:
                 compress=graphs_recipe,
                 **options,
             )
-        close(client)
-        client = None
-        if gpu and args.compile and allows("dask-infer with preprocessing compiled", 90):
-            # Uncompressed, where the model's task was furthest from the card's own speed.
-            runs["uncompressed_preprocess_compiled"] = on_new_cluster(
-                args.threads,
-                {FOLD_ENV: "1"},
+            runs["uncompressed_cudagraphs"] = dask_infer_runs(
+                client,
                 plain,
                 work,
-                f"{recipe} uncompressed, preprocessing compiled with stage 0's input conversion",
+                f"{graphs_recipe} uncompressed",
                 none_logits,
                 tolerance,
                 checks,
-                compress=recipe,
+                1,
+                compress=graphs_recipe,
                 **options,
             )
-        if allows("dask-infer with Python's default GIL switch interval", 60):
-            runs["zstd_switch_5ms"] = on_new_cluster(
+        close(client)
+        client = None
+        if gpu and allows("dask-infer with two CUDA streams", 90):
+            runs["zstd_2_streams"], runs["uncompressed_2_streams"] = on_new_cluster(
                 args.threads,
-                {SWITCH_INTERVAL_ENV: "0.005"},
-                zstd,
+                {GPU_STREAMS_ENV: "2"},
+                [
+                    (zstd, f"{recipe}, 2 streams", plain_logits, args.repeats),
+                    (plain, f"{recipe} uncompressed, 2 streams", none_logits, 1),
+                ],
                 work,
-                f"{recipe}, GIL switch 5 ms",
-                plain_logits,
                 tolerance,
                 checks,
                 compress=recipe,
                 **options,
             )
-        result["dask_infer"] = runs
+        if gpu and args.compile and "zstd_cudagraphs" in runs and allows("plain loop with CUDA graphs", 40):
+            # Like with like for dask-infer's CUDA-graph runs: the same recipe in the plain loop.
+            graphs_model = torch.compile(model, mode="reduce-overhead")
+            result["plain_loop_cudagraphs_images_per_s"] = timed(
+                plain_loop(
+                    zstd,
+                    graphs_model,
+                    prep,
+                    device,
+                    args.batch,
+                    dtype,
+                    channels_last,
+                    plain_logits,
+                    args.threads,
+                ),
+                args.repeats,
+            )
+            result["plain_loop_cudagraphs_uncompressed_images_per_s"] = timed(
+                plain_loop(
+                    plain,
+                    graphs_model,
+                    prep,
+                    device,
+                    args.batch,
+                    dtype,
+                    channels_last,
+                    none_logits,
+                    args.threads,
+                ),
+                args.repeats,
+            )
+            del graphs_model
         if allows("two stages sharing the GPU", 120):
             result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
                 zstd, work, recipe, plain_logits, tolerance, checks, args.threads, options
             )
-        fewer = max(1, args.threads // 2)
-        if allows(f"dask-infer with {fewer} reading threads", 60):
-            runs[f"zstd_{fewer}_threads"] = on_new_cluster(
-                fewer,
-                {},
-                zstd,
-                work,
-                f"{recipe}, {fewer} threads",
-                plain_logits,
-                tolerance,
-                checks,
-                compress=recipe,
-                **options,
-            )
-        # Last, as the least likely to change the recipe: a bigger compiled batch, fp8 linear layers.
-        if args.model_extras and args.compile and allows("model alone, compiled batch 512", 60):
-            result["model_alone_compiled_batch512_images_per_s"] = alone(torch.compile(model), 512)
         if gpu and args.compile and allows("model alone, fp8 linear layers (torchao)", 60):
             fp8 = fp8_model(model)
             if fp8 is None:
@@ -634,6 +659,51 @@ def main() -> None:
                 fp8_compiled = torch.compile(fp8)
                 result["model_alone_fp8_linear_compiled_images_per_s"] = alone(fp8_compiled)
                 probe_check("fp8 (linear layers) compiled model alone", fp8_compiled)
+        diagnostics: list[tuple[str, str, int, dict[str, str], str, str, np.ndarray]] = [
+            # (run, what it tests, reading threads, workers' environment, store, label, reference)
+            (
+                "uncompressed_preprocess_compiled",
+                "dask-infer with preprocessing compiled",
+                args.threads,
+                {FOLD_ENV: "1"},
+                plain,
+                f"{recipe} uncompressed, preprocessing compiled with stage 0's input conversion",
+                none_logits,
+            ),
+            (
+                "zstd_switch_5ms",
+                "dask-infer with Python's default GIL switch interval",
+                args.threads,
+                {SWITCH_INTERVAL_ENV: "0.005"},
+                zstd,
+                f"{recipe}, GIL switch 5 ms",
+                plain_logits,
+            ),
+            (
+                f"zstd_{max(1, args.threads // 2)}_threads",
+                f"dask-infer with {max(1, args.threads // 2)} reading threads",
+                max(1, args.threads // 2),
+                {},
+                zstd,
+                f"{recipe}, {max(1, args.threads // 2)} threads",
+                plain_logits,
+            ),
+        ]
+        for key, what, threads, environ, source, label, reference in diagnostics if args.diagnostics else ():
+            if (gpu and args.compile or FOLD_ENV not in environ) and allows(what, 60):
+                (runs[key],) = on_new_cluster(
+                    threads,
+                    environ,
+                    [(source, label, reference, 1)],
+                    work,
+                    tolerance,
+                    checks,
+                    compress=recipe,
+                    **options,
+                )
+        # Last, as the least likely to change the recipe: a bigger compiled batch.
+        if args.model_extras and args.compile and allows("model alone, compiled batch 512", 60):
+            result["model_alone_compiled_batch512_images_per_s"] = alone(torch.compile(model), 512)
         best = max(r["images_per_s"] for k, r in runs.items() if k.startswith("zstd"))
         alone_best = max(
             float(v) for k, v in result.items() if k.startswith("model_alone_") and k.endswith("images_per_s")
@@ -650,6 +720,19 @@ def main() -> None:
         result["ratio_uncompressed_vs_decode_alone"] = runs["uncompressed"]["images_per_s"] / float(
             result["decode_only_none_images_per_s"]
         )
+        for key, plain_key in (
+            ("zstd_cudagraphs", "plain_loop_cudagraphs_images_per_s"),
+            ("uncompressed_cudagraphs", "plain_loop_cudagraphs_uncompressed_images_per_s"),
+            ("zstd_2_streams", "plain_loop_images_per_s"),
+            ("uncompressed_2_streams", "plain_loop_uncompressed_images_per_s"),
+        ):
+            if key in runs and plain_key in result:  # each against the plain loop of its own recipe
+                result[f"ratio_{key}_vs_plain_loop"] = runs[key]["images_per_s"] / float(result[plain_key])
+        for key in ("uncompressed_cudagraphs", "uncompressed_2_streams"):
+            if key in runs:
+                result[f"ratio_{key}_vs_decode_alone"] = runs[key]["images_per_s"] / float(
+                    result["decode_only_none_images_per_s"]
+                )
     finally:
         if client is not None:
             close(client)

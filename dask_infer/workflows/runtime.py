@@ -14,6 +14,7 @@ the activations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -38,6 +39,7 @@ from dask_infer.workflows.activation import Activation
 from dask_infer.workflows.fold import fold_preprocessing
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
+from dask_infer.workflows.streams import ThreadStreams, compute_threads
 
 __all__ = [
     "SWITCH_INTERVAL_ENV",
@@ -79,7 +81,8 @@ def finite_images(images: np.ndarray) -> np.ndarray:
 
 
 def compute_executor(runtime: str) -> str:
-    """Name of the runtime's one-thread worker executor that runs the model.
+    """Name of the runtime's worker executor that runs the model (one thread, or one per
+    CUDA stream: :mod:`dask_infer.workflows.streams`).
 
     Reads and writes use the worker's other threads, so they overlap the model.
     """
@@ -187,18 +190,27 @@ class ModelRuntime(WorkerPlugin):
         self.__init__(state["spec"], state["name"])  # type: ignore[misc]
 
     async def setup(self, worker: Any) -> None:
-        """Build this worker's stages and give it a one-thread compute executor.
+        """Give this worker a compute executor and build its stages in it.
 
-        Loading runs in a thread, so the worker keeps running the tasks it has (those of
-        a runtime being replaced by a re-cut) and answering the scheduler meanwhile.
+        Loading runs in the thread that will run the model, so what torch keeps per thread
+        (CUDA graphs recorded while compiled stages warm up) is there for the first chunk.
+        The worker meanwhile keeps running the tasks it has (those of a runtime being
+        replaced by a re-cut) and answering the scheduler.
         """
         if self.spec.torch_threads is None and self.spec.device != "cuda":
             # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
             torch.set_num_threads(max(1, worker.state.nthreads))
         resources = dict(worker.state.total_resources)
-        await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address, resources)
         name = compute_executor(self.name)
-        worker.executors[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+        executor = ThreadPoolExecutor(compute_threads(self.spec), thread_name_prefix=name)
+        worker.executors[name] = executor
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self.load, worker.address, resources)
+        except BaseException:
+            if worker.executors.get(name) is executor:
+                worker.executors.pop(name, None)
+            executor.shutdown(wait=False)
+            raise
         if self.device.type == "cuda":
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(gpu_switch_interval())
@@ -246,7 +258,7 @@ class ModelRuntime(WorkerPlugin):
         self.preprocess = fold_preprocessing(spec, self._stages, eager, self.device, self.batch_size)
         self._stage_stats.clear()
         if self.device.type == "cuda":
-            self._copy_stream = torch.cuda.Stream(self.device)
+            self._streams = ThreadStreams(self.device, shared=compute_threads(spec) == 1)
             self._gpu.start()
         self.loads += 1
         self.load_s = time.perf_counter() - started
@@ -305,7 +317,7 @@ class ModelRuntime(WorkerPlugin):
         """
         pinned = host.is_pinned()
         compute = torch.cuda.current_stream(self.device)
-        copy = self._copy_stream
+        copy = self._streams.copy()
         size = self.batch_size
 
         def upload(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -339,8 +351,9 @@ class ModelRuntime(WorkerPlugin):
             )
         valid = finite_images(images)
         self._features()
-        logits = self.forward(images)
-        result = self._outputs(logits, valid, self._features(images.shape[0]))
+        with self._compute_stream():
+            logits = self.forward(images)
+            result = self._outputs(logits, valid, self._features(images.shape[0]))
         if self.device.type == "cpu":
             for k in range(self.spec.num_stages):
                 self._add_stage_time(k, images=images.shape[0])
@@ -374,20 +387,21 @@ class ModelRuntime(WorkerPlugin):
         self._features()
         last = stage == self.spec.num_stages - 1
         parts = []
-        for i in range(0, len(host), self.batch_size):
-            x = host[i : i + self.batch_size].to(self.device)
-            if stage == 0:
-                x = self.preprocess(x)
-            y = module(x)
-            parts.append(y.float() if last else y)
-        out = torch.cat(parts)
-        here = self._features(len(host))
-        features = here if here is not None else features
-        result: StageOutput | dict[str, np.ndarray] = (
-            self._outputs(out, valid, features)
-            if last
-            else StageOutput(Activation.from_tensor(out), valid, features)
-        )
+        with self._compute_stream():
+            for i in range(0, len(host), self.batch_size):
+                x = host[i : i + self.batch_size].to(self.device)
+                if stage == 0:
+                    x = self.preprocess(x)
+                y = module(x)
+                parts.append(y.float() if last else y)
+            out = torch.cat(parts)
+            here = self._features(len(host))
+            features = here if here is not None else features
+            result: StageOutput | dict[str, np.ndarray] = (
+                self._outputs(out, valid, features)
+                if last
+                else StageOutput(Activation.from_tensor(out), valid, features)
+            )
         seconds = time.perf_counter() - start
         self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)
         with self._lock:
@@ -395,6 +409,12 @@ class ModelRuntime(WorkerPlugin):
             self.images += len(host) if last else 0
             self.busy_seconds += seconds
         return result
+
+    def _compute_stream(self) -> contextlib.AbstractContextManager[None]:
+        """The calling thread's CUDA compute stream (the current one with one compute thread)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return self._streams.compute()
 
     def _features(self, images: int | None = None) -> np.ndarray | None:
         """The feature layer's values for the ``images`` just run here (``None``: not held here).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,3 +145,48 @@ def test_cuda_graph_stages_pad_the_last_batch(small_dataset: Path, small_weights
     want = reference_logits(images, "resnet18", str(small_weights))
     assert_close_logits(first, want, rel=3e-2)
     np.testing.assert_array_equal(first, again)
+
+
+def test_two_cuda_streams_give_the_same_outputs(
+    digits_store: Path, digits_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DASK_INFER_GPU_STREAMS=2: two chunks at once on the card, each in its own thread and
+    stream; the outputs are those of one stream, and within bf16 rounding of fp32 on the CPU."""
+    import xarray as xr
+
+    import dask_infer
+    from dask_infer.workflows.cluster import make_client
+    from dask_infer.workflows.streams import GPU_STREAMS_ENV
+
+    common = {
+        "model": "resnet18",
+        "weights": str(digits_weights),
+        "compress": "bf16+channels_last",
+        "chunk_size": 32,
+        "batch_size": 16,
+        "progress": False,
+        "echo": None,
+    }
+    one = dask_infer.run(str(digits_store), str(tmp_path / "one.zarr"), **common)
+    monkeypatch.setenv(GPU_STREAMS_ENV, "2")
+    client, _ = make_client()
+    try:
+        two = dask_infer.run(str(digits_store), str(tmp_path / "two.zarr"), client=client, **common)
+
+        def compute_threads(dask_worker: Any) -> list[int]:
+            return [e._max_workers for n, e in dask_worker.executors.items() if n.endswith("-compute")]
+
+        threads = client.run(compute_threads)
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    assert one.cluster.startswith("LocalCUDACluster") and two.cluster.startswith("LocalCUDACluster")
+    assert [2] in threads.values()
+    a = xr.open_zarr(tmp_path / "one.zarr")["logits"].values
+    b = xr.open_zarr(tmp_path / "two.zarr")["logits"].values
+    # The same kernels on the same batches, queued on other streams: equal to rounding.
+    assert_close_logits(b, a, rel=1e-3)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.995
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    assert_close_logits(b, reference_logits(images, "resnet18", str(digits_weights)), rel=2e-2)
