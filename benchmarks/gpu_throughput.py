@@ -410,8 +410,14 @@ def main() -> None:
         help="also run dask-infer with Python's 5 ms GIL switch, half the reading threads and "
         "preprocessing compiled on the GPU",
     )
+    parser.add_argument(
+        "--variants",
+        default="cudagraphs,streams,plain-cudagraphs,pipeline,fp8",
+        help="comma-separated optional measurements: cudagraphs, streams, plain-cudagraphs, pipeline, fp8",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    variants = {v.strip() for v in args.variants.split(",") if v.strip()}
 
     budget = Budget(args.budget_s)
     device = torch.device("cuda" if gpu else "cpu")
@@ -574,7 +580,7 @@ def main() -> None:
             **options,
         )
         graphs_recipe = recipe.replace("+compile", "+cudagraphs")
-        if gpu and args.compile and allows("dask-infer with CUDA graphs", 90):
+        if gpu and args.compile and "cudagraphs" in variants and allows("dask-infer with CUDA graphs", 90):
             runs["zstd_cudagraphs"] = dask_infer_runs(
                 client,
                 zstd,
@@ -601,7 +607,7 @@ def main() -> None:
             )
         close(client)
         client = None
-        if gpu and allows("dask-infer with two CUDA streams", 90):
+        if gpu and "streams" in variants and allows("dask-infer with two CUDA streams", 60):
             runs["zstd_2_streams"], runs["uncompressed_2_streams"] = on_new_cluster(
                 args.threads,
                 {GPU_STREAMS_ENV: "2"},
@@ -615,7 +621,13 @@ def main() -> None:
                 compress=recipe,
                 **options,
             )
-        if gpu and args.compile and "zstd_cudagraphs" in runs and allows("plain loop with CUDA graphs", 40):
+        if (
+            gpu
+            and args.compile
+            and "zstd_cudagraphs" in runs
+            and "plain-cudagraphs" in variants
+            and allows("plain loop with CUDA graphs", 40)
+        ):
             # Like with like for dask-infer's CUDA-graph runs: the same recipe in the plain loop.
             graphs_model = torch.compile(model, mode="reduce-overhead")
             result["plain_loop_cudagraphs_images_per_s"] = timed(
@@ -647,11 +659,16 @@ def main() -> None:
                 args.repeats,
             )
             del graphs_model
-        if allows("two stages sharing the GPU", 120):
+        if "pipeline" in variants and allows("two stages sharing the GPU", 120):
             result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
                 zstd, work, recipe, plain_logits, tolerance, checks, args.threads, options
             )
-        if gpu and args.compile and allows("model alone, fp8 linear layers (torchao)", 60):
+        if (
+            gpu
+            and args.compile
+            and "fp8" in variants
+            and allows("model alone, fp8 linear layers (torchao)", 60)
+        ):
             fp8 = fp8_model(model)
             if fp8 is None:
                 result["fp8"] = "torchao is not installed"

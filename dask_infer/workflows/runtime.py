@@ -190,27 +190,19 @@ class ModelRuntime(WorkerPlugin):
         self.__init__(state["spec"], state["name"])  # type: ignore[misc]
 
     async def setup(self, worker: Any) -> None:
-        """Give this worker a compute executor and build its stages in it.
+        """Build this worker's stages, then give it a compute executor (one thread, or one per
+        CUDA stream: :mod:`dask_infer.workflows.streams`).
 
-        Loading runs in the thread that will run the model, so what torch keeps per thread
-        (CUDA graphs recorded while compiled stages warm up) is there for the first chunk.
-        The worker meanwhile keeps running the tasks it has (those of a runtime being
-        replaced by a re-cut) and answering the scheduler.
+        Loading runs in a thread, so the worker keeps running the tasks it has (those of
+        a runtime being replaced by a re-cut) and answering the scheduler meanwhile.
         """
         if self.spec.torch_threads is None and self.spec.device != "cuda":
             # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
             torch.set_num_threads(max(1, worker.state.nthreads))
         resources = dict(worker.state.total_resources)
+        await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address, resources)
         name = compute_executor(self.name)
-        executor = ThreadPoolExecutor(compute_threads(self.spec), thread_name_prefix=name)
-        worker.executors[name] = executor
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self.load, worker.address, resources)
-        except BaseException:
-            if worker.executors.get(name) is executor:
-                worker.executors.pop(name, None)
-            executor.shutdown(wait=False)
-            raise
+        worker.executors[name] = ThreadPoolExecutor(compute_threads(self.spec), thread_name_prefix=name)
         if self.device.type == "cuda":
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(gpu_switch_interval())

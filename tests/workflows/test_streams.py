@@ -1,15 +1,14 @@
-"""Compute threads of a runtime: how many, and that the stages load in one of them."""
+"""Compute threads of a runtime: how many, and none left behind by a failed load."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from dask_infer.workflows.runtime import ModelRuntime, compute_executor
+from dask_infer.workflows.runtime import ModelRuntime
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.streams import GPU_STREAMS_ENV, compute_threads, gpu_streams
 
@@ -51,26 +50,6 @@ def test_graphs_features_and_cpus_keep_one_compute_thread(monkeypatch: pytest.Mo
     assert compute_threads(two) == 1
     assert compute_threads(replace(SPEC, feature_layer="avgpool")) == 1
     assert compute_threads(replace(SPEC, device="cpu")) == 1
-
-
-def test_stages_load_in_the_thread_that_runs_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What torch keeps per thread (recorded CUDA graphs) must be where the chunks run."""
-    loaded_in: list[str] = []
-
-    def load(self: ModelRuntime, address: str | None = None, resources: object = None) -> None:
-        loaded_in.append(threading.current_thread().name)
-        self.device = SimpleNamespace(type="cpu")  # type: ignore[assignment]
-
-    monkeypatch.setattr(ModelRuntime, "load", load)
-    worker = SimpleNamespace(
-        address="tcp://127.0.0.1:1", state=SimpleNamespace(nthreads=1, total_resources={}), executors={}
-    )
-    runtime = ModelRuntime(replace(SPEC, device="cpu"), "rt-load-thread")
-    asyncio.run(runtime.setup(worker))
-    executor = worker.executors[compute_executor("rt-load-thread")]
-    ran_in = executor.submit(lambda: threading.current_thread().name).result()
-    executor.shutdown()
-    assert loaded_in == [ran_in]
 
 
 def test_a_failed_load_leaves_no_executor(monkeypatch: pytest.MonkeyPatch) -> None:
