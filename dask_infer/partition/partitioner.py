@@ -111,6 +111,7 @@ def partition_model(
     repeats: int = 5,
     verify: bool = True,
     threads: int | None = None,
+    strip_tail: bool = False,
 ) -> Partition:
     """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
 
@@ -145,6 +146,9 @@ def partition_model(
         one-thread pipeline worker, say). Layers use threads unequally, so stage times
         measured with other threads can cut the stages unevenly. ``None`` keeps the
         process's setting.
+    strip_tail
+        Cut a dense model that ends by resizing its map to the input's size without that
+        resize (see :func:`~dask_infer.partition.split.resize_tail`); the check applies it.
 
     Returns
     -------
@@ -168,7 +172,7 @@ def partition_model(
     batch = _make_sample(sample)
     work = copy.deepcopy(model).eval()
     expected = _reference_output(work, batch, label)
-    graph = ModelGraph.trace(work, label)
+    graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
     with torch_threads(threads):
         costs = profile_graph(graph, batch, repeats=repeats)
     candidates = [i for i in graph.candidates if costs[i].shape is not None]
@@ -182,7 +186,7 @@ def partition_model(
     modules = graph.build_stages(cuts)
     if verify:
         with torch.no_grad():
-            got = run_stages(modules, batch.clone())
+            got = run_stages(modules, batch.clone(), graph.tail)
         if not _bitwise_equal(got, expected):
             raise ModelError(
                 f"the {stages} stages of {label} do not reproduce its output bit for bit; "

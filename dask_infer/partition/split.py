@@ -22,8 +22,9 @@ from torch import fx, nn
 
 from dask_infer.errors import ModelError, reason
 from dask_infer.models.tracing import tracing
+from dask_infer.partition.tail import ResizeTail, strip_resize_tail
 
-__all__ = ["ModelGraph", "candidate_cuts", "run_stages", "split_model", "trace_model"]
+__all__ = ["ModelGraph", "candidate_cuts", "resize_tail", "run_stages", "split_model", "trace_model"]
 
 
 def _torchvision_op_modules() -> tuple[type[nn.Module], ...]:
@@ -98,6 +99,10 @@ class ModelGraph:
         A GraphModule from :func:`trace_model`.
     label
         How error messages name the model.
+    strip_tail
+        Take a final resize of the output to the input's size out of the graph
+        (:mod:`dask_infer.partition.tail`), so a dense model has cut points; ``tail`` then
+        holds it, for whoever runs the stages to apply after the last one.
 
     Attributes
     ----------
@@ -109,9 +114,10 @@ class ModelGraph:
         cut placed right after it (never the input itself nor the last node).
     """
 
-    def __init__(self, module: fx.GraphModule, label: str | None = None) -> None:
+    def __init__(self, module: fx.GraphModule, label: str | None = None, *, strip_tail: bool = False) -> None:
         self.module = module
         self.label = label or type(module).__name__
+        self.tail: ResizeTail | None = strip_resize_tail(module) if strip_tail else None
         nodes = list(module.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -131,9 +137,9 @@ class ModelGraph:
         self._by_name = {n.name: i for i, n in enumerate(self.order)}
 
     @classmethod
-    def trace(cls, model: nn.Module, label: str | None = None) -> ModelGraph:
+    def trace(cls, model: nn.Module, label: str | None = None, *, strip_tail: bool = False) -> ModelGraph:
         """Trace ``model`` as it is (no copy); see :func:`trace_model`."""
-        return cls(trace_model(model), label)
+        return cls(trace_model(model), label, strip_tail=strip_tail)
 
     def _find_candidates(self) -> tuple[int, ...]:
         end = len(self.order)
@@ -232,16 +238,29 @@ class ModelGraph:
         return stage
 
 
-def candidate_cuts(model: nn.Module) -> tuple[str, ...]:
+def candidate_cuts(model: nn.Module, *, strip_tail: bool = False) -> tuple[str, ...]:
     """Names of the graph nodes after which ``model`` can be cut, in execution order.
 
-    The model is traced on a copy in eval mode; it is not modified.
+    The model is traced on a copy in eval mode; it is not modified. ``strip_tail``: as
+    for :class:`ModelGraph`.
     """
     work = copy.deepcopy(model).eval()
-    return ModelGraph.trace(work).candidate_names
+    return ModelGraph.trace(work, strip_tail=strip_tail).candidate_names
 
 
-def split_model(model: nn.Module, cut_points: Sequence[str], *, copy_model: bool = True) -> list[nn.Module]:
+def resize_tail(model: nn.Module) -> ResizeTail | None:
+    """The final resize of ``model``'s output to its input's size, or ``None`` where it has none.
+
+    Traced on a copy in eval mode. A model with one splits with ``strip_tail=True`` into
+    stages whose last returns the map before the resize.
+    """
+    work = copy.deepcopy(model).eval()
+    return ModelGraph.trace(work, strip_tail=True).tail
+
+
+def split_model(
+    model: nn.Module, cut_points: Sequence[str], *, copy_model: bool = True, strip_tail: bool = False
+) -> list[nn.Module]:
     """Cut ``model`` after the named nodes into ``len(cut_points) + 1`` stage modules.
 
     Running the stages one after another on a batch gives bit-identical outputs to
@@ -260,6 +279,10 @@ def split_model(model: nn.Module, cut_points: Sequence[str], *, copy_model: bool
         Work on a deep copy (default), so that moving or changing a stage never touches
         ``model``. ``False`` saves the copy's memory: the stages then share ``model``'s
         parameters and ``model`` is put in eval mode.
+    strip_tail
+        Leave a final resize to the input's size (see :func:`resize_tail`) out of the
+        last stage, so a dense model can be cut; :func:`run_stages` with its ``tail``
+        then gives the model's output.
 
     Returns
     -------
@@ -275,13 +298,19 @@ def split_model(model: nn.Module, cut_points: Sequence[str], *, copy_model: bool
         raise ModelError(f"cut_points={cut_points!r} must be a sequence of node names, not one string")
     work = copy.deepcopy(model) if copy_model else model
     work.eval()
-    graph = ModelGraph.trace(work)
+    graph = ModelGraph.trace(work, strip_tail=strip_tail)
     return list(graph.build_stages(graph.positions_of(list(cut_points))))
 
 
-def run_stages(stages: Sequence[nn.Module], batch: torch.Tensor) -> object:
-    """Run ``stages`` one after another on ``batch`` and return the last stage's output."""
+def run_stages(stages: Sequence[nn.Module], batch: torch.Tensor, tail: ResizeTail | None = None) -> object:
+    """Run ``stages`` one after another on ``batch`` and return the last stage's output.
+
+    ``tail`` (stages split with ``strip_tail``): the output resized to ``batch``'s height
+    and width, as the whole model's last step does.
+    """
     out: object = batch
     for stage in stages:
         out = stage(out)
+    if tail is not None and isinstance(out, torch.Tensor):
+        out = tail.apply(out, (batch.shape[-2], batch.shape[-1]))
     return out

@@ -63,6 +63,9 @@ class StageOutput:
     activation: Activation
     valid: np.ndarray
     features: np.ndarray | None = None
+    input_hw: tuple[int, int] | None = None
+    """Height and width of the model's input (after preprocessing), for a last stage that resizes
+    its map to them (:mod:`dask_infer.partition.tail`)."""
 
 
 @sizeof.register(StageOutput)
@@ -260,13 +263,26 @@ class ModelRuntime(WorkerPlugin):
         timed = self.device.type == "cpu"
         start, work = time.perf_counter(), self._work_clock()
         x = self.preprocess(x)
+        size = (x.shape[-2], x.shape[-1])
         for k in range(self.spec.num_stages):
             x = self._stages[k](x)
             if timed:
                 now, now_work = time.perf_counter(), self._work_clock()
                 self._add_stage_time(k, busy_s=now - start, work_s=now_work - work)
                 start, work = now, now_work
-        return x
+        return self._resized(x, size)
+
+    def _resized(self, out: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        """The last stage's ``out`` resized to the model's input ``size`` where the model's split
+        left that resize out of its stages; else ``out``."""
+        tail = self.spec.resize_tail
+        if tail is None or not self.spec.cut_points:
+            return out
+        if size is None:
+            raise RuntimeError(
+                "the last stage resizes its map to the model's input size, which stage 0 did not pass on"
+            )
+        return tail.apply(out, size)
 
     def _work_clock(self) -> float:
         """Seconds of work done, unaffected by other processes sharing the cores.
@@ -370,9 +386,14 @@ class ModelRuntime(WorkerPlugin):
                 f"{sorted(self._stages)}; its task was placed on the wrong worker"
             )
         start, work = time.perf_counter(), self._work_clock()
-        features = None
+        features, size = None, None
         if isinstance(data, StageOutput):
-            host, valid, features = data.activation.to_tensor(), data.valid, data.features
+            host, valid, features, size = (
+                data.activation.to_tensor(),
+                data.valid,
+                data.features,
+                data.input_hw,
+            )
         else:
             host = torch.from_numpy(data if data.flags.writeable else data.copy())
             valid = finite_images(data)
@@ -384,15 +405,16 @@ class ModelRuntime(WorkerPlugin):
                 x = host[i : i + self.batch_size].to(self.device)
                 if stage == 0:
                     x = self.preprocess(x)
+                    size = (x.shape[-2], x.shape[-1])
                 y = module(x)
-                parts.append(y.float() if last else y)
+                parts.append(self._resized(y, size).float() if last else y)
             out = torch.cat(parts)
             here = self._features(len(host))
             features = here if here is not None else features
             result: StageOutput | dict[str, np.ndarray] = (
                 self._outputs(out, valid, features)
                 if last
-                else StageOutput(Activation.from_tensor(out), valid, features)
+                else StageOutput(Activation.from_tensor(out), valid, features, size)
             )
         seconds = time.perf_counter() - start
         self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)

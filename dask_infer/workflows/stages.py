@@ -25,6 +25,7 @@ from dask_infer.models.tracing import running_modules
 from dask_infer.partition import split_model
 from dask_infer.partition.compress import CompressedStage, CompressionError, CompressionPlan, compress_stages
 from dask_infer.partition.compress.auto import auto_bound, choose_recipe, is_auto
+from dask_infer.partition.tail import ResizeTail
 
 __all__ = ["RuntimeSpec", "build_stages"]
 
@@ -66,6 +67,9 @@ class RuntimeSpec:
     preprocess: PreprocessSpec | None = None
     """What turns stored images into the model's input; ``None``: the defaults from ``input_size``,
     ``mean`` and ``std``. A ``transform`` in it travels pickled with this spec, once per worker."""
+    resize_tail: ResizeTail | None = None
+    """A dense model's final resize to its input's size, split off its stages (with ``cut_points``):
+    applied to the last stage's output (:mod:`dask_infer.partition.tail`)."""
 
     @property
     def preprocessing(self) -> PreprocessSpec:
@@ -161,7 +165,13 @@ def build_stages(
     where = f"worker {address}" if address else None
     module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes, where=where).module
     stages = (
-        list(split_model(module, list(spec.cut_points), copy_model=False)) if spec.cut_points else [module]
+        list(
+            split_model(
+                module, list(spec.cut_points), copy_model=False, strip_tail=spec.resize_tail is not None
+            )
+        )
+        if spec.cut_points
+        else [module]
     )
     if spec.feature_layer is not None:
         # After tracing, which would call the hook with proxies; the stages share the layer's module.

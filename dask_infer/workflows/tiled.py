@@ -48,7 +48,6 @@ from dask_infer.io.images import (
 )
 from dask_infer.io.stores import normalise_location
 from dask_infer.models import LoadedModel
-from dask_infer.models.heads import activate
 from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
@@ -59,15 +58,24 @@ from dask_infer.tiles.memory import TileBatch, check_tile_memory, worker_memory_
 from dask_infer.tiles.options import AUTO, DEFAULT_OUTPUTS, TILED_OUTPUTS
 from dask_infer.tiles.pixels import PixelSteps
 from dask_infer.tiles.resample import Resampling, resample_window
+from dask_infer.tiles.results import tile_results, window_crops
 from dask_infer.tiles.stitch import core_of
 from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
 from dask_infer.workflows.checks import checked_model, open_input
 from dask_infer.workflows.cluster import cuda_device_count, scheduler_workers
+from dask_infer.workflows.graph import group_name
 from dask_infer.workflows.pauses import PauseReporter
+from dask_infer.workflows.placement import Placement, choose_placement
 from dask_infer.workflows.preprocessing import preprocess_spec
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary
+from dask_infer.workflows.tile_pipeline import (
+    TileStages,
+    plan_tile_stages,
+    stage_workers_check,
+    submit_tile_stages,
+)
 
 __all__ = ["TILE_RUN_ATTR", "TiledPlan", "plan_tiles", "read_resampled", "read_window", "run_tiled"]
 
@@ -100,6 +108,13 @@ class TiledPlan:
     fingerprint: dict[str, Any]
     done: frozenset[TileTask] = frozenset()
     resampling: Resampling | None = None
+    stages: TileStages | None = None
+    """The model's cut, where ``stages`` is above one."""
+
+    def index(self, task: TileTask) -> int:
+        """Position of ``task`` in :attr:`tasks`."""
+        cols = self.grid.cols if self.grid.dense else 1
+        return (task.image * self.grid.rows + task.row) * cols + task.col
 
     @property
     def tasks(self) -> tuple[TileTask, ...]:
@@ -244,16 +259,11 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
     ------
     DaskInferError
         For a tile larger than the images, a stride or halo given to the wrong kind of
-        model, ``mask`` asked of a model that gives no map, a pipelined placement, or a
-        resume that does not match.
+        model, ``mask`` asked of a model that gives no map, more stages than the model has
+        cut points, or a resume that does not match.
     """
     assert config.tile is not None
     _check_options(config)
-    if config.stages > 1 or config.placement in ("pipeline", "hybrid"):
-        raise DaskInferError(
-            f"placement={config.placement!r}, stages={config.stages} with tile={config.tile}: tiled runs "
-            "hold the whole model on every worker; use --placement data (or auto) and one stage"
-        )
     source, missing = open_input(config)
     if missing.chunks:
         say(f"warning: {missing.describe()}; reading them as the fill value {missing.fill_value!r}")
@@ -320,6 +330,7 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
     classes = shape[0]
     side_in = min(tile + 2 * grid.halo, height, width)
     preprocess = dataclasses.replace(preprocess, model_input=(channels, side_in, side_in))
+    stages = plan_tile_stages(config, loaded, (channels, side_in, side_in), dense, say)
     plan = TiledPlan(
         source,
         loaded,
@@ -329,6 +340,7 @@ def plan_tiles(config: RunConfig, say: Callable[[str], None] = lambda _l: None) 
         preprocess,
         _fingerprint(config, source, loaded, grid, outputs, resampling),
         resampling=resampling,
+        stages=stages,
     )
     return _resumable(config, plan, say) if config.resume else plan
 
@@ -375,23 +387,6 @@ def read_resampled(source: ImageSource, image: int, box: Box, resampling: Resamp
     return resample_window(read_window(source, image, region), wy, wx)
 
 
-def _results(
-    logits: torch.Tensor, outputs: tuple[str, ...], activation: str, axis: int, logits_dtype: str
-) -> dict[str, np.ndarray]:
-    result: dict[str, np.ndarray] = {}
-    if "mask" in outputs:
-        classes = logits.shape[axis]
-        dtype = torch.uint8 if classes <= 256 else torch.int32
-        result["mask"] = logits.argmax(dim=axis).to(dtype).cpu().numpy()
-    if "logits" in outputs:
-        result["logits"] = logits.to(getattr(torch, logits_dtype)).cpu().numpy()
-    if "probabilities" in outputs:
-        moved = logits.movedim(axis, 1) if logits.ndim > 1 else logits[None]
-        probs = activate(moved, "softmax" if activation == "none" else activation)
-        result["probabilities"] = (probs.movedim(1, axis) if logits.ndim > 1 else probs[0]).cpu().numpy()
-    return result
-
-
 def infer_tile(
     runtime: str,
     windows: tuple[Window, ...],
@@ -411,18 +406,11 @@ def infer_tile(
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
     with running_modules():
         if dense:
-            window = windows[0]
             logits = plugin.forward(pixels)[0]
-            return _results(core_of(logits, window), outputs, activation, 0, logits_dtype)
-        crops = np.stack(
-            [
-                pixels[
-                    0, w.read.y0 - band.y0 : w.read.y1 - band.y0, w.read.x0 - band.x0 : w.read.x1 - band.x0
-                ]
-                for w in windows
-            ]
+            return tile_results(core_of(logits, windows[0]), outputs, activation, 0, logits_dtype)
+        return tile_results(
+            plugin.forward(window_crops(pixels, windows, band)), outputs, activation, 1, logits_dtype
         )
-        return _results(plugin.forward(crops), outputs, activation, 1, logits_dtype)
 
 
 def _tasks_of(plan: TiledPlan, task: TileTask) -> tuple[tuple[Window, ...], Box, tuple[int, int, int, int]]:
@@ -444,12 +432,47 @@ def _submit(
     activation: str,
     token: str,
     logits_dtype: str = "float32",
+    placement: Placement | None = None,
 ) -> list[Any]:
-    """Read, infer and write tasks of ``tasks``; the write futures."""
+    """Read, infer (or stage) and write tasks of ``tasks``; the write futures."""
     futures = []
     for task in tasks:
         windows, band, core = _tasks_of(plan, task)
         suffix = f"{token}-{task.image}_{task.row}_{task.col}"
+        if placement is not None and placement.pipelined:
+            if plan.resampling is None:
+                read: Callable[..., Any] = read_window
+                args: tuple[Any, ...] = (plan.source, task.image, band)
+            else:
+                read, args = read_resampled, (plan.source, task.image, band, plan.resampling)
+            result = submit_tile_stages(
+                client,
+                placement,
+                runtime,
+                group_name(plan.loaded.name),
+                plan.index(task),
+                suffix,
+                read,
+                args,
+                windows,
+                band,
+                plan.outputs,
+                activation,
+                plan.grid.dense,
+                logits_dtype,
+            )
+            futures.append(
+                client.submit(
+                    write_tile,
+                    target,
+                    task,
+                    core,
+                    result,
+                    key=f"write_tile-{suffix}",
+                    priority=2 + placement.num_stages,
+                )
+            )
+            continue
         if plan.resampling is None:
             pixels = client.submit(
                 read_window, plan.source, task.image, band, key=f"read_tile-{suffix}", priority=0
@@ -516,8 +539,11 @@ def _take(items: Iterator[TileTask], n: int) -> list[TileTask]:
     return out
 
 
-def _runtime_spec(config: RunConfig, plan: TiledPlan, threads: int | None) -> RuntimeSpec:
+def _runtime_spec(
+    config: RunConfig, plan: TiledPlan, threads: int | None, placement: Placement | None = None
+) -> RuntimeSpec:
     loaded = plan.loaded
+    stages = plan.stages
     return RuntimeSpec(
         model=loaded.source or loaded.name,
         weights=loaded.weights,
@@ -536,6 +562,11 @@ def _runtime_spec(config: RunConfig, plan: TiledPlan, threads: int | None) -> Ru
         calibration=plan.source if config.compress is not None else None,
         calibration_images=config.calibration_images,
         warmup_images=1,
+        cut_points=stages.plan.cut_points if stages is not None else (),
+        resize_tail=stages.tail if stages is not None else None,
+        stage_map=tuple(placement.stages_on().items())
+        if placement is not None and placement.pipelined
+        else (),
     )
 
 
@@ -543,7 +574,7 @@ def run_tiled(
     config: RunConfig, *, client: Client | None = None, echo: Callable[[str], None] | None = print
 ) -> RunSummary:
     """Run ``config`` (with ``tile`` set) tile by tile; see :func:`dask_infer.run` for the options."""
-    from dask_infer.workflows.run import _connected
+    from dask_infer.workflows.run import _connected, _workers
 
     say = echo or (lambda _line: None)
     plan = plan_tiles(config, say)
@@ -570,8 +601,19 @@ def run_tiled(
                 storage_options=config.storage_options,
                 logits_dtype=config.logits_dtype,
             )
+        placement = None
+        if plan.stages is not None:
+            placement = choose_placement(
+                config.placement,
+                plan.stages.plan,
+                _workers(client, config),
+                replicas=config.replicas,
+                batch_size=config.batch_size or default_batch_size(config.device == "cuda"),
+                model=plan.loaded.name,
+            )
+            say(placement.describe())
         name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
-        spec = _runtime_spec(config, plan, choice.torch_threads if choice else None)
+        spec = _runtime_spec(config, plan, choice.torch_threads if choice else None, placement)
         say(f"loading {plan.loaded.name} on {len(workers)} worker(s)")
         client.register_plugin(ModelRuntime(spec, name), name=name)
         try:
@@ -581,14 +623,33 @@ def run_tiled(
             start = time.perf_counter()
             bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
             with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
+                pauses = PauseReporter(client, say).check
+                stage_workers = (
+                    stage_workers_check(client, placement)
+                    if placement is not None and placement.pipelined
+                    else lambda: None
+                )
+
+                def check() -> None:
+                    pauses()
+                    stage_workers()
+
                 _feed(
                     lambda tasks: _submit(
-                        client, plan, target, name, tasks, config.activation, token, config.logits_dtype
+                        client,
+                        plan,
+                        target,
+                        name,
+                        tasks,
+                        config.activation,
+                        token,
+                        config.logits_dtype,
+                        placement,
                     ),
                     todo,
                     max(2, _IN_FLIGHT_PER_THREAD * threads),
                     progress.update,
-                    PauseReporter(client, say).check,
+                    check,
                 )
             seconds = time.perf_counter() - start
             loads = sum(
@@ -609,7 +670,11 @@ def run_tiled(
             model_loads=loads,
             cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
             dashboard=client.dashboard_link,
-            placement={"kind": "data", "tiles": _tile_record(plan, seconds, len(todo))},
+            placement={
+                **(placement.to_dict() if placement is not None else {"mode": "data"}),
+                "kind": placement.mode if placement is not None else "data",
+                "tiles": _tile_record(plan, seconds, len(todo)),
+            },
             skipped_chunks=len(plan.done),
         )
     _finalize(config, plan, target, summary)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 import zarr
-from distributed import Client
+from distributed import Client, LocalCluster
 
 import dask_infer
 from dask_infer.config import RunConfig
@@ -303,6 +307,71 @@ def test_scale_factor_tile_classification_with_float16_logits(
 
 
 @pytest.mark.parametrize(
+    ("placement", "stages", "replicas"), [("pipeline", 2, None), ("hybrid", 2, 1), ("data", 2, None)]
+)
+def test_dense_tiles_through_stages_equal_the_one_stage_run(
+    scene: tuple[Path, np.ndarray],
+    client: Client,
+    tmp_path: Path,
+    placement: str,
+    stages: int,
+    replicas: int | None,
+) -> None:
+    """TinyFCN ends by resizing its map to its input's size: it is cut without that resize,
+    which the last stage applies to each tile's window; every tile's map is the same bits."""
+    src, images = scene
+    common = {"model": TinyFCN(), "tile": 32, "halo": "auto", "outputs": ("mask", "logits")}
+    one = tmp_path / "one.zarr"
+    dask_infer.run(str(src), str(one), client=client, progress=False, echo=None, **common)
+    out = tmp_path / "staged.zarr"
+    lines: list[str] = []
+    summary = dask_infer.run(
+        str(src),
+        str(out),
+        placement=placement,
+        stages=stages,
+        replicas=replicas,
+        client=client,
+        progress=False,
+        echo=lines.append,
+        **common,
+    )
+    assert any("the last stage resizes its map to the window" in line for line in lines), lines
+    assert summary.placement["mode"] == placement and summary.placement["num_stages"] == 2
+    got, want = xr.open_zarr(out), xr.open_zarr(one)
+    np.testing.assert_array_equal(got["logits"].values, want["logits"].values)
+    np.testing.assert_array_equal(got["mask"].values, want["mask"].values)
+    with torch.inference_mode():
+        whole = TinyFCN().eval()(_model_input(images)).numpy()
+    assert np.abs(got["logits"].values - whole).max() <= 1e-5 * np.abs(whole).max()
+    assert got.attrs["dask_infer_complete"] is True
+
+
+def test_tile_classification_through_a_pipeline_equals_the_one_stage_run(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+) -> None:
+    src, _ = scene
+    common = {"model": TileClassifier(), "tile": 32, "stride": 16, "outputs": ("logits", "probabilities")}
+    dask_infer.run(str(src), str(tmp_path / "one.zarr"), client=client, progress=False, echo=None, **common)
+    summary = dask_infer.run(
+        str(src),
+        str(tmp_path / "piped.zarr"),
+        placement="pipeline",
+        stages=2,
+        client=client,
+        progress=False,
+        echo=None,
+        **common,
+    )
+    assert summary.placement["mode"] == "pipeline"
+    assert [len(group) for group in summary.placement["groups"][0]] == [1, 1]
+    got, want = xr.open_zarr(tmp_path / "piped.zarr"), xr.open_zarr(tmp_path / "one.zarr")
+    assert got["logits"].dims == ("image", "tile_y", "tile_x", "category")
+    np.testing.assert_array_equal(got["logits"].values, want["logits"].values)
+    np.testing.assert_array_equal(got["probabilities"].values, want["probabilities"].values)
+
+
+@pytest.mark.parametrize(
     ("options", "match"),
     [
         (
@@ -312,7 +381,10 @@ def test_scale_factor_tile_classification_with_float16_logits(
         ),
         ({"outputs": ("mask", "top_k")}, "tiled runs write mask, logits, probabilities; drop top_k"),
         ({"resize": 256}, "resize given with tile=32: tiles go to the model at their own size"),
-        ({"placement": "pipeline", "stages": 2}, "tiled runs hold the whole model on every worker"),
+        (
+            {"placement": "pipeline", "stages": 9},
+            r"stages=9 but TinyFCN has only 4 cut points; use stages <= 5",
+        ),
         ({"stride": 16}, "stride=16 given, but TinyFCN returns maps"),
     ],
 )
@@ -323,3 +395,63 @@ def test_what_tiles_cannot_honour_is_refused_before_any_cluster(
     with pytest.raises(DaskInferError, match=match):
         plan_tiles(config)
     assert not (tmp_path / "o.zarr").exists()
+
+
+def _tiles_written(path: Path) -> int:
+    try:
+        return int(np.asarray(zarr.open_group(str(path), mode="r")[TILE_MANIFEST][:]).sum())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return 0
+
+
+def test_a_lost_stage_worker_stops_a_tile_pipeline_and_resume_finishes_it(tmp_path: Path) -> None:
+    """SIGKILL one stage's worker mid-run: the run stops in one line naming it, the tiles
+    written stay, and --resume writes the rest; the output equals an undisturbed run's."""
+    images = np.random.default_rng(3).integers(0, 256, size=(6, 128, 128, 3), dtype=np.uint8)
+    src = _georeferenced(tmp_path / "big.zarr", images, 32)
+    options = {
+        "model": "tests.tiles.nets:tiny_fcn",
+        "tile": 32,
+        "halo": 8,
+        "outputs": ("mask", "logits"),
+        "placement": "pipeline",
+        "stages": 2,
+        "progress": False,
+    }
+    hit = tmp_path / "hit.zarr"
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        dask_infer.run(str(src), str(tmp_path / "calm.zarr"), client=client, echo=None, **options)
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[-1]
+        killed = threading.Event()
+
+        def kill_after_some_tiles() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and _tiles_written(hit) < 8:
+                time.sleep(0.01)
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.set()
+
+        watcher = threading.Thread(target=kill_after_some_tiles, daemon=True)
+        watcher.start()
+        with pytest.raises(
+            DaskInferError, match=rf"worker {victim} holding stage\(s\) \d of the pipeline left"
+        ):
+            dask_infer.run(str(src), str(hit), client=client, echo=None, **options)
+        watcher.join(timeout=5)
+        assert killed.is_set()
+        written = _tiles_written(hit)
+        assert 8 <= written < 6 * 16
+        client.wait_for_workers(2, timeout=60)
+        lines: list[str] = []
+        dask_infer.run(str(src), str(hit), client=client, resume=True, echo=lines.append, **options)
+    assert any(f"{written} tile task(s) already written" in line for line in lines), lines
+    got, want = xr.open_zarr(hit), xr.open_zarr(tmp_path / "calm.zarr")
+    np.testing.assert_array_equal(got["logits"].values, want["logits"].values)
+    np.testing.assert_array_equal(got["mask"].values, want["mask"].values)
+    assert got.attrs["dask_infer_complete"] is True

@@ -1,0 +1,188 @@
+"""Tiles through a model cut into stages: the plan, the placement's tasks, and the stage workers' watch.
+
+With ``stages`` above one, a tiled run cuts the model as a chunked run does, balanced on a
+window of the run's own size. A dense model that ends by resizing its map to its input's
+size is cut without that resize (:mod:`dask_infer.partition.tail`), which its last stage's
+worker applies, so a tile's map comes out as the whole model gives it. Under a ``data``
+placement each worker holds every stage and a tile is one model task, as in a one-stage
+run; under ``pipeline`` and ``hybrid`` a tile is one task per stage, each on that stage's
+workers, the activation passing from stage to stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+from distributed import Client, get_worker
+
+from dask_infer.config import RunConfig
+from dask_infer.errors import DaskInferError
+from dask_infer.models import LoadedModel
+from dask_infer.models.tracing import running_modules
+from dask_infer.partition import StagePlan, partition_model
+from dask_infer.partition.split import resize_tail
+from dask_infer.partition.tail import ResizeTail
+from dask_infer.tiles.grid import Box, Window
+from dask_infer.tiles.results import tile_results, window_crops
+from dask_infer.tiles.stitch import core_of
+from dask_infer.workflows.cluster import scheduler_workers
+from dask_infer.workflows.graph import stage_prefix
+from dask_infer.workflows.placement import Placement
+from dask_infer.workflows.runtime import ModelRuntime, StageOutput, compute_executor
+
+__all__ = ["TileStages", "plan_tile_stages", "stage_workers_check", "submit_tile_stages", "tile_stage"]
+
+
+@dataclass(frozen=True)
+class TileStages:
+    """A tiled run's cut: the stage plan and, for a dense model, the resize its last stage applies."""
+
+    plan: StagePlan
+    tail: ResizeTail | None = None
+
+
+def plan_tile_stages(
+    config: RunConfig,
+    loaded: LoadedModel,
+    model_input: tuple[int, int, int],
+    dense: bool,
+    say: Callable[[str], None],
+) -> TileStages | None:
+    """``loaded`` cut into ``config.stages`` stages balanced on a window of ``model_input`` (``None``: one).
+
+    Raises
+    ------
+    ModelError
+        The model has fewer cut points than stages less one (a dense model whose map
+        does not end with a resize to its input's size may have none).
+    """
+    if config.stages == 1:
+        return None
+    strip = dense and resize_tail(loaded.module) is not None
+    partition = partition_model(
+        loaded.module,
+        config.stages,
+        balance=config.balance,
+        sample=(1, *model_input),
+        name=loaded.name,
+        repeats=2,
+        strip_tail=strip,
+    )
+    tail = resize_tail(loaded.module) if strip else None
+    cuts = ", ".join(partition.plan.cut_points)
+    say(
+        f"stages: {loaded.name} cut after {cuts} (balanced by {config.balance} on a window of "
+        f"{model_input[1]}x{model_input[2]})"
+        + ("; the last stage resizes its map to the window" if tail else "")
+    )
+    return TileStages(partition.plan, tail)
+
+
+def tile_stage(
+    runtime: str,
+    stage: int,
+    data: np.ndarray | StageOutput,
+    windows: tuple[Window, ...],
+    band: Box,
+    outputs: tuple[str, ...],
+    activation: str,
+    dense: bool,
+    logits_dtype: str,
+) -> StageOutput | dict[str, np.ndarray]:
+    """Task body: stage ``stage`` of the worker's runtime on one tile task; the last gives its results.
+
+    Stage 0 takes the task's pixels (a classifier's row cut into its windows first); the
+    others, the previous stage's :class:`StageOutput`.
+    """
+    plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
+    if stage == 0 and not dense:
+        assert isinstance(data, np.ndarray)
+        data = window_crops(data, windows, band)
+    with running_modules():
+        out = plugin.run_stage(stage, data)
+    if isinstance(out, StageOutput):
+        return out
+    scores = torch.from_numpy(out["logits"])
+    if dense:
+        return tile_results(core_of(scores[0], windows[0]), outputs, activation, 0, logits_dtype)
+    return tile_results(scores, outputs, activation, 1, logits_dtype)
+
+
+def submit_tile_stages(
+    client: Client,
+    placement: Placement,
+    runtime: str,
+    label: str,
+    index: int,
+    suffix: str,
+    read: Callable[..., Any],
+    read_args: tuple[Any, ...],
+    windows: tuple[Window, ...],
+    band: Box,
+    outputs: tuple[str, ...],
+    activation: str,
+    dense: bool,
+    logits_dtype: str,
+) -> Any:
+    """The read and stage tasks of the run's ``index``-th tile task; the last stage's future.
+
+    Tile task ``index`` goes to replica ``index % replicas``; its read runs on that
+    replica's stage-0 workers, so pixels never travel, and stage ``k`` only on the
+    replica's stage-``k`` workers. Later stages outrank earlier ones, so a worker passes
+    tiles on before it starts new ones.
+    """
+    replica = index % placement.replicas
+    stages = placement.num_stages
+    data = client.submit(
+        read,
+        *read_args,
+        key=f"read_tile-{suffix}",
+        priority=0,
+        workers=list(placement.stage_workers(0, replica)),
+        allow_other_workers=False,
+    )
+    for k in range(stages):
+        with dask.annotate(executor=compute_executor(runtime)):
+            data = client.submit(
+                tile_stage,
+                runtime,
+                k,
+                data,
+                windows,
+                band,
+                outputs,
+                activation,
+                dense,
+                logits_dtype,
+                key=f"{stage_prefix(label, k)}_tile-{suffix}",
+                priority=1 + k,
+                workers=list(placement.stage_workers(k, replica)),
+                allow_other_workers=False,
+            )
+    return data
+
+
+def stage_workers_check(client: Client, placement: Placement) -> Callable[[], None]:
+    """A check that raises, in one line, once a worker holding a stage has left the cluster.
+
+    Tile tasks of a stage run only on its workers, so without them the run could not end.
+    The tiles written so far stay, and ``--resume`` runs the rest.
+    """
+    needed: Sequence[str] = placement.workers
+
+    def check() -> None:
+        alive = scheduler_workers(client)
+        lost = [w for w in needed if w not in alive]
+        if lost:
+            held = ", ".join(map(str, placement.stages_on()[lost[0]]))
+            raise DaskInferError(
+                f"worker {lost[0]} holding stage(s) {held} of the pipeline left the cluster; the tiles "
+                "written so far are kept: run again with --resume to finish the rest"
+            )
+
+    return check
