@@ -169,9 +169,14 @@ def test_resume_computes_only_missing_tiles(
     np.testing.assert_array_equal(xr.open_zarr(out)["mask"].values, first)
 
 
+@pytest.mark.parametrize(
+    ("compress", "stages"), [("bf16", 1), ("bf16", 2), ("0:bf16,1:fp32", 2), ("0:fp32,1:bf16", 2)]
+)
 def test_a_compression_recipe_runs_on_tiles(
-    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path, compress: str, stages: int
 ) -> None:
+    """Whole-model and per-stage recipes, the stages pipelined (the last one's map, bf16 or
+    not, resized to the window as the model does)."""
     src, images = scene
     out = tmp_path / "bf16.zarr"
     dask_infer.run(
@@ -181,7 +186,9 @@ def test_a_compression_recipe_runs_on_tiles(
         tile=32,
         halo=8,
         outputs=("logits",),
-        compress="bf16",
+        compress=compress,
+        stages=stages,
+        placement="pipeline" if stages > 1 else "data",
         client=client,
         progress=False,
         echo=None,
