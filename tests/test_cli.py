@@ -201,6 +201,10 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
         ["--weights", "{weights}", "--tile", "16", "--scheduler", "tcp://127.0.0.1:1"],
         "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'",
     ),
+    "tile-stages-beyond-cuts": (
+        ["--weights", "{weights}", "--tile", "16", "--stages", "99", "--placement", "pipeline"],
+        "stages=99 but resnet18 has only",
+    ),
     "scale-factor-zero": (["--tile", "16", "--scale-factor", "0"], "scale_factor=0.0 must be a number > 0"),
     "scale-factor-negative": (["--tile", "16", "--scale-factor", "-0.5"], "scale_factor=-0.5 must be a"),
     "scale-factor-under-a-tile": (
