@@ -630,34 +630,24 @@ def main() -> None:
         ):
             # Like with like for dask-infer's CUDA-graph runs: the same recipe in the plain loop.
             graphs_model = torch.compile(model, mode="reduce-overhead")
-            result["plain_loop_cudagraphs_images_per_s"] = timed(
-                plain_loop(
-                    zstd,
-                    graphs_model,
-                    prep,
-                    device,
-                    args.batch,
-                    dtype,
-                    channels_last,
-                    plain_logits,
-                    args.threads,
-                ),
-                args.repeats,
-            )
-            result["plain_loop_cudagraphs_uncompressed_images_per_s"] = timed(
-                plain_loop(
-                    plain,
-                    graphs_model,
-                    prep,
-                    device,
-                    args.batch,
-                    dtype,
-                    channels_last,
-                    none_logits,
-                    args.threads,
-                ),
-                args.repeats,
-            )
+            for key, store, logits in (
+                ("plain_loop_cudagraphs_images_per_s", zstd, plain_logits),
+                ("plain_loop_cudagraphs_uncompressed_images_per_s", plain, none_logits),
+            ):
+                result[key] = timed(
+                    plain_loop(
+                        store,
+                        graphs_model,
+                        prep,
+                        device,
+                        args.batch,
+                        dtype,
+                        channels_last,
+                        logits,
+                        args.threads,
+                    ),
+                    args.repeats,
+                )
             del graphs_model
         if "pipeline" in variants and allows("two stages sharing the GPU", 120):
             result["pipeline_two_stages_one_gpu"] = two_stages_one_device(
