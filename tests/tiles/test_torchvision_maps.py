@@ -70,8 +70,17 @@ def test_fcn_resnet50_tiles_with_auto_halo_agree_with_the_whole_image(
     assert _agreement(tmp_path / "out.zarr", _whole("fcn_resnet50", image)) >= 0.999
 
 
-def test_lraspp_from_a_weights_file_on_the_command_line(tmp_path: Path) -> None:
-    """LR-ASPP's pooling branch sees only its tile: approximate, but close with the auto halo."""
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ["--workers", "1", "--threads", "2"],
+        ["--workers", "2", "--threads", "1", "--stages", "2", "--placement", "pipeline"],
+    ],
+    ids=["data", "pipeline"],
+)
+def test_lraspp_from_a_weights_file_on_the_command_line(tmp_path: Path, placement: list[str]) -> None:
+    """LR-ASPP's pooling branch sees only its tile: approximate, but close with the auto halo.
+    Cut into a 2-stage pipeline (its final resize to the window kept out of the stages), too."""
     image = _image(tmp_path / "in.zarr", 256)
     torch.manual_seed(3)
     net = torchvision.models.get_model(
@@ -98,10 +107,7 @@ def test_lraspp_from_a_weights_file_on_the_command_line(tmp_path: Path) -> None:
             "auto",
             "--outputs",
             "mask,logits",
-            "--workers",
-            "1",
-            "--threads",
-            "2",
+            *placement,
             "--no-progress",
         ],
         capture_output=True,
@@ -110,6 +116,8 @@ def test_lraspp_from_a_weights_file_on_the_command_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "halo auto: 64 px" in proc.stdout, proc.stdout
+    if "pipeline" in placement:
+        assert "placement: pipeline" in proc.stdout and "resizes its map to the window" in proc.stdout
     x = (torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255 - _MEAN) / _STD
     with torch.inference_mode():
         whole = net(x)["out"].numpy()
