@@ -29,7 +29,7 @@ def _exact_integers(costs: Sequence[float]) -> list[int]:
     return [int(r * scale) for r in ratios]
 
 
-def _check(costs: Sequence[float], parts: int) -> None:
+def _check(costs: Sequence[float], parts: int, name: str = "costs") -> None:
     check_positive_int("parts", parts, error=PartitionError)
     if len(costs) < parts:
         raise PartitionError(
@@ -37,7 +37,7 @@ def _check(costs: Sequence[float], parts: int) -> None:
         )
     for i, c in enumerate(costs):
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
-            raise PartitionError(f"costs[{i}]={c!r} must be a finite number >= 0")
+            raise PartitionError(f"{name}[{i}]={c!r} must be a finite number >= 0")
 
 
 def balance_partition(costs: Sequence[float], parts: int) -> tuple[int, ...]:
@@ -152,7 +152,12 @@ def stage_sums(node_costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
     return [sum(node_costs[a + 1 : b + 1]) for a, b in zip(edges, edges[1:], strict=False)]
 
 
-def cut_after(node_costs: Sequence[float], candidates: Sequence[int], parts: int) -> list[int]:
+def cut_after(
+    node_costs: Sequence[float],
+    candidates: Sequence[int],
+    parts: int,
+    cut_costs: Sequence[float] | None = None,
+) -> list[int]:
     """The candidate nodes to cut after so that ``parts`` stages have the smallest largest cost.
 
     Parameters
@@ -163,6 +168,10 @@ def cut_after(node_costs: Sequence[float], candidates: Sequence[int], parts: int
         Ascending positions a cut may follow.
     parts
         Number of stages, ``1 <= parts <= len(candidates) + 1``.
+    cut_costs
+        What cutting after each candidate costs each of the two stages beside the cut
+        (moving the activation out of one and into the other), in the units of
+        ``node_costs``; ``None`` or all zero: cuts are free.
 
     Returns
     -------
@@ -177,5 +186,52 @@ def cut_after(node_costs: Sequence[float], candidates: Sequence[int], parts: int
     if parts == 1:
         return []
     segments = stage_sums(node_costs, candidates)
+    if cut_costs is not None and any(cut_costs):
+        if len(cut_costs) != len(candidates):
+            raise PartitionError(
+                f"cut_costs has {len(cut_costs)} values for {len(candidates)} candidates; "
+                "give one per candidate"
+            )
+        _check(list(cut_costs), 1, "cut_costs")
+        return [candidates[s - 1] for s in _min_max_with_cut_costs(segments, list(cut_costs), parts)]
     # Stage r starts at segment starts[r-1], so its cut follows the candidate ending the segment before.
     return [candidates[s - 1] for s in balance_partition(segments, parts)]
+
+
+def _min_max_with_cut_costs(segments: Sequence[float], cut_costs: list[float], parts: int) -> tuple[int, ...]:
+    """Split ``segments`` into ``parts`` runs minimising the largest run cost, where a run also
+    pays the cost of each cut at its ends (``cut_costs[j - 1]`` for a cut before segment ``j``).
+
+    Dynamic programme over prefixes, ``O(parts * m**2)``. Among optimal splits it keeps
+    the one whose earlier runs have the smallest largest cost, so the result is deterministic.
+    """
+    m = len(segments)
+    _check(segments, parts)
+    prefix = [0.0]
+    for v in segments:
+        prefix.append(prefix[-1] + v)
+
+    def cut(j: int) -> float:  # a cut before segment j, 0 < j < m
+        return cut_costs[j - 1]
+
+    inf = math.inf
+    # best[p][i]: smallest largest cost of segments[:i] in p runs, the last run paying the cut at i.
+    best = [[inf] * (m + 1) for _ in range(parts)]
+    back = [[0] * (m + 1) for _ in range(parts)]
+    for i in range(1, m):
+        best[1][i] = prefix[i] + cut(i)
+    for p in range(2, parts):
+        for i in range(p, m):
+            for j in range(p - 1, i):
+                value = max(best[p - 1][j], prefix[i] - prefix[j] + cut(j) + cut(i))
+                if value < best[p][i]:
+                    best[p][i], back[p][i] = value, j
+    final, last = inf, parts - 1
+    for j in range(parts - 1, m):
+        value = max(best[parts - 1][j], prefix[m] - prefix[j] + cut(j))
+        if value < final:
+            final, last = value, j
+    cuts = [last]
+    for p in range(parts - 1, 1, -1):
+        cuts.append(back[p][cuts[-1]])
+    return tuple(reversed(cuts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -112,6 +113,7 @@ def partition_model(
     verify: bool = True,
     threads: int | None = None,
     strip_tail: bool = False,
+    transfer_s_per_byte: float = 0.0,
 ) -> Partition:
     """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
 
@@ -146,6 +148,10 @@ def partition_model(
         one-thread pipeline worker, say). Layers use threads unequally, so stage times
         measured with other threads can cut the stages unevenly. ``None`` keeps the
         process's setting.
+    transfer_s_per_byte
+        With ``balance="time"``: seconds each of the two stages beside a cut spends per byte
+        of the activation crossing it (sending it, and receiving it), so that of two cuts
+        about as balanced, the one moving less data wins. 0 (default): cuts are free.
     strip_tail
         Cut a dense model that ends by resizing its map to the input's size without that
         resize (see :func:`~dask_infer.partition.split.resize_tail`); the check applies it.
@@ -182,7 +188,10 @@ def partition_model(
             f"stages={stages} but {label} has only {len(candidates)} cut points{why}; "
             f"use stages <= {len(candidates) + 1}"
         )
-    cuts = cut_after([_node_cost(c, balance) for c in costs], candidates, stages)
+    if not (math.isfinite(transfer_s_per_byte) and transfer_s_per_byte >= 0):
+        raise ModelError(f"transfer_s_per_byte={transfer_s_per_byte!r} must be a finite number >= 0")
+    moving = [costs[i].nbytes * transfer_s_per_byte for i in candidates] if balance == "time" else None
+    cuts = cut_after([_node_cost(c, balance) for c in costs], candidates, stages, moving)
     modules = graph.build_stages(cuts)
     if verify:
         with torch.no_grad():

@@ -85,6 +85,7 @@ from dask_infer.workflows.recovery import PipelineGuard
 from dask_infer.workflows.report import RunRecorder, report_run
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary, gpu_summary, stage_summary, write_summary
+from dask_infer.workflows.transfer import transfer_seconds_per_byte
 
 __all__ = ["RUN_ATTR", "clamped_top_k", "output_shapes", "run_config"]
 
@@ -306,8 +307,11 @@ def _partition_here(
     threads: int | None,
     precision: str = "fp32",
     channels_last: bool = False,
+    transfer_s_per_byte: float = 0.0,
 ) -> dict[str, Any]:
     """Task body: partition the model by time as this worker runs it.
+
+    ``transfer_s_per_byte`` charges each cut's activation to the stages beside it.
 
     With ``precision`` (``bf16``/``fp16``) and ``channels_last``, the model is profiled in
     the dtype and memory format its compressed stages compute in: layers' relative costs
@@ -324,13 +328,27 @@ def _partition_here(
             cast = cast.to(memory_format=torch.channels_last)
         try:
             plan = partition_model(
-                cast, stages, balance="time", sample=x, name=str(model), repeats=3, threads=threads
+                cast,
+                stages,
+                balance="time",
+                sample=x,
+                name=str(model),
+                repeats=3,
+                threads=threads,
+                transfer_s_per_byte=transfer_s_per_byte,
             ).plan
             return replace(plan, input_shape=tuple(sample)).to_dict()
         except Exception:  # a layer without a kernel for that dtype here: balance by fp32 times
             module = build_model(model, weights=weights, num_classes=num_classes).module
     return partition_model(
-        module, stages, balance="time", sample=sample, name=str(model), repeats=3, threads=threads
+        module,
+        stages,
+        balance="time",
+        sample=sample,
+        name=str(model),
+        repeats=3,
+        threads=threads,
+        transfer_s_per_byte=transfer_s_per_byte,
     ).plan.to_dict()
 
 
@@ -356,8 +374,12 @@ def _profile_on(
     threads: int,
     input_shape: tuple[int, int, int],
     compress: Any = None,
+    transfer_s_per_byte: float = 0.0,
 ) -> StagePlan:
     """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch.
+
+    ``transfer_s_per_byte`` (measured between two stage workers) is split between the two
+    stages beside each cut: the sender's half and the receiver's.
 
     Stage times depend on the threads and batch size they run with (early layers use
     threads better than late ones), so a profile taken on the client, with all of its
@@ -373,6 +395,7 @@ def _profile_on(
         (batch, *input_shape),
         threads,
         *_profiled_as(compress, stages),
+        transfer_s_per_byte / 2,
         workers=[worker],
         pure=False,
         key=f"{group_name('profile', loaded.name)}-{uuid.uuid4().hex[:8]}",
@@ -460,6 +483,9 @@ def _lay_out(
     if plan is not None and placement.pipelined and config.balance == "time" and not _gpu(config):
         worker = placement.stage_workers(0)[0]
         threads = (choice.torch_threads if choice else None) or max(1, info[worker]["nthreads"])
+        moving = transfer_seconds_per_byte(client, worker, placement.stage_workers(1)[0])
+        if moving:
+            say(f"activations between stage workers: {1e9 * moving:.2f} ms per MB, measured")
         profiled = _profile_on(
             client,
             worker,
@@ -469,6 +495,7 @@ def _lay_out(
             threads,
             prepared.input_shape,
             config.compress,
+            moving,
         )
         say(f"re-profiled on {worker}:\n" + format_plan(profiled))
         placement = with_plan(placement, profiled, workers, batch_size=batch)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dask_infer.errors import DaskInferError
-from dask_infer.partition.balance import PartitionError, balance_partition, part_sums
+from dask_infer.partition.balance import PartitionError, balance_partition, cut_after, part_sums, stage_sums
 
 
 def brute_force(costs: list[float], parts: int) -> tuple[int, ...]:
@@ -92,3 +92,46 @@ def test_bad_input(costs: list, parts: object, match: str) -> None:
     with pytest.raises(PartitionError, match=match) as info:
         balance_partition(costs, parts)  # type: ignore[arg-type]
     assert isinstance(info.value, DaskInferError)
+
+
+def _brute_with_cut_costs(
+    node_costs: list[float], candidates: list[int], parts: int, cut_costs: list[float]
+) -> float:
+    """The smallest largest stage cost over every choice of cuts, each stage paying its cuts."""
+    best = float("inf")
+    for chosen in itertools.combinations(range(len(candidates)), parts - 1):
+        cuts = [candidates[i] for i in chosen]
+        sums = stage_sums(node_costs, cuts)
+        for k, i in enumerate(chosen):
+            sums[k] += cut_costs[i]
+            sums[k + 1] += cut_costs[i]
+        best = min(best, max(sums))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_cut_costs_give_the_brute_force_optimum(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(3, 12)
+    node_costs = [0.0] + [rng.uniform(0, 5) for _ in range(n)]
+    candidates = sorted(rng.sample(range(1, n), rng.randint(1, n - 1)))
+    parts = rng.randint(2, len(candidates) + 1)
+    cut_costs = [rng.uniform(0, 3) for _ in candidates]
+    cuts = cut_after(node_costs, candidates, parts, cut_costs)
+    assert len(cuts) == parts - 1 and set(cuts) <= set(candidates) and cuts == sorted(cuts)
+    sums = stage_sums(node_costs, cuts)
+    for k, c in enumerate(cuts):
+        sums[k] += cut_costs[candidates.index(c)]
+        sums[k + 1] += cut_costs[candidates.index(c)]
+    assert max(sums) == pytest.approx(_brute_with_cut_costs(node_costs, candidates, parts, cut_costs))
+
+
+def test_a_costly_cut_moves_to_a_cheaper_neighbour() -> None:
+    # Free cuts split [1, 1, 1, 3] after node 3; a cut there costing 5 goes after node 2.
+    assert cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2) == [3]
+    assert cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2, [0.1, 0.1, 5.0]) == [2]
+    assert cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2, [0.0, 0.0, 0.0]) == [3]
+    with pytest.raises(PartitionError, match="cut_costs has 2 values for 3 candidates"):
+        cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2, [1.0, 1.0])
+    with pytest.raises(PartitionError, match=r"cut_costs\[1\]=-1.0 must be a finite number >= 0"):
+        cut_after([0, 1, 1, 1, 3], [1, 2, 3], 2, [1.0, -1.0, 1.0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -17,6 +19,8 @@ from dask_infer.partition import (
     run_stages,
     split_model,
 )
+from dask_infer.partition.profile import profile_graph
+from dask_infer.partition.split import ModelGraph
 from dask_infer.partition.stage_plan import PlanError
 
 # (name, builder kwargs, input size): small inputs where the model allows; ViT is built
@@ -214,3 +218,17 @@ def test_model_without_cut_points_is_explained() -> None:
         partition_model(NoCut(), 2, sample=(1, 3, 4, 4), repeats=1)
     stages, plan = partition_model(NoCut(), 1, sample=(1, 3, 4, 4), repeats=1)
     assert len(stages) == 1 and plan.cut_points == () and plan.imbalance == 1.0
+
+
+def test_a_costly_transfer_moves_the_time_balanced_cut_to_a_smaller_activation() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    free = partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1)
+    # A second per byte: moving any activation dwarfs every layer's time.
+    costly = partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, transfer_s_per_byte=1.0)
+    assert costly.plan.cut_bytes[0] <= free.plan.cut_bytes[0]
+    graph = ModelGraph.trace(copy.deepcopy(model))
+    costs = profile_graph(graph, torch.randn(2, 3, 64, 64), repeats=1)
+    smallest = min(costs[i].nbytes for i in graph.candidates if costs[i].shape is not None)
+    assert costly.plan.cut_bytes[0] == smallest
+    with pytest.raises(ModelError, match="transfer_s_per_byte=-1.0 must be a finite number >= 0"):
+        partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, transfer_s_per_byte=-1.0)
