@@ -8,6 +8,7 @@ normalisation) travels with the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from dask_infer.errors import ModelError, reason
 
 __all__ = [
+    "file_sha256",
     "cached_weights",
     "fit_error",
     "head_size",
@@ -32,6 +34,17 @@ __all__ = [
 
 weights_metadata_key = "dask_infer"
 """Key of the JSON metadata in a safetensors file's header."""
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of the file at ``path`` (read a MiB at a time), ``None`` for no file."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 import uuid
@@ -43,6 +42,7 @@ from dask_infer.models.features import check_feature_compression
 from dask_infer.models.heads import OutputShapes, probe_outputs
 from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.sources import ModelSource, model_label
+from dask_infer.models.weights import file_sha256
 from dask_infer.options import default_batch_size
 from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
 from dask_infer.partition.compress import CompressionError, CompressionPlan, check_recipe
@@ -218,13 +218,7 @@ def output_shapes(
 
 def _fingerprint(config: RunConfig, source: ImageSource, loaded: LoadedModel) -> dict[str, Any]:
     """What a run's results depend on: a resume must match it exactly to continue an output."""
-    digest = None
-    if loaded.weights is not None:
-        h = hashlib.sha256()
-        with open(loaded.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+    digest = file_sha256(loaded.weights)
     return {
         "input": normalise_location(config.input),
         "variable": source.variable,

@@ -23,7 +23,6 @@ batch of which cannot fit the workers' memory limit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -50,6 +49,7 @@ from dask_infer.io.stores import normalise_location
 from dask_infer.models import LoadedModel
 from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.tracing import running_modules
+from dask_infer.models.weights import file_sha256
 from dask_infer.options import default_batch_size
 from dask_infer.tiles.coords import resampled_grid, spatial_grid
 from dask_infer.tiles.field import auto_halo, field_cap, measure_field
@@ -207,13 +207,7 @@ def _fingerprint(
     outputs: tuple[str, ...],
     resampling: Resampling | None,
 ) -> dict[str, Any]:
-    digest = None
-    if loaded.weights is not None:
-        h = hashlib.sha256()
-        with open(loaded.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+    digest = file_sha256(loaded.weights)
     return {
         "input": normalise_location(config.input),
         "variable": source.variable,

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import dask_infer
 from dask_infer.config import RunConfig
 from dask_infer.errors import DaskInferError
 from dask_infer.tiles.store import TILE_MANIFEST
+from dask_infer.workflows.summary import RunSummary
 from dask_infer.workflows.tiled import plan_tiles
 from tests.tiles.nets import TileClassifier, TinyFCN
 
@@ -45,6 +47,11 @@ def _georeferenced(path: Path, images: np.ndarray, chunk: int) -> Path:
     return path
 
 
+def _run(src: Path | str, out: Path | str, client: Client, **options: Any) -> RunSummary:
+    """``dask_infer.run`` of ``src`` into ``out`` on ``client``, quietly unless ``echo`` is given."""
+    return dask_infer.run(str(src), str(out), client=client, **{"progress": False, "echo": None, **options})
+
+
 def _model_input(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     return (x - _MEAN) / _STD
@@ -62,15 +69,14 @@ def test_dense_tiles_equal_whole_image_forward(
     src, images = scene
     out = tmp_path / "map.zarr"
     lines: list[str] = []
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TinyFCN(),
         tile=32,
         halo="auto",
         outputs=("mask", "logits"),
-        client=client,
-        progress=False,
         echo=lines.append,
     )
     assert any(line.startswith("halo auto: ") and "output stride 2" in line for line in lines), lines
@@ -98,16 +104,14 @@ def test_dense_tiles_without_halo_show_seams(
 ) -> None:
     src, images = scene
     out = tmp_path / "seams.zarr"
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TinyFCN(),
         tile=32,
         halo=0,
         outputs=("logits",),
-        client=client,
-        progress=False,
-        echo=None,
     )
     with torch.inference_mode():
         whole = TinyFCN().eval()(_model_input(images)).numpy()
@@ -117,15 +121,13 @@ def test_dense_tiles_without_halo_show_seams(
 def test_tile_classification_map(scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path) -> None:
     src, images = scene
     out = tmp_path / "tiles.zarr"
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TileClassifier(),
         tile=32,
         stride=16,
-        client=client,
-        progress=False,
-        echo=None,
     )
     ds = xr.open_zarr(out)
     assert ds["logits"].dims == ("image", "tile_y", "tile_x", "category")
@@ -179,9 +181,10 @@ def test_a_compression_recipe_runs_on_tiles(
     not, resized to the window as the model does)."""
     src, images = scene
     out = tmp_path / "bf16.zarr"
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TinyFCN(),
         tile=32,
         halo=8,
@@ -189,9 +192,6 @@ def test_a_compression_recipe_runs_on_tiles(
         compress=compress,
         stages=stages,
         placement="pipeline" if stages > 1 else "data",
-        client=client,
-        progress=False,
-        echo=None,
     )
     with torch.inference_mode():
         whole = TinyFCN().eval()(_model_input(images)).numpy()
@@ -206,17 +206,15 @@ def test_float16_logits_are_the_float32_runs_cast(
     runs = {}
     for dtype in ("float32", "float16"):
         out = tmp_path / f"{dtype}.zarr"
-        dask_infer.run(
-            str(src),
-            str(out),
+        _run(
+            src,
+            out,
+            client,
             model=TinyFCN(),
             tile=32,
             halo=8,
             outputs=("mask", "logits"),
             logits_dtype=dtype,
-            client=client,
-            progress=False,
-            echo=None,
         )
         runs[dtype] = xr.open_zarr(out)
         assert zarr.open_group(str(out), mode="r")["logits"].dtype == np.dtype(dtype)  # type: ignore[union-attr]
@@ -236,16 +234,15 @@ def test_scale_factor_tiles_equal_the_whole_resampled_image_forward(
     src, images = scene
     out = tmp_path / "half.zarr"
     lines: list[str] = []
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TinyFCN(),
         tile=16,
         halo="auto",
         scale_factor=0.5,
         outputs=("mask", "logits"),
-        client=client,
-        progress=False,
         echo=lines.append,
     )
     assert any("images of 96x80 resampled (bilinear) to 48x40 before tiling" in line for line in lines), lines
@@ -281,18 +278,16 @@ def test_scale_factor_tile_classification_with_float16_logits(
 ) -> None:
     src, images = scene
     out = tmp_path / "tiles.zarr"
-    dask_infer.run(
-        str(src),
-        str(out),
+    _run(
+        src,
+        out,
+        client,
         model=TileClassifier(),
         tile=16,
         stride=8,
         scale_factor=0.5,
         logits_dtype="float16",
         interpolation="bicubic",
-        client=client,
-        progress=False,
-        echo=None,
     )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (F.interpolate(x, size=(48, 40), mode="bicubic", antialias=True, align_corners=False) - _MEAN) / _STD
@@ -329,17 +324,16 @@ def test_dense_tiles_through_stages_equal_the_one_stage_run(
     src, images = scene
     common = {"model": TinyFCN(), "tile": 32, "halo": "auto", "outputs": ("mask", "logits")}
     one = tmp_path / "one.zarr"
-    dask_infer.run(str(src), str(one), client=client, progress=False, echo=None, **common)
+    _run(src, one, client, **common)
     out = tmp_path / "staged.zarr"
     lines: list[str] = []
-    summary = dask_infer.run(
-        str(src),
-        str(out),
+    summary = _run(
+        src,
+        out,
+        client,
         placement=placement,
         stages=stages,
         replicas=replicas,
-        client=client,
-        progress=False,
         echo=lines.append,
         **common,
     )
@@ -359,15 +353,13 @@ def test_tile_classification_through_a_pipeline_equals_the_one_stage_run(
 ) -> None:
     src, _ = scene
     common = {"model": TileClassifier(), "tile": 32, "stride": 16, "outputs": ("logits", "probabilities")}
-    dask_infer.run(str(src), str(tmp_path / "one.zarr"), client=client, progress=False, echo=None, **common)
-    summary = dask_infer.run(
-        str(src),
-        str(tmp_path / "piped.zarr"),
+    _run(src, tmp_path / "one.zarr", client, **common)
+    summary = _run(
+        src,
+        tmp_path / "piped.zarr",
+        client,
         placement="pipeline",
         stages=2,
-        client=client,
-        progress=False,
-        echo=None,
         **common,
     )
     assert summary.placement["mode"] == "pipeline"
