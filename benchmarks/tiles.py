@@ -90,8 +90,23 @@ def main() -> None:
     parser.add_argument("--halo", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--stages", type=int, default=1, help="stages dask-infer cuts the model into (tiles run through them)"
+    )
+    parser.add_argument(
+        "--placement", default="auto", help="dask-infer's placement: auto, data, pipeline, hybrid"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="dask-infer's local workers (default: what the run picks)"
+    )
+    parser.add_argument("--threads", type=int, help="threads per dask-infer worker")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    layout = {"stages": args.stages, "placement": args.placement}
+    if args.workers is not None:
+        layout["n_workers"] = args.workers
+    if args.threads is not None:
+        layout["threads_per_worker"] = args.threads
 
     work = Path(tempfile.mkdtemp(prefix="dask-infer-tiles-"))
     grid = dense_grid(args.size, args.size, args.tile, args.halo)
@@ -113,6 +128,7 @@ def main() -> None:
                 outputs=("logits",),
                 progress=False,
                 echo=None,
+                **layout,
             )
             ours_total.append(time.perf_counter() - t0)
             ours.append(summary.seconds)
@@ -145,6 +161,8 @@ def main() -> None:
             "ratio": min(plain) / min(ours),
             "ratio_with_cluster_start": min(plain) / min(ours_total),
             "cluster": summary.cluster,
+            "placement": summary.placement.get("mode", "data"),
+            "stages": args.stages,
             "output_checks": [c.to_dict() for c in checks],
         }
     finally:

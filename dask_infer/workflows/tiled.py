@@ -602,7 +602,10 @@ def run_tiled(
                 plan.stages.plan,
                 _workers(client, config),
                 replicas=config.replicas,
-                batch_size=config.batch_size or default_batch_size(config.device == "cuda"),
+                # Images per forward pass: a map's task is one window; a classifier's, its row's tiles.
+                batch_size=1
+                if grid.dense
+                else min(config.batch_size or default_batch_size(config.device == "cuda"), grid.cols),
                 model=plan.loaded.name,
             )
             say(placement.describe())

@@ -454,3 +454,25 @@ def test_a_lost_stage_worker_stops_a_tile_pipeline_and_resume_finishes_it(tmp_pa
     np.testing.assert_array_equal(got["logits"].values, want["logits"].values)
     np.testing.assert_array_equal(got["mask"].values, want["mask"].values)
     assert got.attrs["dask_infer_complete"] is True
+
+
+def test_stages_are_placed_for_the_images_a_tile_task_runs_at_once(
+    scene: tuple[Path, np.ndarray], client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map's task runs one window and a classifier's its row's windows, not the CPU's batch of
+    32: the stage memory check must not refuse a pipeline 32 windows would not fit."""
+    from dask_infer.workflows import tiled
+
+    batches: list[int] = []
+    place = tiled.choose_placement
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        batches.append(kwargs["batch_size"])
+        return place(*args, **kwargs)
+
+    monkeypatch.setattr(tiled, "choose_placement", spy)
+    src, _ = scene
+    piped = {"placement": "pipeline", "stages": 2}
+    _run(src, tmp_path / "map.zarr", client, model=TinyFCN(), tile=32, halo=4, **piped)
+    _run(src, tmp_path / "rows.zarr", client, model=TileClassifier(), tile=32, stride=16, **piped)
+    assert batches == [1, 4]  # a row of 4 windows (80 pixels wide, tiles of 32 every 16)
