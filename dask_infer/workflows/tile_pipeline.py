@@ -6,7 +6,9 @@ size is cut without that resize (:mod:`dask_infer.partition.tail`), which its la
 worker applies, so a tile's map comes out as the whole model gives it. Under a ``data``
 placement each worker holds every stage and a tile is one model task, as in a one-stage
 run; under ``pipeline`` and ``hybrid`` a tile is one task per stage, each on that stage's
-workers, the activation passing from stage to stage.
+workers, the activation passing from stage to stage. A stage worker that leaves stops the
+feed (:class:`StageWorkerLost`); the run then places the stages again on the workers there
+are and runs the tiles not yet written.
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from dask_infer.workflows.graph import stage_prefix
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import ModelRuntime, StageOutput, compute_executor
 
-__all__ = ["TileStages", "plan_tile_stages", "stage_workers_check", "submit_tile_stages", "tile_stage"]
+__all__ = [
+    "StageWorkerLost",
+    "TileStages",
+    "plan_tile_stages",
+    "stage_workers_check",
+    "submit_tile_stages",
+    "tile_stage",
+]
 
 
 @dataclass(frozen=True)
@@ -167,11 +176,23 @@ def submit_tile_stages(
     return data
 
 
+class StageWorkerLost(DaskInferError):
+    """A worker holding stages of a pipelined tiled run left the cluster."""
+
+    def __init__(self, worker: str, stages: Sequence[int]) -> None:
+        self.worker = worker
+        self.stages = tuple(stages)
+        held = ", ".join(map(str, self.stages))
+        self.line = f"worker {worker} holding stage(s) {held} of the pipeline left the cluster"
+        super().__init__(
+            f"{self.line}; the tiles written so far are kept: run again with --resume to finish the rest"
+        )
+
+
 def stage_workers_check(client: Client, placement: Placement) -> Callable[[], None]:
-    """A check that raises, in one line, once a worker holding a stage has left the cluster.
+    """A check that raises :class:`StageWorkerLost` once a worker holding a stage has left the cluster.
 
     Tile tasks of a stage run only on its workers, so without them the run could not end.
-    The tiles written so far stay, and ``--resume`` runs the rest.
     """
     needed: Sequence[str] = placement.workers
 
@@ -179,10 +200,6 @@ def stage_workers_check(client: Client, placement: Placement) -> Callable[[], No
         alive = scheduler_workers(client)
         lost = [w for w in needed if w not in alive]
         if lost:
-            held = ", ".join(map(str, placement.stages_on()[lost[0]]))
-            raise DaskInferError(
-                f"worker {lost[0]} holding stage(s) {held} of the pipeline left the cluster; the tiles "
-                "written so far are kept: run again with --resume to finish the rest"
-            )
+            raise StageWorkerLost(lost[0], placement.stages_on()[lost[0]])
 
     return check

@@ -22,6 +22,8 @@ batch of which cannot fit the workers' memory limit.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -71,6 +73,7 @@ from dask_infer.workflows.runtime import ModelRuntime, compute_executor
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary
 from dask_infer.workflows.tile_pipeline import (
+    StageWorkerLost,
     TileStages,
     plan_tile_stages,
     stage_workers_check,
@@ -84,6 +87,12 @@ TILE_RUN_ATTR = "dask_infer_run"
 
 _IN_FLIGHT_PER_THREAD = 4
 """Tile tasks submitted ahead per worker thread: enough to keep every model busy."""
+
+_RECOVERIES = 3
+"""Times a pipelined tiled run places its stages again after losing a stage worker, before it stops."""
+
+_REJOIN_S = 10.0
+"""Seconds a pipelined tiled run waits, after losing a stage worker, for as many workers again."""
 
 _PROBE_SIDE = 256
 """Largest tile side the model's output is probed with."""
@@ -568,7 +577,7 @@ def run_tiled(
     config: RunConfig, *, client: Client | None = None, echo: Callable[[str], None] | None = print
 ) -> RunSummary:
     """Run ``config`` (with ``tile`` set) tile by tile; see :func:`dask_infer.run` for the options."""
-    from dask_infer.workflows.run import _connected, _workers
+    from dask_infer.workflows.run import _connected
 
     say = echo or (lambda _line: None)
     plan = plan_tiles(config, say)
@@ -595,65 +604,46 @@ def run_tiled(
                 storage_options=config.storage_options,
                 logits_dtype=config.logits_dtype,
             )
-        placement = None
-        if plan.stages is not None:
-            placement = choose_placement(
-                config.placement,
-                plan.stages.plan,
-                _workers(client, config),
-                replicas=config.replicas,
-                # Images per forward pass: a map's task is one window; a classifier's, its row's tiles.
-                batch_size=1
-                if grid.dense
-                else min(config.batch_size or default_batch_size(config.device == "cuda"), grid.cols),
-                model=plan.loaded.name,
-            )
-            say(placement.describe())
-        name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
-        spec = _runtime_spec(config, plan, choice.torch_threads if choice else None, placement)
-        say(f"loading {plan.loaded.name} on {len(workers)} worker(s)")
-        client.register_plugin(ModelRuntime(spec, name), name=name)
-        try:
-            todo = [t for t in plan.tasks if t not in plan.done]
-            threads = sum(w["nthreads"] for w in scheduler_workers(client).values())
-            token = uuid.uuid4().hex[:8]
-            start = time.perf_counter()
-            bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
-            with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
-                pauses = PauseReporter(client, say).check
-                stage_workers = (
-                    stage_workers_check(client, placement)
-                    if placement is not None and placement.pipelined
-                    else lambda: None
-                )
-
-                def check() -> None:
-                    pauses()
-                    stage_workers()
-
-                _feed(
-                    lambda tasks: _submit(
-                        client,
-                        plan,
-                        target,
-                        name,
-                        tasks,
-                        config.activation,
-                        token,
-                        config.logits_dtype,
-                        placement,
-                    ),
-                    todo,
-                    max(2, _IN_FLIGHT_PER_THREAD * threads),
-                    progress.update,
-                    check,
-                )
-            seconds = time.perf_counter() - start
-            loads = sum(
-                int(v) for v in client.run(lambda dask_worker: dask_worker.plugins[name].loads).values()
-            )
-        finally:
-            client.unregister_worker_plugin(name)
+        batch = (
+            1
+            if grid.dense
+            else min(config.batch_size or default_batch_size(config.device == "cuda"), grid.cols)
+        )
+        placement = _place(config, plan, client, batch, say)
+        todo = [t for t in plan.tasks if t not in plan.done]
+        tasks_to_run = len(todo)
+        threads = sum(w["nthreads"] for w in scheduler_workers(client).values())
+        loads, recoveries = 0, 0
+        start = time.perf_counter()
+        bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
+        with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
+            while True:
+                name = f"dask-infer-runtime-{uuid.uuid4().hex[:8]}"
+                spec = _runtime_spec(config, plan, choice.torch_threads if choice else None, placement)
+                say(f"loading {plan.loaded.name} on {len(scheduler_workers(client))} worker(s)")
+                client.register_plugin(ModelRuntime(spec, name), name=name)
+                try:
+                    _feed(
+                        _submitter(client, plan, target, name, config, placement),
+                        todo,
+                        max(2, _IN_FLIGHT_PER_THREAD * threads),
+                        progress.update,
+                        _checks(client, placement, say),
+                    )
+                    loads += _loads(client, name)
+                    break
+                except StageWorkerLost as lost:
+                    if recoveries >= _RECOVERIES or placement is None:
+                        raise
+                    recoveries += 1
+                    todo = _after_loss(client, config, plan, placement, lost, progress, say)
+                    try:
+                        placement = _place(config, plan, client, batch, say)
+                    except DaskInferError:
+                        raise lost from None
+                finally:
+                    client.unregister_worker_plugin(name)
+        seconds = time.perf_counter() - start
         summary = RunSummary(
             images=source.n_images,
             seconds=seconds,
@@ -661,7 +651,7 @@ def run_tiled(
             output=config.output,
             model=plan.loaded.name,
             pretrained=plan.loaded.pretrained,
-            chunks=len(todo),
+            chunks=tasks_to_run,
             chunk_size=1,
             workers=len(scheduler_workers(client)),
             model_loads=loads,
@@ -670,14 +660,100 @@ def run_tiled(
             placement={
                 **(placement.to_dict() if placement is not None else {"mode": "data"}),
                 "kind": placement.mode if placement is not None else "data",
-                "tiles": _tile_record(plan, seconds, len(todo)),
+                "tiles": _tile_record(plan, seconds, tasks_to_run),
+                "recoveries": recoveries,
             },
             skipped_chunks=len(plan.done),
         )
     _finalize(config, plan, target, summary)
     say(summary.format())
-    say(_tile_line(plan, seconds, len(todo)))
+    say(_tile_line(plan, seconds, tasks_to_run))
     return summary
+
+
+def _loads(client: Client, runtime: str) -> int:
+    """Times the workers loaded the runtime named ``runtime``."""
+    return sum(int(v) for v in client.run(lambda dask_worker: dask_worker.plugins[runtime].loads).values())
+
+
+def _place(
+    config: RunConfig, plan: TiledPlan, client: Client, batch: int, say: Callable[[str], None]
+) -> Placement | None:
+    """The stages on the cluster's workers now (``None``: one stage, every worker holds the model).
+
+    ``batch`` is the images a tile task runs at once: one window for a map, a row's tiles
+    for a classifier.
+    """
+    if plan.stages is None:
+        return None
+    from dask_infer.workflows.run import _workers
+
+    placement = choose_placement(
+        config.placement,
+        plan.stages.plan,
+        _workers(client, config),
+        replicas=config.replicas,
+        batch_size=batch,
+        model=plan.loaded.name,
+    )
+    say(placement.describe())
+    return placement
+
+
+def _submitter(
+    client: Client,
+    plan: TiledPlan,
+    target: TileTarget,
+    runtime: str,
+    config: RunConfig,
+    placement: Placement | None,
+) -> Callable[[list[TileTask]], list[Any]]:
+    """What submits a batch of tile tasks to ``runtime`` under ``placement``, with keys of their own."""
+    token = uuid.uuid4().hex[:8]
+    return lambda tasks: _submit(
+        client, plan, target, runtime, tasks, config.activation, token, config.logits_dtype, placement
+    )
+
+
+def _checks(client: Client, placement: Placement | None, say: Callable[[str], None]) -> Callable[[], None]:
+    """What the feed checks about every second: paused workers, and a pipeline's stage workers."""
+    pauses = PauseReporter(client, say).check
+    stages = stage_workers_check(client, placement) if placement is not None and placement.pipelined else None
+
+    def check() -> None:
+        pauses()
+        if stages is not None:
+            stages()
+
+    return check
+
+
+def _after_loss(
+    client: Client,
+    config: RunConfig,
+    plan: TiledPlan,
+    placement: Placement,
+    lost: StageWorkerLost,
+    progress: Any,
+    say: Callable[[str], None],
+) -> list[TileTask]:
+    """The tile tasks left to run after a stage worker was lost, once the cluster had a moment to restart it.
+
+    A nanny restarts a killed worker under a new address: up to ``_REJOIN_S`` seconds are
+    given for the cluster to have as many workers again. Tiles are counted from the manifest,
+    so a tile whose write landed is not run again.
+    """
+    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+        client.wait_for_workers(len(placement.workers), timeout=_REJOIN_S)
+    written = done_tiles(config.output, config.storage_options)
+    todo = [t for t in plan.tasks if t not in written]
+    progress.n = len(plan.tasks) - len(todo)
+    progress.refresh()
+    say(
+        f"{lost.line}: {len(written)} of {len(plan.tasks)} tile task(s) written; placing the stages again "
+        f"on the {len(scheduler_workers(client))} worker(s) there are"
+    )
+    return todo
 
 
 def _tile_batch(config: RunConfig, plan: TiledPlan) -> TileBatch:

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -404,57 +405,104 @@ def _tiles_written(path: Path) -> int:
         return 0
 
 
-def test_a_lost_stage_worker_stops_a_tile_pipeline_and_resume_finishes_it(tmp_path: Path) -> None:
-    """SIGKILL one stage's worker mid-run: the run stops in one line naming it, the tiles
-    written stay, and --resume writes the rest; the output equals an undisturbed run's."""
+_PIPELINED_TILES = {
+    "model": "tests.tiles.nets:tiny_fcn",
+    "tile": 32,
+    "halo": 8,
+    "outputs": ("mask", "logits"),
+    "placement": "pipeline",
+    "stages": 2,
+    "progress": False,
+}
+
+
+def _big_scene(tmp_path: Path) -> Path:
     images = np.random.default_rng(3).integers(0, 256, size=(6, 128, 128, 3), dtype=np.uint8)
-    src = _georeferenced(tmp_path / "big.zarr", images, 32)
-    options = {
-        "model": "tests.tiles.nets:tiny_fcn",
-        "tile": 32,
-        "halo": 8,
-        "outputs": ("mask", "logits"),
-        "placement": "pipeline",
-        "stages": 2,
-        "progress": False,
-    }
+    return _georeferenced(tmp_path / "big.zarr", images, 32)
+
+
+def _kill_after_tiles(
+    output: Path, tiles: int, kill: Callable[[], object]
+) -> tuple[threading.Thread, threading.Event]:
+    """A thread running ``kill`` once ``output``'s manifest records ``tiles`` tiles; the event says it ran."""
+    killed = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _tiles_written(output) < tiles:
+            time.sleep(0.01)
+        kill()
+        killed.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher, killed
+
+
+def _same_maps(got: Path, want: Path) -> None:
+    a, b = xr.open_zarr(got), xr.open_zarr(want)
+    np.testing.assert_array_equal(a["logits"].values, b["logits"].values)
+    np.testing.assert_array_equal(a["mask"].values, b["mask"].values)
+    assert a.attrs["dask_infer_complete"] is True
+
+
+def _two_workers() -> LocalCluster:
+    return LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
+    )
+
+
+def test_a_tile_pipeline_places_its_stages_again_when_a_stage_worker_is_restarted(tmp_path: Path) -> None:
+    """SIGKILL one stage's worker mid-run: its nanny restarts it under a new address, the run
+    places the stages again on the two workers and runs only the tiles not yet written; the
+    output equals an undisturbed run's."""
+    src = _big_scene(tmp_path)
     hit = tmp_path / "hit.zarr"
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        dask_infer.run(str(src), str(tmp_path / "calm.zarr"), client=client, echo=None, **options)
+    lines: list[str] = []
+    with _two_workers() as cluster, Client(cluster) as client:
+        dask_infer.run(str(src), str(tmp_path / "calm.zarr"), client=client, echo=None, **_PIPELINED_TILES)
         pids = client.run(os.getpid)
         victim = sorted(pids)[-1]
-        killed = threading.Event()
-
-        def kill_after_some_tiles() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and _tiles_written(hit) < 8:
-                time.sleep(0.01)
-            os.kill(pids[victim], signal.SIGKILL)
-            killed.set()
-
-        watcher = threading.Thread(target=kill_after_some_tiles, daemon=True)
-        watcher.start()
-        with pytest.raises(
-            DaskInferError, match=rf"worker {victim} holding stage\(s\) \d of the pipeline left"
-        ):
-            dask_infer.run(str(src), str(hit), client=client, echo=None, **options)
+        watcher, killed = _kill_after_tiles(hit, 8, lambda: os.kill(pids[victim], signal.SIGKILL))
+        summary = dask_infer.run(str(src), str(hit), client=client, echo=lines.append, **_PIPELINED_TILES)
         watcher.join(timeout=5)
         assert killed.is_set()
-        written = _tiles_written(hit)
-        assert 8 <= written < 6 * 16
-        client.wait_for_workers(2, timeout=60)
-        lines: list[str] = []
-        dask_infer.run(str(src), str(hit), client=client, resume=True, echo=lines.append, **options)
+    assert summary.placement["recoveries"] == 1
+    assert victim not in str(summary.placement["groups"])
+    lost = [line for line in lines if line.startswith(f"worker {victim} holding stage(s) ")]
+    assert len(lost) == 1 and "placing the stages again on the 2 worker(s) there are" in lost[0], lines
+    _same_maps(hit, tmp_path / "calm.zarr")
+
+
+def test_a_tile_pipeline_left_without_enough_workers_stops_and_resume_finishes_it(tmp_path: Path) -> None:
+    """Kill a stage worker and its nanny, so nothing brings it back: one worker cannot hold a
+    2-stage pipeline, so the run stops in one line naming the worker; the tiles written stay
+    and --resume, on a cluster of two again, writes the rest."""
+    src = _big_scene(tmp_path)
+    hit = tmp_path / "hit.zarr"
+    with _two_workers() as cluster, Client(cluster) as client:
+        dask_infer.run(str(src), str(tmp_path / "calm.zarr"), client=client, echo=None, **_PIPELINED_TILES)
+        victim = sorted(client.run(os.getpid))[-1]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        nanny = next(n for n in cluster.workers.values() if n.worker_address == victim)
+
+        def kill() -> None:
+            nanny.close_gracefully(reason="test: the nanny is gone")
+            os.kill(pid, signal.SIGKILL)
+
+        watcher, killed = _kill_after_tiles(hit, 8, kill)
+        lost = rf"worker {victim} holding stage\(s\) \d of the pipeline left the cluster.*--resume"
+        with pytest.raises(DaskInferError, match=lost):
+            dask_infer.run(str(src), str(hit), client=client, echo=None, **_PIPELINED_TILES)
+        watcher.join(timeout=5)
+        assert killed.is_set()
+    written = _tiles_written(hit)
+    assert 8 <= written < 6 * 16
+    lines: list[str] = []
+    with _two_workers() as cluster, Client(cluster) as client:
+        dask_infer.run(str(src), str(hit), client=client, resume=True, echo=lines.append, **_PIPELINED_TILES)
     assert any(f"{written} tile task(s) already written" in line for line in lines), lines
-    got, want = xr.open_zarr(hit), xr.open_zarr(tmp_path / "calm.zarr")
-    np.testing.assert_array_equal(got["logits"].values, want["logits"].values)
-    np.testing.assert_array_equal(got["mask"].values, want["mask"].values)
-    assert got.attrs["dask_infer_complete"] is True
+    _same_maps(hit, tmp_path / "calm.zarr")
 
 
 def test_stages_are_placed_for_the_images_a_tile_task_runs_at_once(
