@@ -313,6 +313,19 @@ def _partition_here(
     that profile fails, the fp32 one is taken.
     """
     module = build_model(model, weights=weights, num_classes=num_classes).module
+
+    def plan_of(net: torch.nn.Module, x: torch.Tensor | tuple[int, ...]) -> StagePlan:
+        return partition_model(
+            net,
+            stages,
+            balance="time",
+            sample=x,
+            name=str(model),
+            repeats=3,
+            threads=threads,
+            transfer_s_per_byte=transfer_s_per_byte,
+        ).plan
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is not None or channels_last:
         x = torch.zeros(sample, dtype=dtype or torch.float32)
@@ -321,29 +334,10 @@ def _partition_here(
             x = x.contiguous(memory_format=torch.channels_last)
             cast = cast.to(memory_format=torch.channels_last)
         try:
-            plan = partition_model(
-                cast,
-                stages,
-                balance="time",
-                sample=x,
-                name=str(model),
-                repeats=3,
-                threads=threads,
-                transfer_s_per_byte=transfer_s_per_byte,
-            ).plan
-            return replace(plan, input_shape=tuple(sample)).to_dict()
+            return replace(plan_of(cast, x), input_shape=tuple(sample)).to_dict()
         except Exception:  # a layer without a kernel for that dtype here: balance by fp32 times
             module = build_model(model, weights=weights, num_classes=num_classes).module
-    return partition_model(
-        module,
-        stages,
-        balance="time",
-        sample=sample,
-        name=str(model),
-        repeats=3,
-        threads=threads,
-        transfer_s_per_byte=transfer_s_per_byte,
-    ).plan.to_dict()
+    return plan_of(module, sample).to_dict()
 
 
 def _profiled_as(compress: Any, stages: int) -> tuple[str, bool]:

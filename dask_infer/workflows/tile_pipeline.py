@@ -72,7 +72,7 @@ def plan_tile_stages(
     """
     if config.stages == 1:
         return None
-    strip = dense and resize_tail(loaded.module) is not None
+    tail = resize_tail(loaded.module) if dense else None
     partition = partition_model(
         loaded.module,
         config.stages,
@@ -80,9 +80,8 @@ def plan_tile_stages(
         sample=(1, *model_input),
         name=loaded.name,
         repeats=2,
-        strip_tail=strip,
+        strip_tail=tail is not None,
     )
-    tail = resize_tail(loaded.module) if strip else None
     cuts = ", ".join(partition.plan.cut_points)
     say(
         f"stages: {loaded.name} cut after {cuts} (balanced by {config.balance} on a window of "
