@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -28,7 +29,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,31 @@ def decode_only(path: str, threads: int) -> Callable[[], int]:
         with ThreadPoolExecutor(threads) as pool:
             return sum(b.shape[0] for b in pool.map(lambda s: arr[s : s + arr.chunks[0]], starts))
 
+    return go
+
+
+def _decode_share(path: str, threads: int, part: int, parts: int) -> int:
+    """Images in every ``parts``-th chunk of ``path`` from chunk ``part`` on, read by ``threads`` threads."""
+    arr = zarr.open_group(path, mode="r")["images"]
+    starts = range(part * arr.chunks[0], arr.shape[0], parts * arr.chunks[0])
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(b.shape[0] for b in pool.map(lambda s: arr[s : s + arr.chunks[0]], starts))
+
+
+def decode_processes(path: str, threads: int, processes: int) -> Callable[[], int]:
+    """Decode alone in ``processes`` processes of ``threads // processes`` threads, each its share of chunks.
+
+    The processes start before timing; each timed call hands them one read of the store.
+    """
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(abs, range(processes)))  # start them
+    per = max(1, threads // processes)
+
+    def go() -> int:
+        shares = [pool.submit(_decode_share, path, per, i, processes) for i in range(processes)]
+        return sum(f.result() for f in shares)
+
+    go.pool = pool  # type: ignore[attr-defined]
     return go
 
 
@@ -374,6 +400,42 @@ def two_stages_one_device(
         )
 
 
+def processes_one_device(
+    source: str,
+    label: str,
+    work: Path,
+    recipe: str,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    checks: list[Check],
+    threads: int,
+    processes: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The whole model on ``processes`` worker processes that share the one GPU, data-parallel.
+
+    Each process has its own interpreter lock for its share of decoding, uploads and launches.
+    """
+    with (
+        LocalCluster(
+            n_workers=processes, threads_per_worker=max(1, threads // processes), host="127.0.0.1"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        return dask_infer_runs(
+            client,
+            source,
+            work,
+            f"{label}, {processes} processes on 1 device",
+            reference,
+            tolerance,
+            checks,
+            1,
+            compress=recipe,
+            **options,
+        )
+
+
 def fp8_model(model: torch.nn.Module) -> torch.nn.Module | None:
     """A copy whose ``nn.Linear`` layers run in fp8 (torchao), or ``None`` where torchao is missing."""
     try:
@@ -413,8 +475,11 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="cudagraphs,streams,plain-cudagraphs,pipeline,fp8",
-        help="comma-separated optional measurements: cudagraphs, streams, plain-cudagraphs, pipeline, fp8",
+        help="comma-separated optional measurements: cudagraphs, streams, plain-cudagraphs, pipeline, fp8, "
+        "processes",
     )
+    parser.add_argument("--streams", default="2", help="comma-separated CUDA stream counts for 'streams'")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes sharing the GPU")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     variants = {v.strip() for v in args.variants.split(",") if v.strip()}
@@ -607,20 +672,37 @@ def main() -> None:
             )
         close(client)
         client = None
-        if gpu and "streams" in variants and allows("dask-infer with two CUDA streams", 60):
-            runs["zstd_2_streams"], runs["uncompressed_2_streams"] = on_new_cluster(
-                args.threads,
-                {GPU_STREAMS_ENV: "2"},
-                [
-                    (zstd, f"{recipe}, 2 streams", plain_logits, args.repeats),
-                    (plain, f"{recipe} uncompressed, 2 streams", none_logits, 1),
-                ],
-                work,
-                tolerance,
-                checks,
-                compress=recipe,
-                **options,
-            )
+        for n in (int(c) for c in args.streams.split(",") if c.strip()) if "streams" in variants else ():
+            if gpu and allows(f"dask-infer with {n} CUDA streams", 60):
+                runs[f"zstd_{n}_streams"], runs[f"uncompressed_{n}_streams"] = on_new_cluster(
+                    args.threads,
+                    {GPU_STREAMS_ENV: str(n)},
+                    [
+                        (zstd, f"{recipe}, {n} streams", plain_logits, args.repeats),
+                        (plain, f"{recipe} uncompressed, {n} streams", none_logits, 1),
+                    ],
+                    work,
+                    tolerance,
+                    checks,
+                    compress=recipe,
+                    **options,
+                )
+        n = args.processes
+        if "processes" in variants and allows(f"dask-infer on {n} processes sharing the device", 90):
+            for key, store in (("none", plain), ("zstd", zstd)):
+                decode = decode_processes(store, args.threads, n)
+                try:
+                    result[f"decode_only_{key}_{n}_processes_images_per_s"] = timed(decode, args.repeats)
+                finally:
+                    decode.pool.shutdown()  # type: ignore[attr-defined]
+            for key, store, label, logits in (
+                (f"uncompressed_{n}_processes", plain, f"{recipe} uncompressed", none_logits),
+                (f"zstd_{n}_processes", zstd, recipe, plain_logits),
+            ):
+                if allows(f"dask-infer {key}", 45):
+                    runs[key] = processes_one_device(
+                        store, label, work, recipe, logits, tolerance, checks, args.threads, n, options
+                    )
         if (
             gpu
             and args.compile
@@ -727,16 +809,21 @@ def main() -> None:
         result["ratio_uncompressed_vs_decode_alone"] = runs["uncompressed"]["images_per_s"] / float(
             result["decode_only_none_images_per_s"]
         )
-        for key, plain_key in (
-            ("zstd_cudagraphs", "plain_loop_cudagraphs_images_per_s"),
-            ("uncompressed_cudagraphs", "plain_loop_cudagraphs_uncompressed_images_per_s"),
-            ("zstd_2_streams", "plain_loop_images_per_s"),
-            ("uncompressed_2_streams", "plain_loop_uncompressed_images_per_s"),
-        ):
-            if key in runs and plain_key in result:  # each against the plain loop of its own recipe
+        for key in runs:
+            plain_key = {
+                "zstd_cudagraphs": "plain_loop_cudagraphs_images_per_s",
+                "uncompressed_cudagraphs": "plain_loop_cudagraphs_uncompressed_images_per_s",
+            }.get(
+                key,
+                "plain_loop_images_per_s"
+                if key.startswith("zstd_")
+                else "plain_loop_uncompressed_images_per_s",
+            )
+            if (
+                key not in ("zstd", "uncompressed") and plain_key in result
+            ):  # against the plain loop of its recipe
                 result[f"ratio_{key}_vs_plain_loop"] = runs[key]["images_per_s"] / float(result[plain_key])
-        for key in ("uncompressed_cudagraphs", "uncompressed_2_streams"):
-            if key in runs:
+            if key.startswith("uncompressed_"):
                 result[f"ratio_{key}_vs_decode_alone"] = runs[key]["images_per_s"] / float(
                     result["decode_only_none_images_per_s"]
                 )
