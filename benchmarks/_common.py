@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dask_infer.workflows.cores import usable_cores
+
 __all__ = [
     "Check",
     "Tolerance",
@@ -87,6 +89,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "cpu_flags": cpu_flags(),
         "torch_cpu_capability": capability,
         "torch": torch.__version__,
@@ -101,7 +104,13 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     flags = " ".join(info["cpu_flags"]) or "none of " + " ".join(RELEVANT_FLAGS)
     load = info["load_average_1m"]
     return (
-        f"CPU: {info['cpu_model']} ({info['machine']}, {info['cpus']} cores); flags: {flags}; "
+        f"CPU: {info['cpu_model']} ({info['machine']}, {info['cpus']} cores"
+        + (
+            ""
+            if info.get("usable_cores", info["cpus"]) == info["cpus"]
+            else f", {info['usable_cores']} usable"
+        )
+        + f"); flags: {flags}; "
         f"torch {info['torch']} (CPU path {info['torch_cpu_capability']}), Python {info['python']}"
         + ("" if load is None else f"; load average {load:.2f}")
     )

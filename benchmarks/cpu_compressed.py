@@ -50,6 +50,7 @@ from dask_infer.io import write_sample
 from dask_infer.models import build_model
 from dask_infer.partition.compress import CompressionRecipe
 from dask_infer.partition.compress.quantize import quantize_int8
+from dask_infer.workflows.cores import usable_cores
 from dask_infer.workflows.fold import FOLD_ENV
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,7 +216,7 @@ def main() -> None:
         std = torch.tensor(loaded.std).view(1, 3, 1, 1)
         first = np.asarray(zarr.open_group(images, mode="r")["images"][:CALIBRATION_IMAGES])
         calibration = _normalise(torch.from_numpy(first), mean, std).contiguous()
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
         fp32_logits = None
         for text in recipes:
             recipe = CompressionRecipe.parse(text)

@@ -28,6 +28,7 @@ from _common import Tolerance, bench_parser, compare_logits, exit_if_failed, mac
 import dask_infer
 from dask_infer.io import write_sample
 from dask_infer.models import build_model
+from dask_infer.workflows.cores import usable_cores
 
 # Both sides compute fp32 with the same weights on the same images; only batching, memory
 # layout and thread count may differ, so their logits must agree to fp32 rounding.
@@ -77,7 +78,7 @@ def main() -> None:
             weights,
         )
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
         plain, ours, ours_total = [], [], []
         for r in range(args.repeats):
             plain.append(plain_loop(images, str(work / f"plain-{r}.zarr"), args.model, weights, args.batch))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from _common import Tolerance, compare_logits, exit_if_failed, machine_info, mac
 import dask_infer
 from dask_infer.models import build_model
 from dask_infer.tiles.grid import dense_grid
+from dask_infer.workflows.cores import usable_cores
 
 TOLERANCE = Tolerance(max_rel_err=1e-5, min_agreement=0.9999)
 
@@ -113,7 +113,7 @@ def main() -> None:
     try:
         url = str(work / "image.zarr")
         write_image(url, args.size, args.chunk)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
         plain, ours, ours_total = [], [], []
         for r in range(args.repeats):
             seconds, tiles = plain_loop(url, str(work / f"plain-{r}.zarr"), args.model, args.tile, args.halo)

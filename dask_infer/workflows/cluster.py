@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from distributed.security import Security
 
 from dask_infer.errors import DaskInferError, reason
 from dask_infer.options import DEVICES, check_choice
+from dask_infer.workflows.cores import usable_cores
 
 __all__ = [
     "LOCAL_HOST",
@@ -108,7 +108,7 @@ def choose_local_cluster(
     check_choice("device", device, DEVICES)
     if device == "cuda" and gpus == 0:
         raise DaskInferError("device='cuda' but no CUDA device is visible; use --device cpu")
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if gpus:
         # decoding feeds the GPU: give each worker its share of cores for I/O threads
         io_threads = threads_per_worker or max(4, min(16, cores // gpus))

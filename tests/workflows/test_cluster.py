@@ -19,7 +19,7 @@ def machine(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
     def set_machine(gpus: int, cores: int) -> None:
         monkeypatch.setattr(cluster_module, "cuda_device_count", lambda: gpus)
-        monkeypatch.setattr(cluster_module.os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(cluster_module, "usable_cores", lambda: cores)
 
     return set_machine
 
@@ -61,7 +61,7 @@ def test_this_machine_picks_what_it_has() -> None:
     """No monkeypatching: on a machine without CUDA the default is a CPU LocalCluster."""
     choice = choose_local_cluster()
     if cluster_module.cuda_device_count() == 0:
-        assert choice.kind == "LocalCluster" and choice.torch_threads == (cluster_module.os.cpu_count() or 1)
+        assert choice.kind == "LocalCluster" and choice.torch_threads == cluster_module.usable_cores()
     else:
         assert choice.kind == "LocalCUDACluster"
 
