@@ -227,11 +227,13 @@ def plain_loop(
     return go
 
 
-def task_breakdown(client: Client, since: float, wall: float) -> dict[str, Any]:
+def task_breakdown(client: Client, since: float, wall: float, images: int) -> dict[str, Any]:
     """Per task group of a run (from the scheduler's task stream): tasks, compute seconds, span.
 
     ``model_busy`` is the model tasks' compute seconds over the run's wall time: near 1
-    means the model never waited for data.
+    means the model never waited for data. ``steady_images_per_s`` counts the ``images``
+    over the model tasks' span only (first start to last stop), leaving out the fill
+    before the first chunk is decoded and the last chunk's write.
     """
     groups: dict[str, dict[str, float]] = {}
     for task in client.get_task_stream(start=since):
@@ -260,6 +262,9 @@ def task_breakdown(client: Client, since: float, wall: float) -> dict[str, Any]:
     model = [g for name, g in groups.items() if name.startswith(("infer_", "s0_", "s1_"))]
     if model and wall > 0:
         out["model_busy"] = round(sum(g["compute_s"] for g in model) / wall, 3)
+        span = max(g["last_stop"] for g in model) - min(g["first_start"] for g in model)
+        if span > 0:
+            out["steady_images_per_s"] = round(images / span, 1)
     return out
 
 
@@ -286,7 +291,7 @@ def dask_infer_runs(
         since = time.time()
         summary = dask_infer.run(source, out, client=client, progress=False, echo=None, **options)
         rates.append(summary.images_per_second)
-        breakdown = task_breakdown(client, since, summary.seconds)
+        breakdown = task_breakdown(client, since, summary.seconds, summary.images)
         checks.append(
             compare_logits(
                 f"dask-infer {label}, round {r + 1}",
@@ -331,16 +336,20 @@ def on_new_cluster(
     work: Path,
     tolerance: Tolerance,
     checks: list[Check],
+    n_workers: int | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Checked dask-infer runs on a new local cluster (``threads`` per worker, ``environ`` set).
 
     ``sources`` holds (store, label, reference logits, rounds) for each store, run in turn.
+    ``n_workers`` above the GPUs starts dask-infer's cluster of workers sharing them.
     """
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
     try:
-        client, _ = make_client(threads_per_worker=threads)
+        client, choice = make_client(threads_per_worker=threads, n_workers=n_workers)
+        if choice is not None:
+            print(f"cluster: {choice.describe()}", flush=True)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -400,42 +409,6 @@ def two_stages_one_device(
         )
 
 
-def processes_one_device(
-    source: str,
-    label: str,
-    work: Path,
-    recipe: str,
-    reference: np.ndarray,
-    tolerance: Tolerance,
-    checks: list[Check],
-    threads: int,
-    processes: int,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    """The whole model on ``processes`` worker processes that share the one GPU, data-parallel.
-
-    Each process has its own interpreter lock for its share of decoding, uploads and launches.
-    """
-    with (
-        LocalCluster(
-            n_workers=processes, threads_per_worker=max(1, threads // processes), host="127.0.0.1"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        return dask_infer_runs(
-            client,
-            source,
-            work,
-            f"{label}, {processes} processes on 1 device",
-            reference,
-            tolerance,
-            checks,
-            1,
-            compress=recipe,
-            **options,
-        )
-
-
 def fp8_model(model: torch.nn.Module) -> torch.nn.Module | None:
     """A copy whose ``nn.Linear`` layers run in fp8 (torchao), or ``None`` where torchao is missing."""
     try:
@@ -479,7 +452,11 @@ def main() -> None:
         "processes",
     )
     parser.add_argument("--streams", default="2", help="comma-separated CUDA stream counts for 'streams'")
-    parser.add_argument("--processes", type=int, default=2, help="worker processes sharing the GPU")
+    parser.add_argument(
+        "--processes",
+        default="2",
+        help="comma-separated worker process counts sharing the GPU, for 'processes'",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     variants = {v.strip() for v in args.variants.split(",") if v.strip()}
@@ -687,22 +664,30 @@ def main() -> None:
                     compress=recipe,
                     **options,
                 )
-        n = args.processes
-        if "processes" in variants and allows(f"dask-infer on {n} processes sharing the device", 90):
+        for n in (int(c) for c in args.processes.split(",") if c.strip()) if "processes" in variants else ():
+            if not allows(f"decode alone and dask-infer on {n} processes sharing the device", 90):
+                continue
             for key, store in (("none", plain), ("zstd", zstd)):
                 decode = decode_processes(store, args.threads, n)
                 try:
                     result[f"decode_only_{key}_{n}_processes_images_per_s"] = timed(decode, args.repeats)
                 finally:
                     decode.pool.shutdown()  # type: ignore[attr-defined]
-            for key, store, label, logits in (
-                (f"uncompressed_{n}_processes", plain, f"{recipe} uncompressed", none_logits),
-                (f"zstd_{n}_processes", zstd, recipe, plain_logits),
-            ):
-                if allows(f"dask-infer {key}", 45):
-                    runs[key] = processes_one_device(
-                        store, label, work, recipe, logits, tolerance, checks, args.threads, n, options
-                    )
+            # dask-infer's own cluster for more workers than GPUs: n processes, the threads shared out.
+            runs[f"zstd_{n}_processes"], runs[f"uncompressed_{n}_processes"] = on_new_cluster(
+                max(1, args.threads // n),
+                {},
+                [
+                    (zstd, f"{recipe}, {n} processes on 1 device", plain_logits, args.repeats),
+                    (plain, f"{recipe} uncompressed, {n} processes on 1 device", none_logits, 1),
+                ],
+                work,
+                tolerance,
+                checks,
+                n_workers=n,
+                compress=recipe,
+                **options,
+            )
         if (
             gpu
             and args.compile
@@ -853,6 +838,9 @@ def table(result: dict[str, Any]) -> str:
         busy = run["tasks_last_round"].get("model_busy")
         if busy is not None:
             rows.append((f"model busy share ({name})", busy))
+        steady = run["tasks_last_round"].get("steady_images_per_s")
+        if steady is not None:
+            rows.append((f"  steady state, model tasks' span ({name})", steady))
     if "pipeline_two_stages_one_gpu" in result:
         rows.append(("dask-infer 2 stages on 1 GPU", result["pipeline_two_stages_one_gpu"]["images_per_s"]))
     rows += [(k, v) for k, v in result.items() if k.startswith("ratio_")]

@@ -160,7 +160,9 @@ class RunConfig:
     tls_key
         This client's private key (PEM file); leave it out when ``tls_cert`` holds the key too.
     n_workers
-        Workers of the local cluster; ``None``: one per GPU, else one.
+        Workers of the local cluster; ``None``: one per GPU, else one. More than the GPUs
+        run several worker processes per GPU, round-robin, each with its own interpreter
+        for decoding and launching kernels.
     threads_per_worker
         Threads of each local worker; ``None`` picks from the machine.
     memory_limit

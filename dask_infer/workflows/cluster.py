@@ -19,10 +19,12 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 from distributed.security import Security
+from distributed.system import MEMORY_LIMIT
 
 from dask_infer.errors import DaskInferError, reason
 from dask_infer.options import DEVICES, check_choice
 from dask_infer.workflows.cores import usable_cores
+from dask_infer.workflows.gpu_sharing import GPUSharingCluster, visible_devices
 
 __all__ = [
     "LOCAL_HOST",
@@ -87,10 +89,13 @@ class ClusterChoice:
     n_workers: int
     threads_per_worker: int
     torch_threads: int | None
+    shared_gpus: int = 0
+    """GPUs a ``LocalCluster`` of more workers than GPUs spreads them over; 0 for the others."""
 
     def describe(self) -> str:
         """One line for the run's log."""
-        return f"{self.kind}: {self.n_workers} worker(s) x {self.threads_per_worker} thread(s)" + (
+        sharing = f" sharing {self.shared_gpus} GPU(s)" if self.shared_gpus else ""
+        return f"{self.kind}: {self.n_workers} worker(s){sharing} x {self.threads_per_worker} thread(s)" + (
             f", torch threads {self.torch_threads}" if self.torch_threads else ""
         )
 
@@ -100,9 +105,10 @@ def choose_local_cluster(
 ) -> ClusterChoice:
     """Pick the local cluster from what this machine has.
 
-    One ``LocalCUDACluster`` worker per GPU; on a CPU-only machine one worker process
-    whose single compute thread gives torch every core, with spare threads for reading
-    and writing chunks while the model runs.
+    One ``LocalCUDACluster`` worker per GPU; more workers than GPUs share them, several
+    worker processes per GPU (:mod:`dask_infer.workflows.gpu_sharing`). On a CPU-only
+    machine one worker process whose single compute thread gives torch every core, with
+    spare threads for reading and writing chunks while the model runs.
     """
     gpus = cuda_device_count() if device in ("auto", "cuda") else 0
     check_choice("device", device, DEVICES)
@@ -111,8 +117,11 @@ def choose_local_cluster(
     cores = usable_cores()
     if gpus:
         # decoding feeds the GPU: give each worker its share of cores for I/O threads
-        io_threads = threads_per_worker or max(4, min(16, cores // gpus))
-        return ClusterChoice("LocalCUDACluster", n_workers or gpus, io_threads, None)
+        workers = n_workers or gpus
+        io_threads = threads_per_worker or max(4, min(16, cores // max(workers, gpus)))
+        if workers > gpus:
+            return ClusterChoice("LocalCluster", workers, io_threads, None, shared_gpus=gpus)
+        return ClusterChoice("LocalCUDACluster", workers, io_threads, None)
     workers = n_workers or 1
     torch_threads = max(1, cores // workers)
     return ClusterChoice("LocalCluster", workers, threads_per_worker or 3, torch_threads)
@@ -369,6 +378,15 @@ def _start_cluster(choice: ClusterChoice, memory_limit: str | int | None = None)
                 host=LOCAL_HOST,
                 dashboard_address=f"{LOCAL_HOST}:8787",
                 **limit,
+            )
+        if choice.shared_gpus:
+            return GPUSharingCluster(
+                n_workers=choice.n_workers,
+                devices=visible_devices(choice.shared_gpus),
+                threads_per_worker=choice.threads_per_worker,
+                host=LOCAL_HOST,
+                dashboard_address=f"{LOCAL_HOST}:8787",
+                memory_limit=memory_limit or MEMORY_LIMIT // choice.n_workers,
             )
         return LocalCluster(
             n_workers=choice.n_workers,

@@ -191,3 +191,37 @@ def test_two_cuda_streams_give_the_same_outputs(
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.995
     images = zarr.open_group(str(digits_store), mode="r")["images"][:]
     assert_close_logits(b, reference_logits(images, "resnet18", str(digits_weights)), rel=2e-2)
+
+
+def test_two_worker_processes_share_the_card(
+    digits_store: Path, digits_weights: Path, tmp_path: Path
+) -> None:
+    """``n_workers=2`` on a one-GPU machine: two worker processes on the one card, both running
+    chunks on CUDA; the outputs are one worker's, and within bf16 rounding of fp32 on the CPU."""
+    import xarray as xr
+
+    import dask_infer
+
+    if torch.cuda.device_count() != 1:
+        pytest.skip("two workers on one card: a machine with one GPU")
+    common = {
+        "model": "resnet18",
+        "weights": str(digits_weights),
+        "compress": "bf16+channels_last",
+        "chunk_size": 32,
+        "batch_size": 16,
+        "progress": False,
+        "echo": None,
+    }
+    one = dask_infer.run(str(digits_store), str(tmp_path / "one.zarr"), **common)
+    two = dask_infer.run(str(digits_store), str(tmp_path / "two.zarr"), n_workers=2, **common)
+    assert one.cluster.startswith("LocalCUDACluster: 1 worker")
+    assert two.cluster.startswith("LocalCluster: 2 worker(s) sharing 1 GPU(s)")
+    # both processes ran on the card (NVML monitored each worker's device)
+    assert two.workers == 2 and len(two.gpus) == 2, (two.workers, two.gpus)
+    a = xr.open_zarr(tmp_path / "one.zarr")["logits"].values
+    b = xr.open_zarr(tmp_path / "two.zarr")["logits"].values
+    # The same kernels on the same batches in another process: equal to rounding.
+    assert_close_logits(b, a, rel=1e-3)
+    images = zarr.open_group(str(digits_store), mode="r")["images"][:]
+    assert_close_logits(b, reference_logits(images, "resnet18", str(digits_weights)), rel=2e-2)
