@@ -28,8 +28,14 @@ from tests.reference import assert_close_logits, assert_held_out_mistakes, refer
 CLI = [sys.executable, "-m", "dask_infer.cli"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def _digest(path: Path) -> str:
@@ -217,6 +223,43 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
         "maps image to 'time', but array 'images' has no dim 'time'; its dims are image, y, x, channel",
     ),
 }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "match"),
+    [
+        ("DASK_INFER_GPU_STREAMS", "two", "DASK_INFER_GPU_STREAMS='two' is not a whole number from 1 to 8"),
+        ("DASK_INFER_GPU_STREAMS", "0", "DASK_INFER_GPU_STREAMS='0' is not a whole number from 1 to 8"),
+        ("DASK_INFER_SWITCH_INTERVAL", "-1", "DASK_INFER_SWITCH_INTERVAL='-1' is not a positive number"),
+        (
+            "DASK_INFER_COMPILE_PREPROCESS",
+            "yes",
+            "DASK_INFER_COMPILE_PREPROCESS='yes' is not 1 or 0; set 1 to",
+        ),
+        ("DASK_INFER_INDUCTOR_FREEZING", "off", "DASK_INFER_INDUCTOR_FREEZING='off' is not 1 or 0; set 0 to"),
+    ],
+)
+def test_bad_worker_setting_is_one_line_before_a_cluster(
+    variable: str, value: str, match: str, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """A worker setting the workers would refuse stops the run here, before any cluster or output."""
+    out = tmp_path / "o.zarr"
+    proc = _cli(
+        "run",
+        "--input",
+        str(small_dataset),
+        "--output",
+        str(out),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(small_weights),
+        env={variable: value},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from dask_infer.io.stores import WRITER_ATTR
 from dask_infer.models import LoadedModel, build_model
 from dask_infer.models.heads import OutputShapes
 from dask_infer.partition.compress import CompressionPlan
+from dask_infer.workflows.environment import check_worker_environment
 from dask_infer.workflows.graph import READ, infer_prefix
 from dask_infer.workflows.preprocessing import TRANSFORM_CHECK_IMAGES, preprocess_spec
 from dask_infer.workflows.run import output_shapes, runtime_spec
@@ -443,6 +444,7 @@ def predict(
     """
     given = {k: v for k, v in {"model": model, "weights": weights, **options}.items() if v is not None}
     config = _config(given)
+    check_worker_environment()
     array = _as_images(images, config)
     connected = _connect(client)
     loaded = build_model(

@@ -57,6 +57,7 @@ from dask_infer.workflows.cluster import (
     scheduler_workers,
     worker_deaths,
 )
+from dask_infer.workflows.environment import check_worker_environment
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import feed, min_chunks
 from dask_infer.workflows.graph import (
@@ -804,6 +805,7 @@ def run_config(
     say = echo or (lambda _line: None)
     # Workers may run elsewhere: they must read and write what the user named here.
     config = config.replace(input=absolute_location(config.input), output=absolute_location(config.output))
+    check_worker_environment()
     if config.tile is not None:
         from dask_infer.workflows.tiled import run_tiled
 
