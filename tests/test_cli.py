@@ -237,6 +237,7 @@ _BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
             "DASK_INFER_COMPILE_PREPROCESS='yes' is not 1 or 0; set 1 to",
         ),
         ("DASK_INFER_INDUCTOR_FREEZING", "off", "DASK_INFER_INDUCTOR_FREEZING='off' is not 1 or 0; set 0 to"),
+        ("DASK_INFER_KEEP_LOADED_S", "-5", "DASK_INFER_KEEP_LOADED_S='-5' is not a number of seconds >= 0"),
     ],
 )
 def test_bad_worker_setting_is_one_line_before_a_cluster(

@@ -13,6 +13,7 @@ import os
 from dask_infer.errors import DaskInferError
 from dask_infer.partition.compress.freeze import FREEZING_ENV
 from dask_infer.workflows.fold import FOLD_ENV
+from dask_infer.workflows.kept import keep_seconds
 from dask_infer.workflows.runtime import gpu_switch_interval
 from dask_infer.workflows.streams import gpu_streams
 
@@ -37,7 +38,7 @@ def check_worker_environment() -> None:
         text = os.environ.get(name, "").strip()
         if text not in ("", "0", "1"):
             raise DaskInferError(f"{name}={text!r} is not 1 or 0; set {fix}")
-    for read in (gpu_streams, gpu_switch_interval):  # GPU_STREAMS_ENV, SWITCH_INTERVAL_ENV
+    for read in (gpu_streams, gpu_switch_interval, keep_seconds):  # each reads its variable
         try:
             read()
         except RuntimeError as exc:

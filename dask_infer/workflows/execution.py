@@ -54,6 +54,8 @@ class Execution:
     placement: Placement
     active: list[str] = field(default_factory=list)
     loads: int = 0
+    reused: int = 0
+    """Of ``loads``, those that took the stages an earlier run's runtime left on the worker."""
     last_start: float = 0.0
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     """Each re-placement of the stages after workers were lost or joined."""
@@ -71,7 +73,9 @@ class Execution:
         with contextlib.suppress(*_GONE):
             client.register_plugin(ModelRuntime(self.spec, name), name=name)
         self.active.append(name)
-        self.loads += sum(s["loads"] for s in runtime_stats(client, name).values())
+        stats = runtime_stats(client, name).values()
+        self.loads += sum(s["loads"] for s in stats)
+        self.reused += sum(bool(s.get("reused")) for s in stats)
         return name
 
     def release(self, client: Client) -> None:

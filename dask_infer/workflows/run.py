@@ -735,6 +735,7 @@ def _summarise(
         chunk_size=layout.chunks.size,
         workers=len(scheduler_workers(client)),
         model_loads=run.loads,
+        reused_loads=run.reused,
         cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
         dashboard=dashboard,
         placement=placement.to_dict(),
@@ -822,6 +823,8 @@ def run_config(
         try:
             with maybe_performance_report(client, config.report):
                 run.register(client)
+                if run.reused:
+                    say(f"{run.reused} worker(s) took the stages an earlier run of this model left loaded")
                 recorder = RunRecorder(client) if config.report else None
                 seconds, rebalance = _execute(client, config, layout, output, run, say, recorder, dashboard)
             summary = _summarise(client, config, layout, run, seconds, rebalance, choice, output, dashboard)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, TypeAlias
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
 from dask_infer.workflows.activation import Activation
 from dask_infer.workflows.fold import fold_preprocessing
+from dask_infer.workflows.kept import BuildKey, Kept, build_key, keep, take
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
 from dask_infer.workflows.streams import ThreadStreams, compute_threads
@@ -160,6 +162,28 @@ def _pick_device(wanted: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+
+def _in_use(
+    method: Callable[Concatenate[ModelRuntime, _P], _R],
+) -> Callable[Concatenate[ModelRuntime, _P], _R]:
+    """Count the calls of ``method`` running, so teardown keeps no stages a call still runs."""
+
+    @functools.wraps(method)
+    def counted(self: ModelRuntime, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    return counted
+
+
 class ModelRuntime(WorkerPlugin):
     """Builds the model's stages on each worker once and runs chunks through them.
 
@@ -185,6 +209,11 @@ class ModelRuntime(WorkerPlugin):
         self._stages: dict[int, nn.Module] = {}
         self._gpu = GpuSampler()
         self._switch_interval: float | None = None
+        self._key: BuildKey | None = None
+        self._in_flight = 0
+        self._build_s = 0.0
+        self.reused = False
+        """Whether this worker took stages a released runtime kept (:mod:`dask_infer.workflows.kept`)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "name": self.name}
@@ -230,6 +259,10 @@ class ModelRuntime(WorkerPlugin):
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
+        with self._lock:
+            idle = self._in_flight == 0
+        if self._stages and self._key is not None and idle:  # a cancelled run's chunk may still run
+            keep(Kept(self._key, self._stages, self.preprocess, self._build_s))
         self._stages = {}
         self._gpu.stop()
         if torch.cuda.is_available():
@@ -249,14 +282,23 @@ class ModelRuntime(WorkerPlugin):
         held = spec.stages_for(address, resources)
         if not held:
             return
-        self._stages = build_stages(spec, held, eager, self.device, self.batch_size, address=address)
-        self.preprocess = fold_preprocessing(spec, self._stages, eager, self.device, self.batch_size)
+        self._key = build_key(spec, held, self.batch_size, str(self.device))
+        kept = take(self._key)
+        if kept is not None:
+            self._stages, self.preprocess, self._build_s = kept.stages, kept.preprocess, kept.build_s
+            self.reused = True
+        else:
+            self._stages = build_stages(spec, held, eager, self.device, self.batch_size, address=address)
+            self.preprocess = fold_preprocessing(spec, self._stages, eager, self.device, self.batch_size)
         self._stage_stats.clear()
         if self.device.type == "cuda":
             self._streams = ThreadStreams(self.device, shared=compute_threads(spec) == 1)
             self._gpu.start()
         self.loads += 1
-        self.load_s = time.perf_counter() - started
+        # What building takes, also when kept stages were taken: a re-cut weighs it.
+        if not self.reused:
+            self._build_s = time.perf_counter() - started
+        self.load_s = self._build_s
 
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         # Per-stage times need no device sync on the CPU; on a GPU only the chunk total is kept.
@@ -300,6 +342,7 @@ class ModelRuntime(WorkerPlugin):
         with self._lock:
             self._stage_stats.setdefault(stage, StageStats()).add(**figures)
 
+    @_in_use
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> torch.Tensor:
         """Logits (float32) of a chunk of (image, y, x, channel) images, on the runtime's device."""
@@ -349,6 +392,7 @@ class ModelRuntime(WorkerPlugin):
                 pending = upload(i + size)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    @_in_use
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every requested output for one chunk, as numpy arrays keyed by variable name."""
         start = time.perf_counter()
@@ -371,6 +415,7 @@ class ModelRuntime(WorkerPlugin):
             self.busy_seconds += time.perf_counter() - start
         return result
 
+    @_in_use
     @torch.inference_mode()
     def run_stage(self, stage: int, data: StageInput) -> StageOutput | dict[str, np.ndarray]:
         """Run stage ``stage`` on one chunk: images for stage 0, the previous stage's output after.
@@ -475,6 +520,7 @@ class ModelRuntime(WorkerPlugin):
         return {
             "loads": self.loads,
             "load_s": self.load_s,
+            "reused": self.reused,
             "held_stages": sorted(self._stages),
             "chunks": self.chunks,
             "images": self.images,

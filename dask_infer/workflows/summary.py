@@ -45,6 +45,8 @@ class RunSummary:
     """Images read (wholly or partly) from absent input chunks as the fill value."""
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     """Each re-placement of a pipeline's stages after workers were lost or joined."""
+    reused_loads: int = 0
+    """Of ``model_loads``, those that took the stages an earlier run left on the worker."""
     compression_choices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Under ``--compress auto``: per worker address, each held stage's chosen recipe and every
     candidate's measured images/s and top-1 agreement with fp32."""
