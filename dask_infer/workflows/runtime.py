@@ -37,6 +37,7 @@ from dask_infer.models.heads import activate
 from dask_infer.models.tracing import running_modules
 from dask_infer.options import default_batch_size
 from dask_infer.workflows.activation import Activation
+from dask_infer.workflows.cores import usable_cores
 from dask_infer.workflows.fold import fold_preprocessing
 from dask_infer.workflows.kept import BuildKey, Kept, build_key, keep, take
 from dask_infer.workflows.monitor import GpuSampler
@@ -229,8 +230,9 @@ class ModelRuntime(WorkerPlugin):
         a runtime being replaced by a re-cut) and answering the scheduler meanwhile.
         """
         if self.spec.torch_threads is None and self.spec.device != "cuda":
-            # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores.
-            torch.set_num_threads(max(1, worker.state.nthreads))
+            # Nannies pin OMP_NUM_THREADS=1; the model owns this worker's share of cores, and
+            # never more threads than the cores this process may run on.
+            torch.set_num_threads(max(1, min(worker.state.nthreads, usable_cores())))
         resources = dict(worker.state.total_resources)
         await asyncio.get_running_loop().run_in_executor(None, self.load, worker.address, resources)
         name = compute_executor(self.name)

@@ -52,3 +52,26 @@ def test_a_process_pinned_to_one_core_gets_one_torch_thread() -> None:
         preexec_fn=lambda: os.sched_setaffinity(0, {first}),
     )
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_callers_worker_with_more_threads_than_cores_gives_torch_its_cores(
+    small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """On a cluster the caller made, a CPU worker of more threads than usable cores runs torch on
+    as many threads as it has cores, not one per Dask thread."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from tests.reference import run_small
+
+    threads = usable_cores() + 2
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=threads, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        run_small(client, small_dataset, tmp_path / "out.zarr", small_weights, chunk_size=64)
+        cores = client.run(usable_cores)
+        torch_threads = client.run(torch.get_num_threads)
+    assert list(torch_threads.values()) == list(cores.values())

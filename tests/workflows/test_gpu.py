@@ -41,6 +41,19 @@ def _cuda_spec(weights: Path, compress: str | None = None) -> RuntimeSpec:
     )
 
 
+def _bf16_digits_run(weights: Path) -> dict[str, Any]:
+    """``dask_infer.run`` options of the trained digits model in bf16, chunks of 32, quietly."""
+    return {
+        "model": "resnet18",
+        "weights": str(weights),
+        "compress": "bf16+channels_last",
+        "chunk_size": 32,
+        "batch_size": 16,
+        "progress": False,
+        "echo": None,
+    }
+
+
 def test_pool_leases_pinned_memory() -> None:
     arr = HostBufferPool(capacity=2, pinned=True).lease((8, 32, 32, 3), "uint8")
     assert torch.from_numpy(arr).is_pinned()
@@ -158,15 +171,7 @@ def test_two_cuda_streams_give_the_same_outputs(
     from dask_infer.workflows.cluster import make_client
     from dask_infer.workflows.streams import GPU_STREAMS_ENV
 
-    common = {
-        "model": "resnet18",
-        "weights": str(digits_weights),
-        "compress": "bf16+channels_last",
-        "chunk_size": 32,
-        "batch_size": 16,
-        "progress": False,
-        "echo": None,
-    }
+    common = _bf16_digits_run(digits_weights)
     one = dask_infer.run(str(digits_store), str(tmp_path / "one.zarr"), **common)
     monkeypatch.setenv(GPU_STREAMS_ENV, "2")
     client, _ = make_client()
@@ -204,15 +209,7 @@ def test_two_worker_processes_share_the_card(
 
     if torch.cuda.device_count() != 1:
         pytest.skip("two workers on one card: a machine with one GPU")
-    common = {
-        "model": "resnet18",
-        "weights": str(digits_weights),
-        "compress": "bf16+channels_last",
-        "chunk_size": 32,
-        "batch_size": 16,
-        "progress": False,
-        "echo": None,
-    }
+    common = _bf16_digits_run(digits_weights)
     one = dask_infer.run(str(digits_store), str(tmp_path / "one.zarr"), **common)
     two = dask_infer.run(str(digits_store), str(tmp_path / "two.zarr"), n_workers=2, **common)
     assert one.cluster.startswith("LocalCUDACluster: 1 worker")
