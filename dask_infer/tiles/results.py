@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from dask_infer.models.heads import activate
 from dask_infer.tiles.grid import Box, Window
+from dask_infer.tiles.stitch import core_of
 
-__all__ = ["tile_results", "window_crops"]
+__all__ = ["TileWork", "tile_results", "window_crops"]
 
 
 def window_crops(pixels: np.ndarray, windows: tuple[Window, ...], band: Box) -> np.ndarray:
@@ -37,3 +40,32 @@ def tile_results(
         probs = activate(moved, "softmax" if activation == "none" else activation)
         result["probabilities"] = (probs.movedim(1, axis) if logits.ndim > 1 else probs[0]).cpu().numpy()
     return result
+
+
+@dataclass(frozen=True)
+class TileWork:
+    """One tile task's model work: its windows, the band of pixels read for them, what it writes.
+
+    ``dense``: one window, whose core's map gives (class, y, x) scores and a (y, x) mask.
+    Otherwise a classifier's row of windows: (tile, class) scores and a (tile,) mask.
+    Scores are computed in float32 and ``logits`` returned as ``logits_dtype``.
+    """
+
+    windows: tuple[Window, ...]
+    band: Box
+    outputs: tuple[str, ...]
+    activation: str
+    dense: bool
+    logits_dtype: str = "float32"
+
+    def model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """What the model runs on: a map's window as read, a classifier's row cut into its windows."""
+        return pixels if self.dense else window_crops(pixels, self.windows, self.band)
+
+    def results(self, scores: torch.Tensor) -> dict[str, np.ndarray]:
+        """The task's results from the model's scores on :meth:`model_input`."""
+        if self.dense:
+            return tile_results(
+                core_of(scores[0], self.windows[0]), self.outputs, self.activation, 0, self.logits_dtype
+            )
+        return tile_results(scores, self.outputs, self.activation, 1, self.logits_dtype)

@@ -29,9 +29,7 @@ from dask_infer.models.tracing import running_modules
 from dask_infer.partition import StagePlan, partition_model
 from dask_infer.partition.split import resize_tail
 from dask_infer.partition.tail import ResizeTail
-from dask_infer.tiles.grid import Box, Window
-from dask_infer.tiles.results import tile_results, window_crops
-from dask_infer.tiles.stitch import core_of
+from dask_infer.tiles.results import TileWork
 from dask_infer.workflows.cluster import scheduler_workers
 from dask_infer.workflows.graph import stage_prefix
 from dask_infer.workflows.placement import Placement
@@ -92,15 +90,7 @@ def plan_tile_stages(
 
 
 def tile_stage(
-    runtime: str,
-    stage: int,
-    data: np.ndarray | StageOutput,
-    windows: tuple[Window, ...],
-    band: Box,
-    outputs: tuple[str, ...],
-    activation: str,
-    dense: bool,
-    logits_dtype: str,
+    runtime: str, stage: int, data: np.ndarray | StageOutput, work: TileWork
 ) -> StageOutput | dict[str, np.ndarray]:
     """Task body: stage ``stage`` of the worker's runtime on one tile task; the last gives its results.
 
@@ -108,17 +98,14 @@ def tile_stage(
     others, the previous stage's :class:`StageOutput`.
     """
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
-    if stage == 0 and not dense:
+    if stage == 0:
         assert isinstance(data, np.ndarray)
-        data = window_crops(data, windows, band)
+        data = work.model_input(data)
     with running_modules():
         out = plugin.run_stage(stage, data)
     if isinstance(out, StageOutput):
         return out
-    scores = torch.from_numpy(out["logits"])
-    if dense:
-        return tile_results(core_of(scores[0], windows[0]), outputs, activation, 0, logits_dtype)
-    return tile_results(scores, outputs, activation, 1, logits_dtype)
+    return work.results(torch.from_numpy(out["logits"]))
 
 
 def submit_tile_stages(
@@ -130,12 +117,7 @@ def submit_tile_stages(
     suffix: str,
     read: Callable[..., Any],
     read_args: tuple[Any, ...],
-    windows: tuple[Window, ...],
-    band: Box,
-    outputs: tuple[str, ...],
-    activation: str,
-    dense: bool,
-    logits_dtype: str,
+    work: TileWork,
 ) -> Any:
     """The read and stage tasks of the run's ``index``-th tile task; the last stage's future.
 
@@ -161,12 +143,7 @@ def submit_tile_stages(
                 runtime,
                 k,
                 data,
-                windows,
-                band,
-                outputs,
-                activation,
-                dense,
-                logits_dtype,
+                work,
                 key=f"{stage_prefix(label, k)}_tile-{suffix}",
                 priority=1 + k,
                 workers=list(placement.stage_workers(k, replica)),

@@ -60,11 +60,11 @@ from dask_infer.tiles.memory import TileBatch, check_tile_memory, worker_memory_
 from dask_infer.tiles.options import AUTO, DEFAULT_OUTPUTS, TILED_OUTPUTS
 from dask_infer.tiles.pixels import PixelSteps
 from dask_infer.tiles.resample import Resampling, resample_window
-from dask_infer.tiles.results import tile_results, window_crops
-from dask_infer.tiles.stitch import core_of
+from dask_infer.tiles.results import TileWork
 from dask_infer.tiles.store import TileTarget, TileTask, create_tiled_output, done_tiles, write_tile
 from dask_infer.workflows.checks import checked_model, open_input
 from dask_infer.workflows.cluster import cuda_device_count, scheduler_workers
+from dask_infer.workflows.execution import runtime_stats
 from dask_infer.workflows.graph import group_name
 from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.placement import Placement, choose_placement
@@ -390,30 +390,11 @@ def read_resampled(source: ImageSource, image: int, box: Box, resampling: Resamp
     return resample_window(read_window(source, image, region), wy, wx)
 
 
-def infer_tile(
-    runtime: str,
-    windows: tuple[Window, ...],
-    band: Box,
-    pixels: np.ndarray,
-    outputs: tuple[str, ...],
-    activation: str,
-    dense: bool,
-    logits_dtype: str = "float32",
-) -> dict[str, np.ndarray]:
-    """Task body: the model on one task's pixels (``band``), each window's results.
-
-    ``dense``: one window, whose core's map gives (class, y, x) scores and a (y, x) mask.
-    Otherwise a classifier's row of windows: (tile, class) scores and a (tile,) mask.
-    Scores are computed in float32 and ``logits`` returned as ``logits_dtype``.
-    """
+def infer_tile(runtime: str, work: TileWork, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Task body: the model on one task's pixels (``work.band``), each window's results."""
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
     with running_modules():
-        if dense:
-            logits = plugin.forward(pixels)[0]
-            return tile_results(core_of(logits, windows[0]), outputs, activation, 0, logits_dtype)
-        return tile_results(
-            plugin.forward(window_crops(pixels, windows, band)), outputs, activation, 1, logits_dtype
-        )
+        return work.results(plugin.forward(work.model_input(pixels)))
 
 
 def _tasks_of(plan: TiledPlan, task: TileTask) -> tuple[tuple[Window, ...], Box, tuple[int, int, int, int]]:
@@ -441,6 +422,7 @@ def _submit(
     futures = []
     for task in tasks:
         windows, band, core = _tasks_of(plan, task)
+        work = TileWork(windows, band, plan.outputs, activation, plan.grid.dense, logits_dtype)
         suffix = f"{token}-{task.image}_{task.row}_{task.col}"
         if placement is not None and placement.pipelined:
             if plan.resampling is None:
@@ -457,12 +439,7 @@ def _submit(
                 suffix,
                 read,
                 args,
-                windows,
-                band,
-                plan.outputs,
-                activation,
-                plan.grid.dense,
-                logits_dtype,
+                work,
             )
             futures.append(
                 client.submit(
@@ -494,13 +471,8 @@ def _submit(
             result = client.submit(
                 infer_tile,
                 runtime,
-                windows,
-                band,
+                work,
                 pixels,
-                plan.outputs,
-                activation,
-                plan.grid.dense,
-                logits_dtype,
                 key=f"infer_tile-{suffix}",
                 priority=1,
             )
@@ -613,7 +585,7 @@ def run_tiled(
         todo = [t for t in plan.tasks if t not in plan.done]
         tasks_to_run = len(todo)
         threads = sum(w["nthreads"] for w in scheduler_workers(client).values())
-        loads, recoveries = 0, 0
+        loads, reused_loads, recoveries = 0, 0, 0
         start = time.perf_counter()
         bar = {"unit": "tile", "disable": not config.progress, "desc": plan.loaded.name, "leave": True}
         with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), **bar) as progress:
@@ -630,7 +602,8 @@ def run_tiled(
                         progress.update,
                         _checks(client, placement, say),
                     )
-                    loads += _loads(client, name)
+                    loaded, reused = _loads(client, name)
+                    loads, reused_loads = loads + loaded, reused_loads + reused
                     break
                 except StageWorkerLost as lost:
                     if recoveries >= _RECOVERIES or placement is None:
@@ -655,6 +628,7 @@ def run_tiled(
             chunk_size=1,
             workers=len(scheduler_workers(client)),
             model_loads=loads,
+            reused_loads=reused_loads,
             cluster=choice.describe() if choice else f"scheduler {client.scheduler_info()['address']}",
             dashboard=client.dashboard_link,
             placement={
@@ -671,9 +645,10 @@ def run_tiled(
     return summary
 
 
-def _loads(client: Client, runtime: str) -> int:
-    """Times the workers loaded the runtime named ``runtime``."""
-    return sum(int(v) for v in client.run(lambda dask_worker: dask_worker.plugins[runtime].loads).values())
+def _loads(client: Client, runtime: str) -> tuple[int, int]:
+    """Times the workers loaded the runtime named ``runtime``, and of those, how many took kept stages."""
+    stats = runtime_stats(client, runtime).values()
+    return sum(int(s["loads"]) for s in stats), sum(bool(s.get("reused")) for s in stats)
 
 
 def _place(
