@@ -102,3 +102,31 @@ def test_a_run_with_more_workers_than_gpus_matches_plain_pytorch(
     assert_close_logits(
         xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))
     )
+
+
+def test_a_two_stage_pipeline_on_one_gpu_starts_two_workers_sharing_it(
+    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """``stages=2, placement='pipeline'`` without a cluster on a machine taken for one GPU: the run
+    asks for two workers, gets the sharing cluster (``LocalCUDACluster`` would refuse a second),
+    and its logits are a plain forward's."""
+    monkeypatch.setattr(cluster_module, "cuda_device_count", lambda: 1)
+    out = tmp_path / "out.zarr"
+    summary = dask_infer.run(
+        str(small_dataset),
+        str(out),
+        model="resnet18",
+        weights=str(small_weights),
+        stages=2,
+        placement="pipeline",
+        threads_per_worker=1,
+        chunk_size=16,
+        progress=False,
+        echo=None,
+    )
+    assert summary.cluster.startswith("LocalCluster: 2 worker(s) sharing 1 GPU(s)")
+    assert summary.placement["mode"] == "pipeline"
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    assert_close_logits(
+        xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))
+    )
