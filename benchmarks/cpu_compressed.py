@@ -13,8 +13,9 @@ For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile``
   warm rate (the run summary's seconds, from submission, after the workers built and
   compiled their stages), the cold time from starting the cluster to the first written
   chunk, and the whole call; then a second run on the same cluster, which takes the stages
-  the first left on its workers (``again_*`` in the JSON); for compiled recipes also with ``DASK_INFER_COMPILE_PREPROCESS=0``
-  (preprocessing left eager), to show what compiling it gives.
+  the first left on its workers (``again_*`` in the JSON); for compiled recipes also with
+  ``DASK_INFER_COMPILE_PREPROCESS=0`` (preprocessing left eager), to show what compiling it
+  gives.
 
 It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
 to fp32, the CPU model, its flags and the load average (other work may share the
