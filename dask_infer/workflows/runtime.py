@@ -262,8 +262,13 @@ class ModelRuntime(WorkerPlugin):
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
         with self._lock:
-            idle = self._in_flight == 0
-        if self._stages and self._key is not None and idle:  # a cancelled run's chunk may still run
+            idle = self._in_flight == 0  # a cancelled run's chunk may still run on the stages
+        # Kept only where no other runtime holds stages here (a re-cut's, a lazy result's):
+        # the worker would hold two models until the next load or the time runs out.
+        alone = not any(
+            isinstance(p, ModelRuntime) and p is not self and p._stages for p in worker.plugins.values()
+        )
+        if self._stages and self._key is not None and idle and alone:
             keep(Kept(self._key, self._stages, self.preprocess, self._build_s))
         self._stages = {}
         self._gpu.stop()

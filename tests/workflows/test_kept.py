@@ -137,9 +137,9 @@ def test_a_second_run_takes_the_first_runs_stages(
     )
 
 
-def _worker() -> SimpleNamespace:
+def _worker(**plugins: object) -> SimpleNamespace:
     """What ``ModelRuntime.teardown`` touches of a worker."""
-    return SimpleNamespace(executors={}, loop=SimpleNamespace(call_later=lambda *args: None))
+    return SimpleNamespace(executors={}, loop=SimpleNamespace(call_later=lambda *args: None), plugins=plugins)
 
 
 def test_teardown_keeps_only_idle_stages(monkeypatch: pytest.MonkeyPatch, small_weights: Path) -> None:
@@ -160,5 +160,12 @@ def test_teardown_keeps_only_idle_stages(monkeypatch: pytest.MonkeyPatch, small_
     third = ModelRuntime(spec, "third")
     third.load()
     assert not third.reused and third._stages is not stages
-    third.teardown(_worker())
-    take(build_key(spec, (0,), 8, "cpu"))  # leave nothing kept in this process
+
+    # A re-cut's runtime loaded beside it: releasing the old one keeps nothing, so the worker
+    # holds one model, not the live one and a kept one.
+    recut = ModelRuntime(replace(spec, cut_points=("layer1_0_add",)), "recut")
+    recut.load()
+    third.teardown(_worker(recut=recut))
+    assert take(build_key(spec, (0,), 8, "cpu")) is None
+    recut.teardown(_worker())
+    assert take(build_key(recut.spec, (0, 1), 8, "cpu")) is not None  # alone, it was kept
