@@ -12,18 +12,14 @@ import os
 
 from dask_infer.errors import DaskInferError
 from dask_infer.partition.compress.freeze import FREEZING_ENV
-from dask_infer.workflows.fold import FOLD_ENV
+from dask_infer.workflows.fold import fold_setting
 from dask_infer.workflows.kept import keep_seconds
 from dask_infer.workflows.runtime import gpu_switch_interval
 from dask_infer.workflows.streams import gpu_streams
 
 __all__ = ["check_worker_environment"]
 
-_SWITCHES = {
-    FOLD_ENV: "1 to compile the preprocessing with stage 0 on every device, 0 to keep it eager, "
-    "or unset it for the default",
-    FREEZING_ENV: "0 to compile CPU stages without inductor freezing, 1 or unset to freeze them",
-}
+_FREEZING_FIX = "0 to compile CPU stages without inductor freezing, 1 or unset to freeze them"
 
 
 def check_worker_environment() -> None:
@@ -34,11 +30,10 @@ def check_worker_environment() -> None:
     DaskInferError
         A variable holds a value its reader would refuse (or silently ignore).
     """
-    for name, fix in _SWITCHES.items():
-        text = os.environ.get(name, "").strip()
-        if text not in ("", "0", "1"):
-            raise DaskInferError(f"{name}={text!r} is not 1 or 0; set {fix}")
-    for read in (gpu_streams, gpu_switch_interval, keep_seconds):  # each reads its variable
+    text = os.environ.get(FREEZING_ENV, "").strip()
+    if text not in ("", "0", "1"):
+        raise DaskInferError(f"{FREEZING_ENV}={text!r} is not 1 or 0; set {_FREEZING_FIX}")
+    for read in (fold_setting, gpu_streams, gpu_switch_interval, keep_seconds):  # each reads its variable
         try:
             read()
         except RuntimeError as exc:

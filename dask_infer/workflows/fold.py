@@ -22,7 +22,7 @@ from dask_infer.models import Preprocess
 from dask_infer.partition.compress import CompressedStage
 from dask_infer.workflows.stages import RuntimeSpec
 
-__all__ = ["FOLD_ENV", "FoldedPreprocess", "fold_preprocessing"]
+__all__ = ["FOLD_ENV", "FoldedPreprocess", "fold_preprocessing", "fold_setting"]
 
 FOLD_ENV = "DASK_INFER_COMPILE_PREPROCESS"
 """In the workers' environment: ``0`` keeps preprocessing eager; ``1`` folds it on GPUs too."""
@@ -53,6 +53,23 @@ class FoldedPreprocess:
         return self._compiled(images)
 
 
+def fold_setting() -> str:
+    """``DASK_INFER_COMPILE_PREPROCESS`` stripped: ``"1"``, ``"0"`` or ``""`` (the default).
+
+    Raises
+    ------
+    RuntimeError
+        The variable holds anything else.
+    """
+    text = os.environ.get(FOLD_ENV, "").strip()
+    if text not in ("", "0", "1"):
+        raise RuntimeError(
+            f"{FOLD_ENV}={text!r} is not 1 or 0; set 1 to compile the preprocessing with stage 0 "
+            "on every device, 0 to keep it eager, or unset it for the default"
+        )
+    return text
+
+
 def fold_preprocessing(
     spec: RuntimeSpec,
     stages: Mapping[int, nn.Module],
@@ -73,7 +90,7 @@ def fold_preprocessing(
     """
     stage = stages.get(0)
     source = spec.calibration
-    setting = os.environ.get(FOLD_ENV, "")
+    setting = fold_setting()
     if (
         setting == "0"
         or (device.type != "cpu" and setting != "1")

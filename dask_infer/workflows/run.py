@@ -57,6 +57,7 @@ from dask_infer.workflows.cluster import (
     scheduler_workers,
     worker_deaths,
 )
+from dask_infer.workflows.cores import usable_cores
 from dask_infer.workflows.environment import check_worker_environment
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import feed, min_chunks
@@ -311,8 +312,11 @@ def _partition_here(
     With ``precision`` (``bf16``/``fp16``) and ``channels_last``, the model is profiled in
     the dtype and memory format its compressed stages compute in: layers' relative costs
     change with both, and a cut balanced in fp32 can leave bf16 stages far apart. Where
-    that profile fails, the fp32 one is taken.
+    that profile fails, the fp32 one is taken. ``threads`` is capped at the cores this
+    process may use, as the worker's model is (``ModelRuntime.setup``).
     """
+    if threads is not None:
+        threads = max(1, min(threads, usable_cores()))
     module = build_model(model, weights=weights, num_classes=num_classes).module
 
     def plan_of(net: torch.nn.Module, x: torch.Tensor | tuple[int, ...]) -> StagePlan:

@@ -39,7 +39,15 @@ from dask_infer.options import default_batch_size
 from dask_infer.workflows.activation import Activation
 from dask_infer.workflows.cores import usable_cores
 from dask_infer.workflows.fold import fold_preprocessing
-from dask_infer.workflows.kept import BuildKey, Kept, build_key, keep, take
+from dask_infer.workflows.kept import (
+    BuildKey,
+    Kept,
+    WeightsDigest,
+    build_key,
+    keep,
+    keep_seconds,
+    take,
+)
 from dask_infer.workflows.monitor import GpuSampler
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
 from dask_infer.workflows.streams import ThreadStreams, compute_threads
@@ -211,6 +219,7 @@ class ModelRuntime(WorkerPlugin):
         self._gpu = GpuSampler()
         self._switch_interval: float | None = None
         self._key: BuildKey | None = None
+        self._weights: WeightsDigest | None = None
         self._in_flight = 0
         self._build_s = 0.0
         self.reused = False
@@ -268,8 +277,8 @@ class ModelRuntime(WorkerPlugin):
         alone = not any(
             isinstance(p, ModelRuntime) and p is not self and p._stages for p in worker.plugins.values()
         )
-        if self._stages and self._key is not None and idle and alone:
-            keep(Kept(self._key, self._stages, self.preprocess, self._build_s))
+        if self._stages and self._key is not None and self._weights is not None and idle and alone:
+            keep(Kept(self._key, self._weights, self._stages, self.preprocess, self._build_s))
         self._stages = {}
         self._gpu.stop()
         if torch.cuda.is_available():
@@ -293,8 +302,10 @@ class ModelRuntime(WorkerPlugin):
         kept = take(self._key)
         if kept is not None:
             self._stages, self.preprocess, self._build_s = kept.stages, kept.preprocess, kept.build_s
+            self._weights = kept.weights
             self.reused = True
         else:
+            self._weights = WeightsDigest(spec.weights) if keep_seconds() > 0 else None
             self._stages = build_stages(spec, held, eager, self.device, self.batch_size, address=address)
             self.preprocess = fold_preprocessing(spec, self._stages, eager, self.device, self.batch_size)
         self._stage_stats.clear()

@@ -80,7 +80,7 @@ def test_folded_where_stage_0_is_compiled_on_a_cpu(monkeypatch: pytest.MonkeyPat
     assert fold_preprocessing(_spec(source=False), compiled, preprocess, cpu, 4) is preprocess
     # A GPU keeps it eager unless asked (nothing touches the device on the way out).
     assert fold_preprocessing(_spec(), compiled, preprocess, torch.device("cuda"), 4) is preprocess
-    monkeypatch.setenv(FOLD_ENV, "0")
+    monkeypatch.setenv(FOLD_ENV, " 0 ")  # read as the run's check reads it: stripped
     assert fold_preprocessing(_spec(), compiled, preprocess, cpu, 4) is preprocess
     monkeypatch.setenv(FOLD_ENV, "1")
     assert isinstance(fold_preprocessing(_spec(), compiled, preprocess, cpu, 4), FoldedPreprocess)

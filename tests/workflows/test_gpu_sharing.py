@@ -78,11 +78,26 @@ def test_workers_keep_their_gpu_across_a_restart() -> None:
         assert devices(client) == ["0,1", "0,1", "1,0"]
 
 
-def test_a_run_with_more_workers_than_gpus_matches_plain_pytorch(
-    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("layout", "cluster", "mode"),
+    [
+        ({"n_workers": 2}, "LocalCluster: 2 worker(s) sharing 1 GPU(s) x 1 thread(s)", "data"),
+        ({"stages": 2, "placement": "pipeline"}, "LocalCluster: 2 worker(s) sharing 1 GPU(s)", "pipeline"),
+    ],
+    ids=["two-workers", "two-stage-pipeline"],
+)
+def test_more_workers_than_gpus_share_them_and_match_plain_pytorch(
+    monkeypatch: pytest.MonkeyPatch,
+    small_dataset: Path,
+    small_weights: Path,
+    tmp_path: Path,
+    layout: dict[str, object],
+    cluster: str,
+    mode: str,
 ) -> None:
-    """``n_workers=2`` on a machine taken for one GPU: the run starts the sharing cluster, both workers
-    take chunks, and the logits are a plain forward's (the workers, without CUDA, run on the CPU)."""
+    """On a machine taken for one GPU, without a cluster: ``n_workers=2``, or a 2-stage pipeline (which
+    asks for two workers; ``LocalCUDACluster`` would refuse a second), starts the sharing cluster,
+    and the logits are a plain forward's (the workers, without CUDA, run on the CPU)."""
     monkeypatch.setattr(cluster_module, "cuda_device_count", lambda: 1)
     out = tmp_path / "out.zarr"
     summary = dask_infer.run(
@@ -90,42 +105,15 @@ def test_a_run_with_more_workers_than_gpus_matches_plain_pytorch(
         str(out),
         model="resnet18",
         weights=str(small_weights),
-        n_workers=2,
         threads_per_worker=1,
         chunk_size=16,
         progress=False,
         echo=None,
+        **layout,  # type: ignore[arg-type]
     )
-    assert summary.cluster == "LocalCluster: 2 worker(s) sharing 1 GPU(s) x 1 thread(s)"
+    assert summary.cluster.startswith(cluster)
     assert summary.workers == 2
-    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
-    assert_close_logits(
-        xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))
-    )
-
-
-def test_a_two_stage_pipeline_on_one_gpu_starts_two_workers_sharing_it(
-    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
-) -> None:
-    """``stages=2, placement='pipeline'`` without a cluster on a machine taken for one GPU: the run
-    asks for two workers, gets the sharing cluster (``LocalCUDACluster`` would refuse a second),
-    and its logits are a plain forward's."""
-    monkeypatch.setattr(cluster_module, "cuda_device_count", lambda: 1)
-    out = tmp_path / "out.zarr"
-    summary = dask_infer.run(
-        str(small_dataset),
-        str(out),
-        model="resnet18",
-        weights=str(small_weights),
-        stages=2,
-        placement="pipeline",
-        threads_per_worker=1,
-        chunk_size=16,
-        progress=False,
-        echo=None,
-    )
-    assert summary.cluster.startswith("LocalCluster: 2 worker(s) sharing 1 GPU(s)")
-    assert summary.placement["mode"] == "pipeline"
+    assert summary.placement["mode"] == mode
     images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
     assert_close_logits(
         xr.open_zarr(out)["logits"].values, reference_logits(images, "resnet18", str(small_weights))

@@ -15,7 +15,7 @@ from distributed import Client
 
 from dask_infer.models import build_model
 from dask_infer.workflows import kept as kept_module
-from dask_infer.workflows.kept import Kept, build_key, keep, keep_seconds, take
+from dask_infer.workflows.kept import Kept, WeightsDigest, build_key, keep, keep_seconds, take
 from dask_infer.workflows.runtime import ModelRuntime
 from dask_infer.workflows.stages import RuntimeSpec
 from tests.reference import assert_close_logits, reference_logits, run_small
@@ -56,10 +56,28 @@ def test_the_key_leaves_out_what_only_shapes_outputs(tmp_path: Path) -> None:
         build_key(_spec(str(weights), num_classes=5), (0,), 32, "cpu"),
     ):
         assert other != base
+
+
+def test_a_weights_file_rewritten_in_place_is_not_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The file counts by its content: the same path, size and mtime with other bytes is built again."""
+    monkeypatch.delenv(kept_module.KEEP_ENV, raising=False)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    key = build_key(_spec(str(weights)), (0,), 32, "cpu")
+    digest = WeightsDigest(str(weights))
+    assert digest.matches_file()
+    keep(Kept(key, digest, {0: torch.nn.Identity()}, None, 1.0))
+    assert take(key) is not None
+    keep(Kept(key, digest, {0: torch.nn.Identity()}, None, 1.0))
     stat = weights.stat()
     weights.write_bytes(b"other!!")  # the same path and size, rewritten ...
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... with the same mtime
-    assert build_key(_spec(str(weights)), (0,), 32, "cpu") != base
+    assert not digest.matches_file()
+    assert take(key) is None
+    assert not WeightsDigest(str(tmp_path / "gone.pt")).matches_file()
+    assert WeightsDigest(None).matches_file()
 
 
 def test_take_returns_only_a_match_and_drops_what_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,22 +85,23 @@ def test_take_returns_only_a_match_and_drops_what_was_kept(monkeypatch: pytest.M
     a = build_key(_spec("/nowhere/a.pt"), (0,), 32, "cpu")
     b = build_key(_spec("/nowhere/b.pt"), (0,), 32, "cpu")
     stages = {0: torch.nn.Identity()}
-    keep(Kept(a, stages, None, 3.5))
+    none = WeightsDigest(None)
+    keep(Kept(a, none, stages, None, 3.5))
     assert take(b) is None
     assert take(a) is None  # dropped by the miss: one model in memory, not two
-    keep(Kept(a, stages, None, 3.5))
+    keep(Kept(a, none, stages, None, 3.5))
     got = take(a)
     assert got is not None and got.stages is stages and got.build_s == 3.5
     assert take(a) is None  # taken once
     monkeypatch.setenv(kept_module.KEEP_ENV, "0")
-    keep(Kept(a, stages, None, 3.5))
+    keep(Kept(a, none, stages, None, 3.5))
     assert take(a) is None
 
 
 def test_kept_stages_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kept_module.KEEP_ENV, "0.05")
     a = build_key(_spec("/nowhere/a.pt"), (0,), 32, "cpu")
-    entry = Kept(a, {0: torch.nn.Identity()}, None, 1.0)
+    entry = Kept(a, WeightsDigest(None), {0: torch.nn.Identity()}, None, 1.0)
     keep(entry)
     kept_module._expire(entry)  # what the timer calls when the time is up
     assert take(a) is None

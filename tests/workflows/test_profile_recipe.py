@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from dask_infer.workflows import run as run_module
 from dask_infer.workflows.run import _partition_here, _profiled_as
 
 
@@ -19,3 +22,26 @@ def test_a_bf16_profile_gives_a_plan_for_the_runs_input() -> None:
     """Profiled in bf16 channels-last, the plan still names the run's input shape and one cut."""
     plan = _partition_here("resnet18", None, 10, 2, (4, 3, 32, 32), 1, "bf16", True)
     assert len(plan["cut_points"]) == 1 and tuple(plan["input_shape"]) == (4, 3, 32, 32)
+
+
+def test_the_profile_runs_on_no_more_threads_than_the_worker_has_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A caller's worker of 8 threads on a process allowed 2 cores is profiled with 2 torch threads,
+    as its model then runs."""
+    seen: list[int | None] = []
+
+    def partition(*args: object, threads: int | None = None, **kwargs: object) -> object:
+        seen.append(threads)
+        raise _Stop
+
+    monkeypatch.setattr(run_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(run_module, "partition_model", partition)
+    for given, want in ((8, 2), (1, 1)):
+        with pytest.raises(_Stop):
+            _partition_here("resnet18", None, 10, 2, (4, 3, 32, 32), given)
+        assert seen.pop() == want
+
+
+class _Stop(Exception):
+    """Ends the profile once its thread count is seen."""
