@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,6 +76,21 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _cut_candidates(graph: ModelGraph, costs: list[NodeCost], fused: bool) -> list[int]:
+    """Positions the model may be cut after; when ``fused``, none before a pointwise node that
+    reads the node and may be cut after itself (the cut moves past it)."""
+    found = [i for i in graph.candidates if costs[i].shape is not None]
+    if not fused:
+        return found
+    allowed = set(found)
+    order = graph.order
+    return [
+        i
+        for i in found
+        if not (i + 1 in allowed and costs[i + 1].pointwise and order[i] in order[i + 1].all_input_nodes)
+    ]
+
+
 def _node_cost(cost: NodeCost, balance: str) -> float:
     return float(
         {"time": cost.time_s, "flops": cost.flops, "params": cost.params, "memory": cost.memory_bytes}[
@@ -114,6 +130,7 @@ def partition_model(
     threads: int | None = None,
     strip_tail: bool = False,
     transfer_s_per_byte: float = 0.0,
+    fused: bool = False,
 ) -> Partition:
     """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
 
@@ -155,6 +172,16 @@ def partition_model(
     strip_tail
         Cut a dense model that ends by resizing its map to the input's size without that
         resize (see :func:`~dask_infer.partition.split.resize_tail`); the check applies it.
+    fused
+        With ``balance="time"``: balance the stages as compiled code runs them
+        (``torch.compile``, with inductor freezing on a CPU). Pointwise nodes (batch norm
+        in eval, activations, residual adds) cost nothing, since they fuse into the
+        operation before them, and no cut falls between such a node and its producer:
+        compiled apart, the producer loses the fused epilogue. Measured for ResNet-50 bf16
+        on one CPU thread: eager times put 51.7% of the model before ``layer2_3``'s end
+        and compiled stages ran 46.6% there (fused times: 46.5%); cut at
+        ``layer2_3_add`` rather than after its ReLU, the two compiled stages took 7% longer
+        than the whole model.
 
     Returns
     -------
@@ -181,7 +208,10 @@ def partition_model(
     graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
     with torch_threads(threads):
         costs = profile_graph(graph, batch, repeats=repeats)
-    candidates = [i for i in graph.candidates if costs[i].shape is not None]
+    fused = fused and balance == "time"
+    if fused:
+        costs = [replace(c, time_s=0.0) if c.pointwise else c for c in costs]
+    candidates = _cut_candidates(graph, costs, fused)
     if stages > len(candidates) + 1:
         why = " (it has no point where a single tensor crosses)" if not candidates else ""
         raise ModelError(
@@ -218,6 +248,7 @@ def partition_model(
         output_shape=tuple(output.shape) if output is not None else (),
         num_candidates=len(candidates),
         threads=threads,
+        fused=fused,
     )
     return Partition(list(modules), plan)
 

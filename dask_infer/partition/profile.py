@@ -49,6 +49,9 @@ class NodeCost:
         Shape of the output if it is a tensor, else ``None``.
     nbytes
         Bytes of the output tensor (views included), 0 if it is not a tensor.
+    pointwise
+        The node keeps its input's shape and counts no FLOPs (batch norm in eval, an
+        activation, a residual add): compiled code fuses it into the operation before it.
     """
 
     name: str
@@ -59,6 +62,7 @@ class NodeCost:
     activation_bytes: int
     shape: tuple[int, ...] | None
     nbytes: int
+    pointwise: bool = False
 
     @property
     def memory_bytes(self) -> int:
@@ -134,6 +138,7 @@ class _NodeRecorder(fx.Interpreter):
         self.flops: dict[fx.Node, int] = {}
         self.outputs: dict[fx.Node, tuple[tuple[int, ...] | None, int, int]] = {}
         self.signatures: dict[fx.Node, Hashable] = {}
+        self.pointwise: set[fx.Node] = set()
 
     def run_node(self, n: fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -155,6 +160,9 @@ class _NodeRecorder(fx.Interpreter):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         nbytes = out.nelement() * out.element_size() if isinstance(out, torch.Tensor) else 0
         self.outputs[n] = (shape, nbytes, sum(size for key, size in fresh.items() if key not in inputs))
+        first = next(_tensors((args, kwargs)), None)
+        if self.flops[n] == 0 and shape is not None and first is not None and tuple(first.shape) == shape:
+            self.pointwise.add(n)
         return out
 
 
@@ -256,6 +264,7 @@ def profile_graph(graph: ModelGraph, sample: torch.Tensor, *, repeats: int = 5) 
                 activation_bytes=new_bytes,
                 shape=shape,
                 nbytes=nbytes,
+                pointwise=n in counting.pointwise,
             )
         )
     return costs

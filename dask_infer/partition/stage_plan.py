@@ -105,6 +105,10 @@ class StagePlan:
     threads
         Torch intra-op threads the times were measured with (``None``: the process's
         setting, not recorded).
+    fused
+        Times are those of compiled stages: pointwise nodes cost nothing (they fuse into
+        the operation before them), and no cut separates one from its producer (see
+        :func:`~dask_infer.partition.partition_model`).
     """
 
     model: str | None
@@ -117,6 +121,7 @@ class StagePlan:
     output_shape: tuple[int, ...]
     num_candidates: int
     threads: int | None = None
+    fused: bool = False
 
     def __post_init__(self) -> None:
         check_balance(self.balance)
@@ -171,6 +176,7 @@ class StagePlan:
         if version != _PLAN_VERSION:
             raise PlanError(f"stage plan version {version!r} is not supported; re-run `dask-infer partition`")
         data.setdefault("threads", None)
+        data.setdefault("fused", False)
         _check_keys("stage plan", data, {f.name for f in fields(cls)})
         try:
             stages = []
@@ -200,6 +206,7 @@ class StagePlan:
                 output_shape=tuple(int(v) for v in data["output_shape"]),
                 num_candidates=int(data["num_candidates"]),
                 threads=None if data["threads"] is None else int(data["threads"]),
+                fused=bool(data["fused"]),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, PlanError):
@@ -254,6 +261,7 @@ def format_plan(plan: StagePlan) -> str:
         f"{plan.model or 'model'} in {plan.num_stages} stage{'s' if plan.num_stages > 1 else ''}, "
         f"balanced by {plan.balance} (input {_shape(plan.input_shape)}, "
         + (f"{plan.threads} thread{'s' if plan.threads > 1 else ''}, " if plan.threads else "")
+        + ("as compiled, pointwise ops fused, " if plan.fused else "")
         + f"{plan.num_candidates} cut points available)"
     )
     header = (

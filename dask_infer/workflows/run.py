@@ -304,10 +304,12 @@ def _partition_here(
     precision: str = "fp32",
     channels_last: bool = False,
     transfer_s_per_byte: float = 0.0,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """Task body: partition the model by time as this worker runs it.
 
-    ``transfer_s_per_byte`` charges each cut's activation to the stages beside it.
+    ``transfer_s_per_byte`` charges each cut's activation to the stages beside it;
+    ``fused`` balances the stages as compiled code runs them (see ``partition_model``).
 
     With ``precision`` (``bf16``/``fp16``) and ``channels_last``, the model is profiled in
     the dtype and memory format its compressed stages compute in: layers' relative costs
@@ -329,6 +331,7 @@ def _partition_here(
             repeats=3,
             threads=threads,
             transfer_s_per_byte=transfer_s_per_byte,
+            fused=fused,
         ).plan
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -343,6 +346,14 @@ def _partition_here(
         except Exception:  # a layer without a kernel for that dtype here: balance by fp32 times
             module = build_model(model, weights=weights, num_classes=num_classes).module
     return plan_of(module, sample).to_dict()
+
+
+def _profiled_fused(compress: Any, stages: int) -> bool:
+    """Whether every stage of ``compress`` is compiled, so the profile balances fused times."""
+    if compress is None or is_auto(compress):
+        return False
+    plan = CompressionPlan.coerce(compress)
+    return all(plan.recipe_for(i).compile for i in range(stages))
 
 
 def _profiled_as(compress: Any, stages: int) -> tuple[str, bool]:
@@ -389,6 +400,7 @@ def _profile_on(
         threads,
         *_profiled_as(compress, stages),
         transfer_s_per_byte / 2,
+        _profiled_fused(compress, stages),
         workers=[worker],
         pure=False,
         key=f"{group_name('profile', loaded.name)}-{uuid.uuid4().hex[:8]}",

@@ -232,3 +232,33 @@ def test_a_costly_transfer_moves_the_time_balanced_cut_to_a_smaller_activation()
     assert costly.plan.cut_bytes[0] == smallest
     with pytest.raises(ModelError, match="transfer_s_per_byte=-1.0 must be a finite number >= 0"):
         partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, transfer_s_per_byte=-1.0)
+
+
+def test_a_fused_profile_prices_compiled_stages_and_keeps_pointwise_ops_with_their_producer() -> None:
+    """``fused=True``: batch norms, ReLUs and residual adds cost nothing, no cut separates one
+    from the node it reads, and the stages still reproduce the model bit for bit."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    graph = ModelGraph.trace(copy.deepcopy(model))
+    costs = profile_graph(graph, torch.randn(2, 3, 64, 64), repeats=1)
+    kinds = {
+        n.name: (type(graph.module.get_submodule(str(n.target))).__name__ if n.op == "call_module" else n.name)
+        for n in graph.order
+    }
+    pointwise = {c.name for c in costs if c.pointwise}
+    assert {"bn1", "relu", "layer1_0_add", "layer4_1_relu_1"} <= pointwise
+    assert not any(kinds[name] in ("Conv2d", "Linear", "MaxPool2d") for name in pointwise)
+
+    for stages in (2, 3, 4):
+        eager = partition_model(model, stages, sample=(2, 3, 64, 64), repeats=1)
+        fused = partition_model(model, stages, sample=(2, 3, 64, 64), repeats=1, fused=True)
+        assert fused.plan.fused and not eager.plan.fused
+        assert eager.plan.num_candidates > fused.plan.num_candidates
+        # After a residual add comes its ReLU: a fused cut never falls between them.
+        assert not any(cut.endswith("_add") for cut in fused.plan.cut_points)
+        assert sum(s.time_s for s in fused.plan.stages) < sum(s.time_s for s in eager.plan.stages)
+    assert "as compiled, pointwise ops fused" in format_plan(fused.plan)
+    assert StagePlan.from_dict(fused.plan.to_dict()) == fused.plan
+    # Fused stage times count only the nodes that are not pointwise (convolutions, poolings,
+    # the linear layer), each stage its own.
+    again = profile_graph(graph, torch.randn(2, 3, 64, 64), repeats=1)
+    assert [c.pointwise for c in again] == [c.pointwise for c in costs]

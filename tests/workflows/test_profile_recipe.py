@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dask_infer.workflows import run as run_module
-from dask_infer.workflows.run import _partition_here, _profiled_as
+from dask_infer.workflows.run import _partition_here, _profiled_as, _profiled_fused
 
 
 def test_the_profile_takes_the_recipe_all_stages_share() -> None:
@@ -16,6 +16,21 @@ def test_the_profile_takes_the_recipe_all_stages_share() -> None:
     assert _profiled_as("0:bf16,1:fp32", 2) == ("fp32", False)
     assert _profiled_as("auto", 2) == ("fp32", False)
     assert _profiled_as(None, 2) == ("fp32", False)
+
+
+def test_the_profile_is_fused_where_every_stage_compiles() -> None:
+    assert _profiled_fused("bf16+channels_last+compile", 2)
+    assert _profiled_fused("int8+compile", 3)
+    assert not _profiled_fused("0:bf16+compile,1:bf16", 2)
+    assert not _profiled_fused("bf16+channels_last", 2)
+    assert not _profiled_fused("auto", 2)
+    assert not _profiled_fused(None, 2)
+
+
+def test_a_fused_profile_on_the_worker_never_cuts_before_a_relu() -> None:
+    plan = _partition_here("resnet18", None, 10, 3, (4, 3, 32, 32), 1, "bf16", True, 0.0, True)
+    assert plan["fused"] and len(plan["cut_points"]) == 2
+    assert not any(cut.endswith("_add") or "bn" in cut for cut in plan["cut_points"])
 
 
 def test_a_bf16_profile_gives_a_plan_for_the_runs_input() -> None:
