@@ -240,8 +240,9 @@ def test_a_fused_profile_prices_compiled_stages_and_keeps_pointwise_ops_with_the
     model = torchvision.models.resnet18(num_classes=10).eval()
     graph = ModelGraph.trace(copy.deepcopy(model))
     costs = profile_graph(graph, torch.randn(2, 3, 64, 64), repeats=1)
+    module = graph.module
     kinds = {
-        n.name: (type(graph.module.get_submodule(str(n.target))).__name__ if n.op == "call_module" else n.name)
+        n.name: type(module.get_submodule(str(n.target))).__name__ if n.op == "call_module" else n.name
         for n in graph.order
     }
     pointwise = {c.name for c in costs if c.pointwise}
