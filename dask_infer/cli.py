@@ -292,6 +292,12 @@ def ingest(folder: str, output: str, size: int, chunk: int, overwrite: bool) -> 
 @click.option(
     "--threads", type=int, help="Torch threads to time with: those each stage will run with (default: all)."
 )
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="With --balance time: time the stages as compiled (+compile) stages run, pointwise ops "
+    "fused into the layer before them, and never cut between the two.",
+)
 @click.option("--json", "json_path", type=click.Path(), help="Also write the plan as JSON here.")
 @_clean_errors
 def partition(
@@ -303,12 +309,17 @@ def partition(
     batch_size: int,
     size: int | None,
     threads: int | None,
+    fused: bool,
     json_path: str | None,
 ) -> None:
     """Split a model into balanced sequential stages and print the plan."""
     from dask_infer.models import build_model
     from dask_infer.partition import format_plan, partition_model
 
+    if fused and balance != "time":
+        raise DaskInferError(
+            f"--fused times the stages, but --balance is {balance!r}; use --balance time, or drop --fused"
+        )
     _importable_here()
     kwargs = _json_option("--model-kwargs", model_kwargs, _KWARGS_EXAMPLE) if model_kwargs else None
     loaded = build_model(model, weights=weights, model_kwargs=kwargs)
@@ -320,6 +331,7 @@ def partition(
         sample=(batch_size, 3, side, side),
         name=loaded.name,
         threads=threads,
+        fused=fused,
     )
     click.echo(format_plan(plan))
     if json_path:

@@ -426,6 +426,13 @@ def test_partition_and_evaluate_commands(small_dataset: Path, small_weights: Pat
     assert proc.returncode == 0, proc.stderr
     assert "resnet18 in 3 stages, balanced by flops" in proc.stdout and "imbalance" in proc.stdout
     assert "1 thread," in proc.stdout
+    proc = _cli("partition", "--model", "resnet18", "--stages", "2", "--size", "64", "--fused")
+    assert proc.returncode == 0, proc.stderr
+    assert "as compiled, pointwise ops fused" in proc.stdout and "_add" not in proc.stdout.splitlines()[-1]
+    proc = _cli("partition", "--model", "resnet18", "--stages", "2", "--balance", "flops", "--fused")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --fused times the stages, but --balance is 'flops'; use --balance time, or drop --fused"
+    ]
     proc = _cli("partition", "--model", "resnet18", "--stages", "99")
     assert (
         proc.returncode == 2 and proc.stderr.startswith("error: stages=99") and "Traceback" not in proc.stderr
