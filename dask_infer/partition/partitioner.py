@@ -179,9 +179,9 @@ def partition_model(
         operation before them, and no cut falls between such a node and its producer:
         compiled apart, the producer loses the fused epilogue. Measured for ResNet-50 bf16
         on one CPU thread: eager times put 51.7% of the model before ``layer2_3``'s end
-        and compiled stages ran 46.6% there (fused times: 46.5%); cut at
-        ``layer2_3_add`` rather than after its ReLU, the two compiled stages took 7% longer
-        than the whole model.
+        and compiled stages ran 46.6-46.9% there (fused times: 46.5%); cut at
+        ``layer2_3_add`` rather than after its ReLU, the two compiled stages took 7-10%
+        longer than the whole model.
 
     Returns
     -------
