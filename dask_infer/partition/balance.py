@@ -15,7 +15,16 @@ from fractions import Fraction
 from dask_infer.errors import DaskInferError
 from dask_infer.options import check_positive_int
 
-__all__ = ["PartitionError", "balance_partition", "cut_after", "imbalance", "part_sums", "stage_sums"]
+__all__ = [
+    "PartitionError",
+    "balance_partition",
+    "boundary_share",
+    "cut_after",
+    "imbalance",
+    "part_sums",
+    "shared_loads",
+    "stage_sums",
+]
 
 
 class PartitionError(DaskInferError):
@@ -140,6 +149,31 @@ def imbalance(costs: Sequence[float]) -> float:
     """Largest over mean of ``costs``: 1.0 is perfect balance (also for empty or all-zero costs)."""
     mean = sum(costs) / len(costs) if costs else 0.0
     return max(costs) / mean if mean > 0 else 1.0
+
+
+def boundary_share(before: float, shared: float, after: float, lead: float = 0.0) -> float:
+    """Share of the chunks for which the worker before a shared boundary stage also runs it.
+
+    The worker before takes ``before + f * shared`` per chunk and the worker after
+    ``after + (1 - f) * shared``. ``f`` makes the first take ``1 - lead`` times what the
+    second takes (``lead`` 0: the same), within 0 and 1.
+
+    Examples
+    --------
+    >>> boundary_share(4.0, 2.0, 5.0)
+    0.75
+    """
+    if shared <= 0:
+        return 0.5
+    f = ((1 - lead) * (after + shared) - before) / ((2 - lead) * shared)
+    return min(1.0, max(0.0, f))
+
+
+def shared_loads(costs: Sequence[float], shared: int, lead: float = 0.0) -> tuple[float, float]:
+    """What each of the two workers takes per chunk when stage ``shared`` of ``costs`` is shared."""
+    before, middle, after = sum(costs[:shared]), costs[shared], sum(costs[shared + 1 :])
+    f = boundary_share(before, middle, after, lead)
+    return before + f * middle, after + (1 - f) * middle
 
 
 def stage_sums(node_costs: Sequence[float], cuts: Sequence[int]) -> list[float]:

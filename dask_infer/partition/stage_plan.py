@@ -14,7 +14,7 @@ from dask.utils import format_bytes
 
 from dask_infer.errors import DaskInferError
 from dask_infer.options import BALANCE_MODES, check_choice, check_positive_int
-from dask_infer.partition.balance import imbalance
+from dask_infer.partition.balance import imbalance, shared_loads
 
 __all__ = ["PlanError", "StageInfo", "StagePlan", "check_balance", "format_plan"]
 
@@ -109,6 +109,9 @@ class StagePlan:
         Times are those of compiled stages: pointwise nodes cost nothing (they fuse into
         the operation before them), and no cut separates one from its producer (see
         :func:`~dask_infer.partition.partition_model`).
+    shared_stage
+        A stage the workers of the stages beside it both hold and share chunk by chunk (the
+        boundary block of a two-stage pipeline that no single cut balances), or ``None``.
     """
 
     model: str | None
@@ -122,11 +125,17 @@ class StagePlan:
     num_candidates: int
     threads: int | None = None
     fused: bool = False
+    shared_stage: int | None = None
 
     def __post_init__(self) -> None:
         check_balance(self.balance)
         check_positive_int("threads", self.threads, optional=True, error=PlanError)
         n = len(self.stages)
+        if self.shared_stage is not None and not 0 < self.shared_stage < n - 1:
+            raise PlanError(
+                f"shared_stage={self.shared_stage!r} must lie between two stages (1..{n - 2}); "
+                "drop it, or give a plan of 3 stages or more"
+            )
         if n < 1 or not len(self.cut_points) == len(self.cut_shapes) == len(self.cut_bytes) == n - 1:
             raise PlanError(
                 f"plan has {n} stages but {len(self.cut_points)} cut points, {len(self.cut_shapes)} "
@@ -145,7 +154,10 @@ class StagePlan:
 
     @property
     def imbalance(self) -> float:
-        """Largest stage cost over the mean stage cost (1.0 is perfect balance)."""
+        """Largest stage cost over the mean stage cost (1.0 is perfect balance); with a shared
+        stage, of what each of the two workers takes."""
+        if self.shared_stage is not None:
+            return imbalance(shared_loads(self.stage_costs, self.shared_stage))
         return imbalance(self.stage_costs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +189,7 @@ class StagePlan:
             raise PlanError(f"stage plan version {version!r} is not supported; re-run `dask-infer partition`")
         data.setdefault("threads", None)
         data.setdefault("fused", False)
+        data.setdefault("shared_stage", None)
         _check_keys("stage plan", data, {f.name for f in fields(cls)})
         try:
             stages = []
@@ -207,6 +220,7 @@ class StagePlan:
                 num_candidates=int(data["num_candidates"]),
                 threads=None if data["threads"] is None else int(data["threads"]),
                 fused=bool(data["fused"]),
+                shared_stage=None if data["shared_stage"] is None else int(data["shared_stage"]),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, PlanError):
@@ -302,12 +316,20 @@ def format_plan(plan: StagePlan) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    costs = plan.stage_costs
+    costs: tuple[float, ...] = plan.stage_costs
+    if plan.shared_stage is not None:
+        costs = shared_loads(costs, plan.shared_stage)
     mean = sum(costs) / len(costs)
     unit = {"time": "s", "flops": "FLOPs", "params": "params", "memory": "bytes"}[plan.balance]
+    over = "of the two workers' " if plan.shared_stage is not None else ""
     summary = (
-        f"imbalance (max/mean {plan.balance}): {plan.imbalance:.3f}  "
+        f"imbalance (max/mean {over}{plan.balance}): {plan.imbalance:.3f}  "
         f"[max {max(costs):.4g} {unit}, mean {mean:.4g} {unit}]"
     )
     cuts = "cut points: " + (", ".join(plan.cut_points) if plan.cut_points else "none (one stage)")
+    if plan.shared_stage is not None:
+        cuts += (
+            f"; stage {plan.shared_stage} is shared chunk by chunk by the workers of stages "
+            f"{plan.shared_stage - 1} and {plan.shared_stage + 1}"
+        )
     return "\n".join([title, line(header), *(line(r) for r in rows), summary, cuts])

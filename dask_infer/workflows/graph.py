@@ -278,17 +278,26 @@ def submit_pipeline(
             allow_other_workers=False,
         )
         for k in range(stages):
+            # Most stages go to their group; a shared stage to one of its two workers a chunk.
+            routes: dict[tuple[str, ...], list[int]] = {}
+            for j, i in enumerate(mine):
+                routes.setdefault(placement.route(k, i, replica), []).append(j)
+            out: list[Any] = [None] * n
             with dask.annotate(executor=compute_executor(runtime)):
-                data = client.map(
-                    run_stage,
-                    [runtime] * n,
-                    [k] * n,
-                    data,
-                    key=[f"{stage_prefix(label, k)}-{token}-{i}" for i in mine],
-                    priority=_READ + 1 + k,
-                    workers=list(placement.stage_workers(k, replica)),
-                    allow_other_workers=False,
-                )
+                for workers, at in routes.items():
+                    futures = client.map(
+                        run_stage,
+                        [runtime] * len(at),
+                        [k] * len(at),
+                        [data[j] for j in at],
+                        key=[f"{stage_prefix(label, k)}-{token}-{mine[j]}" for j in at],
+                        priority=_READ + 1 + k,
+                        workers=list(workers),
+                        allow_other_workers=False,
+                    )
+                    for j, future in zip(at, futures, strict=True):
+                        out[j] = future
+            data = out
         done = client.map(
             write_chunk,
             [target] * n,

@@ -8,6 +8,7 @@ own worker holds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from dask.utils import format_bytes
 
 from dask_infer.errors import DaskInferError
 from dask_infer.options import PLACEMENTS
-from dask_infer.partition.balance import imbalance
+from dask_infer.partition.balance import boundary_share, imbalance
 from dask_infer.partition.stage_plan import StagePlan
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "check_memory",
     "choose_placement",
     "on_workers",
+    "share_boundary",
     "stage_memory",
     "with_plan",
     "workers_from_scheduler",
@@ -76,11 +78,30 @@ class Placement:
         has one replica whose every stage is on every worker.
     reason
         Why this placement: the numbers it was chosen and checked by.
+    shared
+        ``(stage, share)`` where a stage is held by the workers of the stages beside it:
+        the first runs it for ``share`` of the chunks, spread evenly, the second for the
+        rest (see :func:`share_boundary`); ``None`` otherwise.
     """
 
     mode: str
     groups: tuple[tuple[tuple[str, ...], ...], ...]
     reason: str
+    shared: tuple[int, float] | None = None
+
+    def route(self, stage: int, chunk: int, replica: int = 0) -> tuple[str, ...]:
+        """The workers that may run ``stage`` of chunk ``chunk``: one of a shared stage's two, or
+        the stage's whole group.
+
+        Chunk ``i`` runs a shared stage on the first worker when ``floor((i + 1) * share)``
+        exceeds ``floor(i * share)``, which spreads those chunks evenly.
+        """
+        group = self.groups[replica][stage]
+        if self.shared is None or self.shared[0] != stage or len(group) != 2:
+            return group
+        share = self.shared[1]
+        first = math.floor((chunk + 1) * share + 1e-9) > math.floor(chunk * share + 1e-9)
+        return (group[0],) if first else (group[1],)
 
     @property
     def num_stages(self) -> int:
@@ -117,7 +138,7 @@ class Placement:
 
     def regrouped(self, times: Sequence[float]) -> Placement:
         """The same workers per replica, shared among the stages again by new stage ``times``."""
-        if not self.pipelined:
+        if not self.pipelined or self.shared is not None:
             return self
         groups = tuple(
             tuple(_split([w for group in replica for w in group], times)) for replica in self.groups
@@ -132,6 +153,7 @@ class Placement:
             "num_stages": self.num_stages,
             "groups": [[list(group) for group in replica] for replica in self.groups],
             "reason": self.reason,
+            "shared": None if self.shared is None else {"stage": self.shared[0], "share": self.shared[1]},
         }
 
     def describe(self) -> str:
@@ -142,6 +164,12 @@ class Placement:
                 prefix = f"  replica {r}: " if self.replicas > 1 else "  "
                 lines.append(
                     prefix + "; ".join(f"stage {k} on {', '.join(group)}" for k, group in enumerate(replica))
+                )
+            if self.shared is not None:
+                k, share = self.shared
+                lines.append(
+                    f"  stage {k} runs on its first worker for {share:.0%} of the chunks, on its second "
+                    "for the rest"
                 )
         return "\n".join(lines)
 
@@ -386,6 +414,18 @@ def on_workers(
         return placement
     devices = _devices(workers)
     stages, n = placement.num_stages, len(devices)
+    if placement.shared is not None and n >= 2:
+        shared = _shared(
+            placement.mode,
+            (devices[0].address, devices[1].address),
+            placement.shared[0],
+            times,
+            f"{stages} stages placed again on 2 of the {n} workers present, stage "
+            f"{placement.shared[0]} shared",
+        )
+        if needs is not None:
+            check_memory(shared, needs, devices, batch_size)
+        return shared
     if n < stages:
         raise PlacementError(
             f"the {placement.mode} placement needs {stages} workers (1 per stage) and {n} are left"
@@ -396,4 +436,54 @@ def on_workers(
     after = _pipeline(mode, devices, stages, replicas, times, reason)
     if needs is not None:
         check_memory(after, needs, devices, batch_size)
+    return after
+
+
+LEAD = 0.04
+"""How much less per chunk the first of two workers sharing a boundary stage is given: it
+runs ahead, so the second always has a chunk waiting."""
+
+
+def _shared(mode: str, pair: tuple[str, str], stage: int, times: Sequence[float], reason: str) -> Placement:
+    first, second = pair
+    before, middle, after = sum(times[:stage]), times[stage], sum(times[stage + 1 :])
+    groups = tuple((first,) for _ in range(stage)) + ((first, second),)
+    groups += tuple((second,) for _ in range(stage + 1, len(times)))
+    share = boundary_share(before, middle, after, LEAD)
+    return Placement(mode, (groups,), reason, shared=(stage, share))
+
+
+def share_boundary(
+    placement: Placement, plan: StagePlan, workers: Sequence[WorkerInfo], *, batch_size: int
+) -> Placement:
+    """``placement`` for ``plan``: regrouped by its times, or, for a ``shared_stage``, on two workers.
+
+    With a shared stage, the first of ``placement``'s two workers runs the stages before
+    it and the second those after; the shared stage runs on the first for the share of
+    chunks that leaves the first :data:`LEAD` lighter than the second
+    (:func:`~dask_infer.partition.balance.boundary_share`). The fit is checked.
+
+    Raises
+    ------
+    PlacementError
+        When ``placement`` is not one replica of two single-worker stages, or a worker cannot
+        hold its stages.
+    """
+    if plan.shared_stage is None:
+        return with_plan(placement, plan, workers, batch_size=batch_size)
+    groups = placement.groups
+    if len(groups) != 1 or len(groups[0]) != 2 or any(len(g) != 1 for g in groups[0]):
+        raise PlacementError(
+            f"a shared boundary stage needs a pipeline of 2 stages on 2 workers, not {placement.describe()}"
+        )
+    ((first,), (second,)) = groups[0]
+    times = _stage_times(plan, plan.num_stages)
+    after = _shared(
+        placement.mode,
+        (first, second),
+        plan.shared_stage,
+        times,
+        f"{placement.reason}; stage {plan.shared_stage} held by both",
+    )
+    check_memory(after, stage_memory(plan, batch_size), _devices(workers), batch_size)
     return after

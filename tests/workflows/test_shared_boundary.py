@@ -1,0 +1,122 @@
+"""A two-stage pipeline whose best cut is uneven shares the block around the balance between its
+two workers, chunk by chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision
+import xarray as xr
+from distributed import get_task_stream
+
+from dask_infer.errors import ModelError
+from dask_infer.partition import StagePlan, format_plan, partition_model
+from dask_infer.partition.balance import boundary_share, imbalance, shared_loads
+from dask_infer.workflows import run as run_module
+from dask_infer.workflows.placement import (
+    LEAD,
+    Placement,
+    PlacementError,
+    WorkerInfo,
+    on_workers,
+    share_boundary,
+)
+from tests.conftest import gpu_labelled
+from tests.reference import run_small
+
+A, B, C = "tcp://a:1", "tcp://b:1", "tcp://c:1"
+
+
+def test_the_share_evens_the_two_workers() -> None:
+    # 4 + f*2 == 5 + (1 - f)*2  ->  f = 0.75
+    assert boundary_share(4.0, 2.0, 5.0) == 0.75
+    # the first worker lighter by the lead: 4 + f*2 == 0.9 * (5 + (1 - f)*2)
+    f = boundary_share(4.0, 2.0, 5.0, lead=0.1)
+    assert 4 + 2 * f == pytest.approx(0.9 * (5 + 2 * (1 - f)))
+    assert boundary_share(9.0, 1.0, 1.0) == 0.0 and boundary_share(1.0, 1.0, 9.0) == 1.0
+    assert boundary_share(3.0, 0.0, 3.0) == 0.5
+    assert shared_loads([4.0, 2.0, 5.0], 1) == (5.5, 5.5)
+
+
+@pytest.fixture(scope="module")
+def shared_plan() -> StagePlan:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    # Any imbalance above 1.0 shares the block; verify (the default) checks the stages bit for bit.
+    plan = partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, share_boundary=1.0, name="resnet18")
+    return plan.plan
+
+
+def test_the_plan_cuts_around_the_balance_and_shares_the_block_between(shared_plan: StagePlan) -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    plan = shared_plan
+    assert plan.num_stages == 3 and plan.shared_stage == 1
+    times = plan.stage_costs
+    # The single cut is one of the two; each side of the shared block is under half the work.
+    assert sum(times[:1]) < sum(times) / 2 < sum(times[:2])
+    assert plan.imbalance == pytest.approx(imbalance(shared_loads(times, 1))) and plan.imbalance < 1.001
+    assert StagePlan.from_dict(plan.to_dict()) == plan
+    assert "stage 1 is shared chunk by chunk by the workers of stages 0 and 2" in format_plan(plan)
+    one = partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, share_boundary=100.0).plan
+    assert one.num_stages == 2 and one.shared_stage is None
+    with pytest.raises(ModelError, match=r"share_boundary=0.5 must be a stage imbalance >= 1"):
+        partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, share_boundary=0.5)
+
+
+def test_the_placement_routes_the_shared_stage_chunk_by_chunk(shared_plan: StagePlan) -> None:
+    two = Placement("pipeline", (((A,), (B,)),), "2 stages on 2 workers")
+    workers = [WorkerInfo(w, 0) for w in (A, B)]
+    placed = share_boundary(two, shared_plan, workers, batch_size=2)
+    assert placed.groups == (((A,), (A, B), (B,)),)
+    assert placed.stages_on() == {A: (0, 1), B: (1, 2)}
+    stage, share = placed.shared or (None, 0.0)
+    times = shared_plan.stage_costs
+    assert stage == 1 and share == boundary_share(times[0], times[1], times[2], LEAD)
+    firsts = [placed.route(1, i) == (A,) for i in range(200)]
+    assert abs(sum(firsts) - 200 * share) <= 1
+    assert all(placed.route(1, i) in ((A,), (B,)) for i in range(200))
+    assert placed.route(0, 7) == (A,) and placed.route(2, 7) == (B,)
+    assert placed.regrouped([1.0, 1.0, 1.0]) is placed
+    assert placed.to_dict()["shared"] == {"stage": 1, "share": share}
+    # After a worker is lost, the stages are placed again on two of those present, still shared.
+    again = on_workers(placed, [WorkerInfo(w, 0) for w in (B, C)], times)
+    assert again.groups == (((B,), (B, C), (C,)),) and again.shared is not None
+    with pytest.raises(PlacementError, match="needs 3 workers"):
+        on_workers(placed, [WorkerInfo(B, 0)], times)
+    with pytest.raises(PlacementError, match="a shared boundary stage needs a pipeline of 2 stages"):
+        share_boundary(Placement("pipeline", (((A,), (B, C)),), ""), shared_plan, workers, batch_size=2)
+
+
+def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
+    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """Two one-thread workers: the block between the two cuts runs on each of them for some
+    chunks, and the logits are the whole model's bit for bit (fp32, the same ops)."""
+    # Shared for any imbalance, and for this uncompiled model too.
+    monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
+    monkeypatch.setattr(run_module, "_may_share_boundary", lambda compress, placement: True)
+    with gpu_labelled(2) as client:
+        whole = run_small(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
+        with get_task_stream(client) as stream:
+            summary = run_small(
+                client,
+                small_dataset,
+                tmp_path / "pipe.zarr",
+                small_weights,
+                chunk_size=8,
+                stages=2,
+                placement="pipeline",
+                balance="time",
+            )
+    assert summary.placement["shared"]["stage"] == 1 and summary.rebalance is None
+    ran = {}
+    for task in stream.data:
+        if str(task["key"]).startswith("s1_"):
+            ran[task["worker"]] = ran.get(task["worker"], 0) + 1
+    assert len(ran) == 2 and sum(ran.values()) == 25, ran  # 200 images in chunks of 8
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "pipe.zarr")["logits"].values,
+        xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
+    )
+    assert whole.images == summary.images == 200
