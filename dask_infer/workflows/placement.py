@@ -414,7 +414,12 @@ def on_workers(
         return placement
     devices = _devices(workers)
     stages, n = placement.num_stages, len(devices)
-    if placement.shared is not None and n >= 2:
+    if placement.shared is not None:
+        if n < 2:
+            raise PlacementError(
+                f"the {placement.mode} placement shares stage {placement.shared[0]} between 2 workers "
+                f"and {n} {'is' if n == 1 else 'are'} left"
+            )
         shared = _shared(
             placement.mode,
             (devices[0].address, devices[1].address),

@@ -82,7 +82,7 @@ def test_the_placement_routes_the_shared_stage_chunk_by_chunk(shared_plan: Stage
     # After a worker is lost, the stages are placed again on two of those present, still shared.
     again = on_workers(placed, [WorkerInfo(w, 0) for w in (B, C)], times)
     assert again.groups == (((B,), (B, C), (C,)),) and again.shared is not None
-    with pytest.raises(PlacementError, match="needs 3 workers"):
+    with pytest.raises(PlacementError, match="shares stage 1 between 2 workers and 1 is left"):
         on_workers(placed, [WorkerInfo(B, 0)], times)
     with pytest.raises(PlacementError, match="a shared boundary stage needs a pipeline of 2 stages"):
         share_boundary(Placement("pipeline", (((A,), (B, C)),), ""), shared_plan, workers, batch_size=2)
