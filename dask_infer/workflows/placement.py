@@ -114,6 +114,11 @@ class Placement:
         return len(self.groups)
 
     @property
+    def two_workers_one_each(self) -> bool:
+        """Whether this is one replica of two stages, each on its own single worker."""
+        return len(self.groups) == 1 and len(self.groups[0]) == 2 and all(len(g) == 1 for g in self.groups[0])
+
+    @property
     def pipelined(self) -> bool:
         """Whether stages run as separate tasks on separate workers."""
         return self.mode != "data"
@@ -476,12 +481,11 @@ def share_boundary(
     """
     if plan.shared_stage is None:
         return with_plan(placement, plan, workers, batch_size=batch_size)
-    groups = placement.groups
-    if len(groups) != 1 or len(groups[0]) != 2 or any(len(g) != 1 for g in groups[0]):
+    if not placement.two_workers_one_each:
         raise PlacementError(
             f"a shared boundary stage needs a pipeline of 2 stages on 2 workers, not {placement.describe()}"
         )
-    ((first,), (second,)) = groups[0]
+    ((first,), (second,)) = placement.groups[0]
     times = _stage_times(plan, plan.num_stages)
     after = _shared(
         placement.mode,

@@ -363,10 +363,7 @@ def _may_share_boundary(compress: Any, placement: Placement) -> bool:
     ResNet-50's best compiled cut leaves 53.1% of the work on one stage. One recipe for
     every stage, since the shared stage is a third one.
     """
-    groups = placement.groups
-    if len(groups) != 1 or len(groups[0]) != 2 or any(len(g) != 1 for g in groups[0]):
-        return False
-    if not _profiled_fused(compress, 3):
+    if not placement.two_workers_one_each or not _profiled_fused(compress, 3):
         return False
     plan = CompressionPlan.coerce(compress)
     return len({plan.recipe_for(i) for i in range(3)}) == 1
