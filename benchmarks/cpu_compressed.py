@@ -15,7 +15,10 @@ For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile``
   chunk, and the whole call; then a second run on the same cluster, which takes the stages
   the first left on its workers (``again_*`` in the JSON); for compiled recipes also with
   ``DASK_INFER_COMPILE_PREPROCESS=0`` (preprocessing left eager), to show what compiling it
-  gives.
+  gives. Each dask-infer run also reports the model's own figures from the run's per-stage
+  timings: its rate while it ran, its share of the wall time and the cores it kept busy,
+  which tell a slow model (threads, compilation) from a slow pipeline around it. All of it
+  runs on the CPU, also on a machine with a GPU.
 
 It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
 to fp32, the CPU model, its flags and the load average (other work may share the
@@ -165,6 +168,30 @@ def _first_chunk_watch(output: Path) -> tuple[threading.Event, list[float]]:
     return stop, seen
 
 
+def _model_time(stage_stats: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """The model's own share of a run, from its per-stage figures: images/s while the stages ran
+    (to set against the plain loop's rate), their share of the run's wall time, and the cores
+    they kept busy (CPU seconds per wall second: torch's threads at work)."""
+    busy = sum(s["busy_s"] for s in stage_stats)
+    work = sum(s["work_s"] for s in stage_stats)
+    images = max((s["images"] for s in stage_stats), default=0)
+    return {
+        f"{prefix}model_images_per_s_busy": images / busy if busy else None,
+        f"{prefix}model_busy_fraction": max((s["busy_fraction"] for s in stage_stats), default=None),
+        f"{prefix}model_cores_busy": work / busy if busy else None,
+    }
+
+
+def _model_line(figures: dict[str, Any]) -> str:
+    """One run's model figures (see :func:`_model_time`), for the printed report."""
+    if figures.get("model_images_per_s_busy") is None:
+        return "no stage figures"
+    return (
+        f"the model alone {figures['model_images_per_s_busy']:.2f} images/s while it ran, "
+        f"{figures['model_busy_fraction']:.0%} of the wall, on {figures['model_cores_busy']:.2f} cores"
+    )
+
+
 def dask_infer_run(
     images: str, output: Path, model: str, weights: str, batch: int, recipe: str
 ) -> dict[str, Any]:
@@ -178,9 +205,10 @@ def dask_infer_run(
         "compress": None if recipe == "fp32" else recipe,
         "progress": False,
         "echo": None,
+        "device": "cpu",
     }
     t0 = time.perf_counter()
-    client, choice = make_client()
+    client, choice = make_client(device="cpu")
     figures: dict[str, Any] = {"cluster": choice.describe() if choice else None}
     try:
         for prefix, out in (("", output), ("again_", output.with_name(output.name + ".again"))):
@@ -194,6 +222,7 @@ def dask_infer_run(
                 f"{prefix}first_chunk_s": seen[0] - t0 if seen else None,
                 f"{prefix}call_s": total,
                 f"{prefix}reused_loads": summary.reused_loads,
+                **_model_time(summary.stage_stats, prefix),
             }
             t0 = time.perf_counter()
     finally:
@@ -260,7 +289,8 @@ def main() -> None:
                     del os.environ[FOLD_ENV]
                 row["dask_infer_eager_preprocess_images_per_s"] = eager["images_per_s"]
                 print(
-                    f"{text:<32} dask-infer, eager preprocessing {eager['images_per_s']:8.2f} images/s",
+                    f"{text:<32} dask-infer, eager preprocessing {eager['images_per_s']:8.2f} images/s; "
+                    + _model_line(eager),
                     flush=True,
                 )
             ours = dask_infer_run(images, work / f"ours-{text}.zarr", args.model, weights, args.batch, text)
@@ -282,7 +312,7 @@ def main() -> None:
                 f"{ours['first_chunk_s']:.1f} s after the call, whole call {ours['call_s']:.1f} s; "
                 f"a second run on the same cluster: first chunk {ours['again_first_chunk_s']:.1f} s, "
                 f"whole call {ours['again_call_s']:.1f} s, {ours['again_images_per_s']:.2f} images/s, "
-                f"stages kept on {ours['again_reused_loads']} worker(s)",
+                f"stages kept on {ours['again_reused_loads']} worker(s); " + _model_line(ours),
                 flush=True,
             )
             print(check.line(), flush=True)

@@ -80,6 +80,7 @@ def _run(
             progress=False,
             echo=None,
             compress=args.compress,
+            device="cpu",
             **kw,
         )
         threads = client.run(torch.get_num_threads)
