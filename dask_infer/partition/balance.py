@@ -16,6 +16,7 @@ from dask_infer.errors import DaskInferError
 from dask_infer.options import check_positive_int
 
 __all__ = [
+    "SHARED_LEAD",
     "PartitionError",
     "balance_partition",
     "boundary_share",
@@ -149,6 +150,12 @@ def imbalance(costs: Sequence[float]) -> float:
     """Largest over mean of ``costs``: 1.0 is perfect balance (also for empty or all-zero costs)."""
     mean = sum(costs) / len(costs) if costs else 0.0
     return max(costs) / mean if mean > 0 else 1.0
+
+
+SHARED_LEAD = 0.04
+"""How much less per chunk the first of two workers sharing a boundary stage is given: it
+runs ahead, so the second always has a chunk waiting. Placement routes by it, and a plan's
+imbalance counts with it."""
 
 
 def boundary_share(before: float, shared: float, after: float, lead: float = 0.0) -> float:

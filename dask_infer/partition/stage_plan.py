@@ -14,7 +14,7 @@ from dask.utils import format_bytes
 
 from dask_infer.errors import DaskInferError
 from dask_infer.options import BALANCE_MODES, check_choice, check_positive_int
-from dask_infer.partition.balance import imbalance, shared_loads
+from dask_infer.partition.balance import SHARED_LEAD, imbalance, shared_loads
 
 __all__ = ["PlanError", "StageInfo", "StagePlan", "check_balance", "format_plan"]
 
@@ -155,9 +155,10 @@ class StagePlan:
     @property
     def imbalance(self) -> float:
         """Largest stage cost over the mean stage cost (1.0 is perfect balance); with a shared
-        stage, of what each of the two workers takes."""
+        stage, of what each of the two workers takes when the chunks are routed as placement
+        routes them (the first worker :data:`~dask_infer.partition.balance.SHARED_LEAD` lighter)."""
         if self.shared_stage is not None:
-            return imbalance(shared_loads(self.stage_costs, self.shared_stage))
+            return imbalance(shared_loads(self.stage_costs, self.shared_stage, SHARED_LEAD))
         return imbalance(self.stage_costs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,7 +319,7 @@ def format_plan(plan: StagePlan) -> str:
 
     costs: tuple[float, ...] = plan.stage_costs
     if plan.shared_stage is not None:
-        costs = shared_loads(costs, plan.shared_stage)
+        costs = shared_loads(costs, plan.shared_stage, SHARED_LEAD)
     mean = sum(costs) / len(costs)
     unit = {"time": "s", "flops": "FLOPs", "params": "params", "memory": "bytes"}[plan.balance]
     over = "of the two workers' " if plan.shared_stage is not None else ""

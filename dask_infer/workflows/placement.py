@@ -17,7 +17,7 @@ from dask.utils import format_bytes
 
 from dask_infer.errors import DaskInferError
 from dask_infer.options import PLACEMENTS
-from dask_infer.partition.balance import boundary_share, imbalance
+from dask_infer.partition.balance import SHARED_LEAD, boundary_share, imbalance
 from dask_infer.partition.stage_plan import StagePlan
 
 __all__ = [
@@ -427,7 +427,7 @@ def on_workers(
             )
         shared = _shared(
             placement.mode,
-            (devices[0].address, devices[1].address),
+            _kept_pair(placement, [d.address for d in devices]),
             placement.shared[0],
             times,
             f"{stages} stages placed again on 2 of the {n} workers present, stage "
@@ -449,9 +449,15 @@ def on_workers(
     return after
 
 
-LEAD = 0.04
-"""How much less per chunk the first of two workers sharing a boundary stage is given: it
-runs ahead, so the second always has a chunk waiting."""
+def _kept_pair(placement: Placement, present: Sequence[str]) -> tuple[str, str]:
+    """The two workers to share ``placement``'s boundary stage among those ``present``: each
+    survivor of its pair keeps its role (and the stages it has loaded); new workers fill the rest."""
+    replica = placement.groups[0]
+    old = (replica[0][0], replica[-1][0])
+    kept = [w if w in present else None for w in old]
+    spare = iter(w for w in present if w not in kept)
+    first, second = (w if w is not None else next(spare) for w in kept)
+    return first, second
 
 
 def _shared(mode: str, pair: tuple[str, str], stage: int, times: Sequence[float], reason: str) -> Placement:
@@ -459,7 +465,7 @@ def _shared(mode: str, pair: tuple[str, str], stage: int, times: Sequence[float]
     before, middle, after = sum(times[:stage]), times[stage], sum(times[stage + 1 :])
     groups = tuple((first,) for _ in range(stage)) + ((first, second),)
     groups += tuple((second,) for _ in range(stage + 1, len(times)))
-    share = boundary_share(before, middle, after, LEAD)
+    share = boundary_share(before, middle, after, SHARED_LEAD)
     return Placement(mode, (groups,), reason, shared=(stage, share))
 
 
@@ -470,7 +476,8 @@ def share_boundary(
 
     With a shared stage, the first of ``placement``'s two workers runs the stages before
     it and the second those after; the shared stage runs on the first for the share of
-    chunks that leaves the first :data:`LEAD` lighter than the second
+    chunks that leaves the first :data:`~dask_infer.partition.balance.SHARED_LEAD` lighter than the
+    second
     (:func:`~dask_infer.partition.balance.boundary_share`). The fit is checked.
 
     Raises

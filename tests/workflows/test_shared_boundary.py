@@ -13,11 +13,10 @@ from distributed import get_task_stream
 
 from dask_infer.errors import ModelError
 from dask_infer.partition import StagePlan, format_plan, partition_model
-from dask_infer.partition.balance import boundary_share, imbalance, shared_loads
+from dask_infer.partition.balance import SHARED_LEAD, boundary_share, imbalance, shared_loads
 from dask_infer.workflows import placement as placement_module
 from dask_infer.workflows import run as run_module
 from dask_infer.workflows.placement import (
-    LEAD,
     Placement,
     PlacementError,
     WorkerInfo,
@@ -56,7 +55,11 @@ def test_the_plan_cuts_around_the_balance_and_shares_the_block_between(shared_pl
     times = plan.stage_costs
     # The single cut is one of the two; each side of the shared block is under half the work.
     assert sum(times[:1]) < sum(times) / 2 < sum(times[:2])
-    assert plan.imbalance == pytest.approx(imbalance(shared_loads(times, 1))) and plan.imbalance < 1.001
+    # The imbalance is the routed split's: the first worker SHARED_LEAD lighter than the second.
+    first, second = shared_loads(times, 1, SHARED_LEAD)
+    assert first == pytest.approx((1 - SHARED_LEAD) * second)
+    assert plan.imbalance == pytest.approx(imbalance((first, second))) == pytest.approx(2 / (2 - SHARED_LEAD))
+    assert f"{plan.imbalance:.3f}" in format_plan(plan)
     assert StagePlan.from_dict(plan.to_dict()) == plan
     assert "stage 1 is shared chunk by chunk by the workers of stages 0 and 2" in format_plan(plan)
     one = partition_model(model, 2, sample=(2, 3, 64, 64), repeats=1, share_boundary=100.0).plan
@@ -73,16 +76,20 @@ def test_the_placement_routes_the_shared_stage_chunk_by_chunk(shared_plan: Stage
     assert placed.stages_on() == {A: (0, 1), B: (1, 2)}
     stage, share = placed.shared or (None, 0.0)
     times = shared_plan.stage_costs
-    assert stage == 1 and share == boundary_share(times[0], times[1], times[2], LEAD)
+    assert stage == 1 and share == boundary_share(times[0], times[1], times[2], SHARED_LEAD)
     firsts = [placed.route(1, i) == (A,) for i in range(200)]
     assert abs(sum(firsts) - 200 * share) <= 1
     assert all(placed.route(1, i) in ((A,), (B,)) for i in range(200))
     assert placed.route(0, 7) == (A,) and placed.route(2, 7) == (B,)
     assert placed.regrouped([1.0, 1.0, 1.0]) is placed
     assert placed.to_dict()["shared"] == {"stage": 1, "share": share}
-    # After a worker is lost, the stages are placed again on two of those present, still shared.
+    # After a worker is lost, the stages are placed again on two of those present, still
+    # shared; the survivor keeps its role and the stages it holds, the newcomer takes the other.
     again = on_workers(placed, [WorkerInfo(w, 0) for w in (B, C)], times)
-    assert again.groups == (((B,), (B, C), (C,)),) and again.shared is not None
+    assert again.groups == (((C,), (C, B), (B,)),) and again.shared is not None
+    assert on_workers(placed, [WorkerInfo(w, 0) for w in (C, A)], times).groups == (((A,), (A, C), (C,)),)
+    # A worker joining changes nothing.
+    assert on_workers(placed, [WorkerInfo(w, 0) for w in (C, B, A)], times).groups == placed.groups
     with pytest.raises(PlacementError, match="shares stage 1 between 2 workers and 1 is left"):
         on_workers(placed, [WorkerInfo(B, 0)], times)
     with pytest.raises(PlacementError, match="a shared boundary stage needs a pipeline of 2 stages"):
