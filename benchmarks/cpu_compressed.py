@@ -15,10 +15,12 @@ For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile``
   chunk, and the whole call; then a second run on the same cluster, which takes the stages
   the first left on its workers (``again_*`` in the JSON); for compiled recipes also with
   ``DASK_INFER_COMPILE_PREPROCESS=0`` (preprocessing left eager), to show what compiling it
-  gives. Each dask-infer run also reports the model's own figures from the run's per-stage
-  timings: its rate while it ran, its share of the wall time and the cores it kept busy,
-  which tell a slow model (threads, compilation) from a slow pipeline around it. All of it
-  runs on the CPU, also on a machine with a GPU.
+  gives. A loop like the plain one drives dask-infer's own stage (``compress_stages``), built
+  in one new thread and run in another, as a worker does. Each dask-infer run also reports
+  the model's own figures from the run's per-stage timings: its rate while it ran, its share
+  of the wall time and the cores it kept busy, which tell a slow model (threads,
+  compilation) from a slow pipeline around it. All of it runs on the CPU, also on a machine
+  with a GPU.
 
 It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
 to fp32, the CPU model, its flags and the load average (other work may share the
@@ -53,7 +55,7 @@ from _common import Tolerance, bench_parser, compare_logits, exit_if_failed, mac
 import dask_infer
 from dask_infer.io import write_sample
 from dask_infer.models import build_model
-from dask_infer.partition.compress import CompressionRecipe
+from dask_infer.partition.compress import CompressionRecipe, compress_stages
 from dask_infer.partition.compress.quantize import quantize_int8
 from dask_infer.workflows.cluster import make_client
 from dask_infer.workflows.cores import usable_cores
@@ -120,6 +122,45 @@ def hand_model(
     def forward(raw: torch.Tensor) -> torch.Tensor:
         with inductor_config.patch(freezing=freeze):
             return compiled(convert(_normalise(raw, mean, std))).float()
+
+    return forward
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run in a new thread, as a worker's loading and compute threads run the model."""
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    if not box:
+        raise RuntimeError("the thread did not finish; see its traceback above")
+    return box[0]
+
+
+def project_stage(
+    module: torch.nn.Module,
+    text: str,
+    calibration: torch.Tensor,
+    first: torch.Tensor,
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """dask-infer's own stage for recipe ``text`` (``compress_stages``, as a worker builds it),
+    built and compiled on ``first`` in one new thread; forward(uint8 NHWC batch) -> fp32 logits,
+    normalising eagerly."""
+
+    def build() -> Any:
+        (stage,) = compress_stages([copy.deepcopy(module).eval()], text, calibration=calibration)
+        stage.pad_batches_to(len(first))
+        with torch.inference_mode():
+            stage(_normalise(first, mean, std))
+        return stage
+
+    stage = _in_thread(build)
+
+    def forward(raw: torch.Tensor) -> torch.Tensor:
+        return stage(_normalise(raw, mean, std)).float()
 
     return forward
 
@@ -275,6 +316,23 @@ def main() -> None:
                 row[f"{key}_images_per_s"] = args.images / seconds
                 print(f"{text:<32} {key:<14} {row[f'{key}_images_per_s']:8.2f} images/s", flush=True)
                 torch._dynamo.reset()
+            if recipe.compile:
+                # The worker's stage and threads without the worker: tells a slow stage from a slow worker.
+                raw = torch.from_numpy(np.asarray(zarr.open_group(images, mode="r")["images"][: args.batch]))
+                forward = project_stage(loaded.module, text, calibration, raw, mean=mean, std=std)
+                out = work / f"stage-{text}.zarr"
+                seconds = _in_thread(
+                    lambda out=out, forward=forward: plain_loop(
+                        images, str(out), forward, loaded, args.batch, args.passes
+                    )
+                )
+                row["stage_loop_images_per_s"] = args.images / seconds
+                print(
+                    f"{text:<32} {'plain loop, dask-infer stage, threads':<14} "
+                    f"{row['stage_loop_images_per_s']:8.2f} images/s",
+                    flush=True,
+                )
+                torch._dynamo.reset()
             ref_key = "plain_frozen" if recipe.compile else "plain"
             reference = zarr.open_array(str(work / f"{ref_key}-{text}.zarr"), mode="r")[:]
             if text == "fp32":
@@ -339,11 +397,12 @@ def main() -> None:
     print(machine_line(info_start))
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     header = (
-        "| recipe | plain loop | plain loop, frozen | plain loop, frozen + folded | dask-infer, eager "
-        "preprocessing | dask-infer | / best plain | vs fp32 | first chunk s | first chunk s, second run |"
+        "| recipe | plain loop | plain loop, frozen | plain loop, frozen + folded | loop of dask-infer's "
+        "stage, in threads | dask-infer, eager preprocessing | dask-infer | / best plain | the model "
+        "alone in dask-infer | vs fp32 | first chunk s | first chunk s, second run |"
     )
     print(header)
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
 
         def cell(key: str, fmt: str = "{:.2f}", row: dict[str, Any] = r) -> str:
@@ -352,8 +411,10 @@ def main() -> None:
 
         print(
             f"| `{r['recipe']}` | {cell('plain_images_per_s')} | {cell('plain_frozen_images_per_s')} | "
-            f"{cell('plain_folded_images_per_s')} | {cell('dask_infer_eager_preprocess_images_per_s')} | "
+            f"{cell('plain_folded_images_per_s')} | {cell('stage_loop_images_per_s')} | "
+            f"{cell('dask_infer_eager_preprocess_images_per_s')} | "
             f"{cell('dask_infer_images_per_s')} | {cell('ratio_to_best_plain', '{:.2f}x')} | "
+            f"{cell('dask_infer_model_images_per_s_busy')} | "
             f"{cell('dask_infer_vs_fp32', '{:.2f}x')} | {cell('dask_infer_first_chunk_s', '{:.1f}')} | "
             f"{cell('dask_infer_again_first_chunk_s', '{:.1f}')} |"
         )
