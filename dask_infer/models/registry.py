@@ -245,6 +245,44 @@ def _build_own(
     )
 
 
+def _initialised(name: str, kwargs: dict[str, Any], seed: int) -> nn.Module:
+    """Torchvision model ``name`` built with ``kwargs``, its weights drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return torchvision.models.get_model(name, **kwargs)
+        except TypeError:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("aux_logits", "init_weights")}
+            return torchvision.models.get_model(name, **kwargs)
+
+
+def _assigned(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """Model ``name`` whose tensors are ``state``'s own, built without drawing weights it would
+    then overwrite (on the meta device); ``None`` where ``state`` does not fill it exactly (other
+    keys, shapes or dtypes, or tensors outside the state_dict), for the checked, copying load.
+
+    Drawing ResNet-50's random weights takes longer than loading its file.
+    """
+    with torch.device("meta"):
+        try:
+            module = _initialised(name, kwargs, 0)
+        except Exception:  # an architecture that cannot be built on the meta device
+            return None
+        adapt_input_channels(module, state)
+    expected = module.state_dict()
+    if expected.keys() != state.keys() or any(
+        state[k].shape != v.shape or state[k].dtype != v.dtype for k, v in expected.items()
+    ):
+        return None
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError:
+        return None
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        return None
+    return module
+
+
 def _build_torchvision(
     name: str,
     *,
@@ -292,23 +330,20 @@ def _build_torchvision(
     if name in ("inception_v3", "googlenet"):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = False
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            module = torchvision.models.get_model(name, **kwargs)
-        except TypeError:
-            kwargs.pop("aux_logits", None)
-            kwargs.pop("init_weights", None)
-            module = torchvision.models.get_model(name, **kwargs)
-    channels = (adapt_input_channels(module, state) if state is not None else input_channels(module)) or 3
+    module = _assigned(name, kwargs, state) if state is not None else None
+    if module is None:
+        module = _initialised(name, kwargs, seed)
+        channels = (adapt_input_channels(module, state) if state is not None else input_channels(module)) or 3
+        if state is not None:
+            try:
+                module.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise fit_error(name, str(weights), module, state) from exc
+    else:
+        channels = input_channels(module) or 3
     if channels != 3:
         # Statistics are per band; without them an N-band model gets pixels scaled to [0, 1].
         defaults = replace(defaults, mean=(0.0,) * channels, std=(1.0,) * channels)
-    if state is not None:
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise fit_error(name, str(weights), module, state) from exc
     module.eval()
     class_names = meta.get("class_names")
     if class_names is None and state is not None and num_classes == len(defaults.categories):

@@ -191,7 +191,8 @@ def head_size(name: str, state: dict[str, torch.Tensor]) -> int | None:
     The last tensor whose first (output) dim differs from the architecture's default is the
     head's; a first layer taking other channels differs in its second dim, and is passed over.
     """
-    reference = torchvision.models.get_model(name, weights=None).state_dict()
+    with torch.device("meta"):  # shapes only: no weights drawn
+        reference = torchvision.models.get_model(name, weights=None).state_dict()
     for key, tensor in reversed(list(reference.items())):
         mine = state.get(key)
         if mine is not None and mine.ndim >= 1 and tensor.ndim >= 1 and mine.shape[0] != tensor.shape[0]:

@@ -61,3 +61,53 @@ def test_head_size_passes_over_a_first_layer_with_other_channels() -> None:
     assert head_size("resnet18", state) is None  # the default head: nothing to change
     state["fc.weight"], state["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
     assert head_size("resnet18", state) == 10
+
+
+def test_a_weights_file_fills_the_model_without_drawing_weights(tmp_path: Path) -> None:
+    """A file that fits the architecture exactly becomes the model's tensors (built on the meta
+    device, nothing drawn at random); its outputs are those of the model it was saved from."""
+    from dask_infer.models import registry
+
+    src = build_model("resnet18", num_classes=5, seed=7)
+    path = tmp_path / "r18.pt"
+    torch.save(src.module.state_dict(), path)
+    state = load_weights_file(path)[0]
+    assigned = registry._assigned("resnet18", {"weights": None, "num_classes": 5}, state)
+    assert assigned is not None
+    assert all(p.data_ptr() == state[k].data_ptr() for k, p in assigned.named_parameters())
+    loaded = build_model("resnet18", weights=path)
+    assert not any(t.is_meta for t in (*loaded.module.parameters(), *loaded.module.buffers()))
+    assert all(p.requires_grad for p in loaded.module.parameters()) and not loaded.module.training
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(_x()), src.module.eval()(_x()))
+
+
+def test_weights_saved_in_half_precision_still_give_an_fp32_model(tmp_path: Path) -> None:
+    src = build_model("resnet18", num_classes=3, seed=1)
+    path = tmp_path / "half.pt"
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in src.module.state_dict().items()}, path
+    )
+    from dask_infer.models import registry
+
+    state = load_weights_file(path)[0]
+    assert registry._assigned("resnet18", {"weights": None, "num_classes": 3}, state) is None
+    loaded = build_model("resnet18", weights=path)
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    with torch.inference_mode():
+        ref = src.module.half().float().eval()(_x())
+        assert torch.allclose(loaded.module(_x()), ref, rtol=0, atol=0)
+
+
+def test_a_weights_file_with_six_bands_builds_a_six_band_model(tmp_path: Path) -> None:
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None, num_classes=4).state_dict()
+    state["conv1.weight"] = torch.randn(64, 6, 7, 7)
+    path = tmp_path / "bands.pt"
+    torch.save(state, path)
+    loaded = build_model("resnet18", weights=path)
+    assert loaded.module.conv1.in_channels == 6 and len(loaded.mean) == 6
+    assert torch.equal(loaded.module.conv1.weight, state["conv1.weight"])
+    with torch.inference_mode():
+        assert loaded.module(torch.randn(1, 6, 64, 64)).shape == (1, 4)
