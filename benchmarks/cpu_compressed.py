@@ -278,6 +278,12 @@ def main() -> None:
     parser = bench_parser(__doc__, model="resnet50", images=512, size=224, chunk=32, batch=32)
     parser.add_argument("--passes", type=int, default=2, help="timed passes of each plain loop (best kept)")
     parser.add_argument("--recipes", default="fp32,bf16+channels_last+compile,int8+compile")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="compiled recipes: only the frozen plain loop, the loop of dask-infer's stage and dask-infer "
+        "with compiled preprocessing (three compilations fewer, for a short session on another machine)",
+    )
     args = parser.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     info_start = machine_info()
@@ -307,6 +313,8 @@ def main() -> None:
             recipe = CompressionRecipe.parse(text)
             row: dict[str, Any] = {"recipe": text}
             variants = [("plain_frozen", True, False), ("plain", False, False), ("plain_folded", True, True)]
+            if args.quick:
+                variants = variants[:1]
             for key, freeze, fold in variants if recipe.compile else [("plain", False, False)]:
                 out = work / f"{key}-{text}.zarr"
                 forward = hand_model(
@@ -337,7 +345,7 @@ def main() -> None:
             reference = zarr.open_array(str(work / f"{ref_key}-{text}.zarr"), mode="r")[:]
             if text == "fp32":
                 fp32_logits = reference
-            if recipe.compile:
+            if recipe.compile and not args.quick:
                 os.environ[FOLD_ENV] = "0"
                 try:
                     eager = dask_infer_run(
