@@ -476,9 +476,8 @@ def share_boundary(
 
     With a shared stage, the first of ``placement``'s two workers runs the stages before
     it and the second those after; the shared stage runs on the first for the share of
-    chunks that leaves the first :data:`~dask_infer.partition.balance.SHARED_LEAD` lighter than the
-    second
-    (:func:`~dask_infer.partition.balance.boundary_share`). The fit is checked.
+    chunks that leaves the first :data:`~dask_infer.partition.balance.SHARED_LEAD` lighter
+    than the second (:func:`~dask_infer.partition.balance.boundary_share`). The fit is checked.
 
     Raises
     ------
