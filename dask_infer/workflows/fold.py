@@ -102,9 +102,11 @@ def fold_preprocessing(
     ):
         return preprocess
     folded = FoldedPreprocess(preprocess, stage, batch)
-    blank = torch.from_numpy(np.zeros((batch, *source.image_shape), dtype=source.dtype)).to(device)
     try:
         with torch.inference_mode():
+            # Made inside inference mode, as the runtime makes each chunk's batch: a tensor made
+            # outside it carries another dispatch key, and the first real chunk would compile again.
+            blank = torch.from_numpy(np.zeros((batch, *source.image_shape), dtype=source.dtype)).to(device)
             folded(blank)
     except Exception as exc:  # an inductor that cannot build it here: eager is still right
         logger.warning("preprocessing stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)

@@ -86,6 +86,23 @@ def test_folded_where_stage_0_is_compiled_on_a_cpu(monkeypatch: pytest.MonkeyPat
     assert isinstance(fold_preprocessing(_spec(), compiled, preprocess, cpu, 4), FoldedPreprocess)
 
 
+def test_the_first_chunk_runs_the_code_compiled_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up batch is made as the runtime makes each chunk's (from numpy, in inference
+    mode), so a chunk's batch meets the compiled code's guards: no compilation inside the run."""
+    import torch._dynamo.config as dynamo_config
+
+    folded = fold_preprocessing(
+        _spec(), {0: _stage("bf16+channels_last+compile")}, Preprocess(32, MEAN, STD), torch.device("cpu"), 4
+    )
+    assert isinstance(folded, FoldedPreprocess)
+    monkeypatch.setattr(dynamo_config, "error_on_recompile", True)
+    chunk = _images(6).numpy()
+    with torch.inference_mode():
+        for start in (0, 4):  # a full batch, then the padded last one
+            batch = torch.from_numpy(chunk[start : start + 4])
+            assert folded(batch).shape == (len(batch), 3, 32, 32)
+
+
 @pytest.mark.gpu
 def test_a_folded_pass_on_the_gpu_equals_the_eager_steps() -> None:
     """On the card, with DASK_INFER_COMPILE_PREPROCESS=1: uint8 batches in, bf16 channels-last out."""
