@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -159,13 +160,33 @@ async def _drive(ws_url: str, page: str, *, canvases: int, seconds: float) -> Pa
     return visit
 
 
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the browser ``proc`` and the helpers in its process group: politely, then for sure."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                # The leader is gone; its helpers may not be.
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
 def visit_offline(browser: str, page: Path | str, *, canvases: int, seconds: float = 30.0) -> PageVisit:
     """Open ``page`` in headless ``browser``, offline, until ``canvases`` are painted or ``seconds`` pass.
 
     ``page`` is a file, or the URL of a page served on this machine (127.0.0.1 is reached
     directly; every other address stays unreachable).
     """
-    with tempfile.TemporaryDirectory(prefix="dask-infer-chromium-") as profile:
+    # Chromium's helper processes may still be writing the profile as the folder is removed.
+    with tempfile.TemporaryDirectory(prefix="dask-infer-chromium-", ignore_cleanup_errors=True) as profile:
         args = [
             browser,
             "--headless",
@@ -181,7 +202,15 @@ def visit_offline(browser: str, page: Path | str, *, canvases: int, seconds: flo
             "--window-size=1200,2000",
             "about:blank",
         ]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own process group: the browser and every helper it starts end together. Its
+        # temporary folders go inside the profile, which is removed with them.
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "TMPDIR": profile},
+        )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 30
@@ -195,9 +224,4 @@ def visit_offline(browser: str, page: Path | str, *, canvases: int, seconds: flo
             url = page if isinstance(page, str) else page.resolve().as_uri()
             return asyncio.run(_drive(ws_url, url, canvases=canvases, seconds=seconds))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end_group(proc)
