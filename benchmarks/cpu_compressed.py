@@ -19,8 +19,9 @@ For each recipe (``--recipes``, default ``fp32``, ``bf16+channels_last+compile``
   in one new thread and run in another, as a worker does. Each dask-infer run also reports
   the model's own figures from the run's per-stage timings: its rate while it ran, its share
   of the wall time and the cores it kept busy, which tell a slow model (threads,
-  compilation) from a slow pipeline around it. All of it runs on the CPU, also on a machine
-  with a GPU.
+  compilation) from a slow pipeline around it, and how many graphs the workers have compiled
+  so far (more than at load means a compilation inside the timed run). All of it runs on the
+  CPU, also on a machine with a GPU.
 
 It prints each rate, the ratio of dask-infer to the best plain loop of the same recipe and
 to fp32, the CPU model, its flags and the load average (other work may share the
@@ -223,13 +224,21 @@ def _model_time(stage_stats: list[dict[str, Any]], prefix: str) -> dict[str, Any
     }
 
 
+def _worker_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (run on a worker)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _model_line(figures: dict[str, Any]) -> str:
     """One run's model figures (see :func:`_model_time`), for the printed report."""
     if figures.get("model_images_per_s_busy") is None:
         return "no stage figures"
     return (
         f"the model alone {figures['model_images_per_s_busy']:.2f} images/s while it ran, "
-        f"{figures['model_busy_fraction']:.0%} of the wall, on {figures['model_cores_busy']:.2f} cores"
+        f"{figures['model_busy_fraction']:.0%} of the wall, on {figures['model_cores_busy']:.2f} cores; "
+        f"{figures['worker_graphs']} graph(s) compiled in the worker(s) so far"
     )
 
 
@@ -264,6 +273,9 @@ def dask_infer_run(
                 f"{prefix}call_s": total,
                 f"{prefix}reused_loads": summary.reused_loads,
                 **_model_time(summary.stage_stats, prefix),
+                # A count above the stages (and folded preprocessing) compiled at load means the
+                # run compiled again mid-way, inside its timed part.
+                f"{prefix}worker_graphs": sum(client.run(_worker_graphs).values()),
             }
             t0 = time.perf_counter()
     finally:
@@ -378,7 +390,9 @@ def main() -> None:
                 f"{ours['first_chunk_s']:.1f} s after the call, whole call {ours['call_s']:.1f} s; "
                 f"a second run on the same cluster: first chunk {ours['again_first_chunk_s']:.1f} s, "
                 f"whole call {ours['again_call_s']:.1f} s, {ours['again_images_per_s']:.2f} images/s, "
-                f"stages kept on {ours['again_reused_loads']} worker(s); " + _model_line(ours),
+                f"stages kept on {ours['again_reused_loads']} worker(s); "
+                + _model_line(ours)
+                + f", {ours['again_worker_graphs']} after the second run",
                 flush=True,
             )
             print(check.line(), flush=True)
