@@ -24,6 +24,7 @@ from dask_infer.workflows.cores import usable_cores
 
 __all__ = [
     "Check",
+    "StealMeter",
     "Tolerance",
     "compare_logits",
     "cpu_flags",
@@ -114,6 +115,35 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
         f"torch {info['torch']} (CPU path {info['torch_cpu_capability']}), Python {info['python']}"
         + ("" if load is None else f"; load average {load:.2f}")
     )
+
+
+class StealMeter:
+    """The share of this machine's CPU time its hypervisor gave to other guests over an interval.
+
+    A virtual machine's cores are shared with its neighbours: the ``steal`` column of
+    ``/proc/stat`` counts the time they took. Runs that lose a few percent to it are slower
+    for reasons outside the code being timed, so each timed figure is printed beside it.
+    ``share()`` is ``None`` where ``/proc/stat`` cannot be read.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._ticks()
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
+
+    def share(self) -> float | None:
+        """Stolen share of all CPU time since this meter was made."""
+        end = self._ticks()
+        if self._start is None or end is None or end[1] == self._start[1]:
+            return None
+        return (end[0] - self._start[0]) / (end[1] - self._start[1])
 
 
 @dataclass(frozen=True)
