@@ -17,6 +17,7 @@ from dask_infer.models.registry import build_model
 from dask_infer.options import check_positive_int
 from dask_infer.partition.balance import cut_after
 from dask_infer.partition.profile import NodeCost, profile_graph, torch_threads
+from dask_infer.partition.profile_memo import Measured, profile_key, recall, remember
 from dask_infer.partition.split import ModelGraph, run_stages, split_model
 from dask_infer.partition.stage_plan import PlanError, StageInfo, StagePlan, check_balance
 
@@ -151,6 +152,7 @@ def partition_model(
     transfer_s_per_byte: float = 0.0,
     fused: bool = False,
     share_boundary: float | None = None,
+    reuse_profile: bool = False,
 ) -> Partition:
     """Cut ``model`` into ``stages`` sequential sub-models of balanced cost.
 
@@ -209,6 +211,13 @@ def partition_model(
         that both workers hold and share chunk by chunk (``StagePlan.shared_stage``).
         A residual block is one unit: ResNet-50's best compiled cut leaves 53.1% of the
         work on one stage. ``None`` (default): one cut.
+    reuse_profile
+        Take the node costs from an earlier call in this process that profiled the same
+        traced model (tensor shapes and dtypes) on a sample of the same shape, dtype and
+        layout with the same ``threads`` and ``repeats``, and skip the check of cuts that
+        call already checked (see :mod:`dask_infer.partition.profile_memo`). A pipeline's
+        stage worker profiles with it, so a second run on the same worker measures
+        nothing. ``False`` (default): measure.
 
     Returns
     -------
@@ -237,10 +246,20 @@ def partition_model(
     label = name or type(model).__name__
     batch = _make_sample(sample)
     work = copy.deepcopy(model).eval()
-    expected = _reference_output(work, batch, label)
-    graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
-    with torch_threads(threads):
-        costs = profile_graph(graph, batch, repeats=repeats)
+    kept: Measured | None = None
+    if reuse_profile:
+        graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
+        key = profile_key(graph, batch, threads, repeats)
+        kept = recall(key)
+    expected = _reference_output(work, batch, label) if kept is None else None
+    if not reuse_profile:
+        graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
+    if kept is None:
+        with torch_threads(threads):
+            costs = profile_graph(graph, batch, repeats=repeats)
+    else:
+        costs = list(kept.costs)
+    measured = costs
     fused = fused and balance == "time"
     if fused:
         costs = [replace(c, time_s=0.0) if c.pointwise else c for c in costs]
@@ -260,7 +279,10 @@ def partition_model(
     if share_boundary is not None and stages == 2 and balance == "time":
         cuts, shared = _shared_boundary(node_costs, candidates, cuts[0], share_boundary)
     modules = graph.build_stages(cuts)
-    if verify:
+    checked = kept.verified if kept is not None else frozenset()
+    if verify and tuple(cuts) not in checked:
+        if expected is None:
+            expected = _reference_output(work, batch, label)
         with torch.no_grad():
             got = run_stages(modules, batch.clone(), graph.tail)
         if not _bitwise_equal(got, expected):
@@ -269,11 +291,17 @@ def partition_model(
                 "its forward likely has Python control flow that torch.fx fixed at trace time, "
                 "so it cannot be split"
             )
+        checked = checked | {tuple(cuts)}
+    if kept is not None:
+        output_shape = kept.output_shape
+    else:
+        output_shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else ()
+    if reuse_profile:
+        remember(key, Measured(tuple(measured), output_shape, checked))
     bounds = graph.stage_bounds(cuts)
     infos = tuple(
         _stage_info(i, m, graph, costs, b) for i, (m, b) in enumerate(zip(modules, bounds, strict=True))
     )
-    output = expected if isinstance(expected, torch.Tensor) else None
     plan = StagePlan(
         model=name,
         balance=balance,
@@ -282,7 +310,7 @@ def partition_model(
         stages=infos,
         cut_shapes=tuple(costs[c].shape or () for c in cuts),
         cut_bytes=tuple(costs[c].nbytes for c in cuts),
-        output_shape=tuple(output.shape) if output is not None else (),
+        output_shape=output_shape,
         num_candidates=len(candidates),
         threads=threads,
         fused=fused,

@@ -44,7 +44,7 @@ from dask_infer.models.preprocess import PreprocessSpec
 from dask_infer.models.sources import ModelSource, model_label
 from dask_infer.models.weights import file_sha256
 from dask_infer.options import default_batch_size
-from dask_infer.partition import StagePlan, format_plan, partition_model, split_model
+from dask_infer.partition import StagePlan, format_plan, partition_model, profile_memo, split_model
 from dask_infer.partition.compress import CompressionError, CompressionPlan, check_recipe
 from dask_infer.partition.compress.auto import auto_bound, is_auto
 from dask_infer.partition.compress.measure import forward_cost
@@ -317,10 +317,15 @@ def _partition_here(
     change with both, and a cut balanced in fp32 can leave bf16 stages far apart. Where
     that profile fails, the fp32 one is taken. ``threads`` is capped at the cores this
     process may use, as the worker's model is (``ModelRuntime.setup``).
+
+    Costs this worker measured for an earlier run of the same model, batch and threads
+    are reused (``partition_model(..., reuse_profile=True)``); the returned plan's dict
+    then carries ``"reused_profile": True``.
     """
     if threads is not None:
         threads = max(1, min(threads, usable_cores()))
     module = build_model(model, weights=weights, num_classes=num_classes).module
+    before = profile_memo.hits()
 
     def plan_of(net: torch.nn.Module, x: torch.Tensor | tuple[int, ...]) -> StagePlan:
         return partition_model(
@@ -334,7 +339,11 @@ def _partition_here(
             transfer_s_per_byte=transfer_s_per_byte,
             fused=fused,
             share_boundary=share_boundary,
+            reuse_profile=True,
         ).plan
+
+    def found(plan: StagePlan) -> dict[str, Any]:
+        return {**plan.to_dict(), "reused_profile": profile_memo.hits() > before}
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is not None or channels_last:
@@ -344,10 +353,10 @@ def _partition_here(
             x = x.contiguous(memory_format=torch.channels_last)
             cast = cast.to(memory_format=torch.channels_last)
         try:
-            return replace(plan_of(cast, x), input_shape=tuple(sample)).to_dict()
+            return found(replace(plan_of(cast, x), input_shape=tuple(sample)))
         except Exception:  # a layer without a kernel for that dtype here: balance by fp32 times
             module = build_model(model, weights=weights, num_classes=num_classes).module
-    return plan_of(module, sample).to_dict()
+    return found(plan_of(module, sample))
 
 
 SHARE_BOUNDARY = 1.03
@@ -401,8 +410,9 @@ def _profile_on(
     compress: Any = None,
     transfer_s_per_byte: float = 0.0,
     share_boundary: float | None = None,
-) -> StagePlan:
-    """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch.
+) -> tuple[StagePlan, bool]:
+    """The time-balanced plan measured on ``worker``, with its torch threads and the run's batch,
+    and whether the worker reused costs it had measured for an earlier run.
 
     ``transfer_s_per_byte`` (measured between two stage workers) is split between the two
     stages beside each cut: the sender's half and the receiver's. ``share_boundary``: as
@@ -429,7 +439,9 @@ def _profile_on(
         pure=False,
         key=f"{group_name('profile', loaded.name)}-{uuid.uuid4().hex[:8]}",
     )
-    return StagePlan.from_dict(future.result())
+    found = dict(future.result())
+    reused = bool(found.pop("reused_profile", False))
+    return StagePlan.from_dict(found), reused
 
 
 def _smallest_memory(info: dict[str, Any]) -> tuple[int, int]:
@@ -515,7 +527,7 @@ def _lay_out(
         moving = transfer_seconds_per_byte(client, worker, placement.stage_workers(1)[0])
         if moving:
             say(f"activations between stage workers: {1e9 * moving:.2f} ms per MB, measured")
-        profiled = _profile_on(
+        profiled, reused = _profile_on(
             client,
             worker,
             loaded,
@@ -527,7 +539,8 @@ def _lay_out(
             moving,
             SHARE_BOUNDARY if _may_share_boundary(config.compress, placement) else None,
         )
-        say(f"re-profiled on {worker}:\n" + format_plan(profiled))
+        how = "costs it measured for an earlier run" if reused else "measured"
+        say(f"re-profiled on {worker} ({how}):\n" + format_plan(profiled))
         placement = share_boundary(placement, profiled, workers, batch_size=batch)
         compression = prepared.compression
         if profiled.cut_points != plan.cut_points:

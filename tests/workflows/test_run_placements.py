@@ -22,6 +22,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dask_infer.io.dataset import write_image_dataset
+from dask_infer.partition import profile_memo
 from dask_infer.workflows.placement import PlacementError
 from dask_infer.workflows.progress_page import run_progress
 from tests.conftest import gpu_labelled, random_images
@@ -342,3 +343,33 @@ def test_a_pipeline_keeps_a_bounded_window_of_chunks_in_flight(
         ("s1_resnet18", 120),
         ("write", 120),
     ]
+
+
+def test_a_second_pipeline_on_the_same_workers_reuses_their_profile(
+    gpu_client: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """A time-balanced CPU pipeline profiles its model on a stage worker; run again on the same
+    workers, that worker takes the costs it measured and the outputs stay the whole model's."""
+    gpu_client.run(profile_memo.forget)
+    images = zarr.open_group(str(small_dataset), mode="r")["images"][:]
+    want = reference_logits(images, "resnet18", str(small_weights))
+    said: list[list[str]] = []
+    for run in ("first", "second"):
+        lines: list[str] = []
+        run_small(
+            gpu_client,
+            small_dataset,
+            tmp_path / f"{run}.zarr",
+            small_weights,
+            chunk_size=8,
+            stages=2,
+            placement="pipeline",
+            rebalance=False,
+            echo=lines.append,
+        )
+        said.append([line for line in lines if line.startswith("re-profiled on")])
+        assert_close_logits(xr.open_zarr(tmp_path / f"{run}.zarr")["logits"].values, want)
+    assert len(said[0]) == len(said[1]) == 1
+    assert "(measured)" in said[0][0]
+    assert "(costs it measured for an earlier run)" in said[1][0]
+    assert sum(gpu_client.run(profile_memo.hits).values()) == 1
