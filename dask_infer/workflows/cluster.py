@@ -167,10 +167,11 @@ def worker_environ(keep_freed: int | None = None) -> dict[str, object]:
 def keep_freed_bytes(n_workers: int, memory_limit: str | int | None = None) -> int:
     """Freed memory each of ``n_workers`` CPU workers keeps: :data:`KEEP_FREED_BYTES`, at most an
     eighth of its memory (``memory_limit``, else this machine's memory shared between them)."""
-    if memory_limit is None or memory_limit == "auto":
-        per_worker = MEMORY_LIMIT // max(1, n_workers)
-    else:
-        per_worker = int(parse_bytes(memory_limit)) if isinstance(memory_limit, str) else int(memory_limit)
+    try:
+        given = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit or 0
+        per_worker = int(given)
+    except (TypeError, ValueError):  # "auto", or a value LocalCluster itself will refuse
+        per_worker = 0
     if per_worker <= 0:  # no limit given: the machine's memory shared between the workers
         per_worker = MEMORY_LIMIT // max(1, n_workers)
     return min(KEEP_FREED_BYTES, per_worker // 8)
@@ -397,7 +398,8 @@ def make_client(
             raise
         return client, None
     choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
-    keep = None if choice.kind == "LocalCUDACluster" else keep_freed_bytes(choice.n_workers, memory_limit)
+    gpus = choice.kind == "LocalCUDACluster" or bool(choice.shared_gpus)
+    keep = None if gpus else keep_freed_bytes(choice.n_workers, memory_limit)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(keep)}):
         cluster = _start_cluster(choice, memory_limit)
     return Client(cluster), choice

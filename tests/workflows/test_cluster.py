@@ -96,6 +96,7 @@ def test_cpu_workers_keep_freed_memory_up_to_a_bound() -> None:
     assert keep(4, 8 << 30) == 1 << 30
     assert 0 < keep(1) <= cluster_module.KEEP_FREED_BYTES
     assert 0 < keep(1, 0) <= cluster_module.KEEP_FREED_BYTES
+    assert keep(2, "auto") == keep(2) == keep(2, "not a size")
     environ = cluster_module.worker_environ(keep(2, "2GB"))
     assert environ["MALLOC_ARENA_MAX"] == 1 and environ["MALLOC_MMAP_MAX_"] == 0
     assert environ["MALLOC_TRIM_THRESHOLD_"] == 250_000_000
