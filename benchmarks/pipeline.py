@@ -65,7 +65,7 @@ import dask_infer
 from dask_infer.io import write_image_dataset
 from dask_infer.models import Preprocess, build_model
 from dask_infer.partition.compress.recipe import CompressionRecipe
-from dask_infer.workflows.cluster import keep_freed_bytes, worker_environ
+from dask_infer.workflows.cluster import worker_environ
 
 # Placements change where the same ops run, not what they compute: bit-identical.
 SAME_OUTPUT = Tolerance(exact=True)
@@ -78,8 +78,7 @@ INT8 = Tolerance(max_rel_err=1e-1)
 
 def _cluster(workers: int) -> LocalCluster:
     """``workers`` single-threaded worker processes with the environment dask-infer gives its own."""
-    environ = worker_environ(keep_freed_bytes(workers))
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
         return LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
         )

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from dask.utils import parse_bytes
 from distributed import Client, LocalCluster
 from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
@@ -28,7 +27,6 @@ from dask_infer.workflows.cores import usable_cores
 from dask_infer.workflows.gpu_sharing import GPUSharingCluster, visible_devices
 
 __all__ = [
-    "KEEP_FREED_BYTES",
     "LOCAL_HOST",
     "ClusterChoice",
     "address_schemes",
@@ -39,7 +37,6 @@ __all__ = [
     "choose_local_cluster",
     "cuda_device_count",
     "device_memory",
-    "keep_freed_bytes",
     "lost_workers",
     "make_client",
     "scheduler_workers",
@@ -130,51 +127,16 @@ def choose_local_cluster(
     return ClusterChoice("LocalCluster", workers, threads_per_worker or 3, torch_threads)
 
 
-KEEP_FREED_BYTES = 1 << 30
-"""Freed memory a CPU worker's allocator keeps for reuse at most (less on small workers)."""
-
-
-def worker_environ(keep_freed: int | None = None) -> dict[str, object]:
+def worker_environ() -> dict[str, object]:
     """Distributed's worker environment without its fixed ``MALLOC_TRIM_THRESHOLD_``.
 
     A fixed trim threshold also fixes glibc's mmap threshold, so every large activation
     buffer becomes a fresh mmap with page faults on first touch; torch's CPU allocator
     relies on the dynamic threshold to reuse them.
-
-    ``keep_freed`` (bytes, for CPU workers): glibc is told to serve every allocation from
-    one heap (``MALLOC_ARENA_MAX=1``, ``MALLOC_MMAP_MAX_=0``) and to give back to the
-    kernel only what lies free beyond that much (``MALLOC_TRIM_THRESHOLD_``). Left to
-    itself, glibc serves a worker thread from 64 MB heaps that it unmaps as they empty,
-    and buffers above 32 MB from fresh mmaps, so each forward pass touches its
-    activations' pages anew: measured on two cores of an Intel Xeon (glibc 2.36),
-    ResNet-50 at batch 16 in a worker thread took 250 thousand page faults per pass
-    (about 2.5 us each here, 0.6 s of a 3.6 s pass), and none with these settings.
-    ``None`` leaves glibc's defaults (GPU workers).
     """
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    if keep_freed is not None:
-        environ.update(
-            {
-                "MALLOC_ARENA_MAX": 1,
-                "MALLOC_MMAP_MAX_": 0,
-                "MALLOC_TRIM_THRESHOLD_": int(keep_freed),
-            }
-        )
     return environ
-
-
-def keep_freed_bytes(n_workers: int, memory_limit: str | int | None = None) -> int:
-    """Freed memory each of ``n_workers`` CPU workers keeps: :data:`KEEP_FREED_BYTES`, at most an
-    eighth of its memory (``memory_limit``, else this machine's memory shared between them)."""
-    try:
-        given = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit or 0
-        per_worker = int(given)
-    except (TypeError, ValueError):  # "auto", or a value LocalCluster itself will refuse
-        per_worker = 0
-    if per_worker <= 0:  # no limit given: the machine's memory shared between the workers
-        per_worker = MEMORY_LIMIT // max(1, n_workers)
-    return min(KEEP_FREED_BYTES, per_worker // 8)
 
 
 def check_scheduler_file(path: str) -> None:
@@ -398,9 +360,7 @@ def make_client(
             raise
         return client, None
     choice = choose_local_cluster(device=device, n_workers=n_workers, threads_per_worker=threads_per_worker)
-    gpus = choice.kind == "LocalCUDACluster" or bool(choice.shared_gpus)
-    keep = None if gpus else keep_freed_bytes(choice.n_workers, memory_limit)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(keep)}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = _start_cluster(choice, memory_limit)
     return Client(cluster), choice
 
