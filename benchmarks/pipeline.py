@@ -11,13 +11,22 @@ Every worker computes with one torch thread. Throughput counts from the first ta
 the last write, after the workers have loaded their stages. Two clusters stay up for the
 whole script, one of 1 worker (whole) and one of 2 (pipeline and data-parallel), and the
 three runs take turns ``--repeats`` times on them: round 1 meets fresh workers, later
-rounds warm ones. On a shared virtual machine the speed of the same code drifts by 10-20%
-from minute to minute, so the script reports, for pipeline against data-parallel (and
-against the whole model), the median of the rounds' ratios (each from two runs a few
-seconds apart) beside the best run of each against the best of the other. Every run
-prints the share of the CPU the hypervisor stole during it, and ``call_s``, the seconds of
-the whole ``dask_infer.run`` call (start-up included: a pipeline profiles its model on a
-stage worker first).
+rounds warm ones, and pipeline and data-parallel change places each round (pipeline first
+in odd rounds), so neither always follows the other on workers it has warmed. On a shared
+virtual machine the speed of the same code drifts by 10-20% from minute to minute, so the
+script reports, for pipeline against data-parallel (and against the whole model), the
+median of the rounds' ratios (each from two runs a few seconds apart) beside the best run
+of each against the best of the other. Every run prints the share of the CPU the
+hypervisor stole during it, and ``call_s``, the seconds of the whole ``dask_infer.run``
+call (start-up included: a pipeline profiles its model on a stage worker first).
+
+Where the time goes, from Dask's task stream of each run: over the span from the first
+model task's start to the last one's end, each worker's model thread is computing,
+waiting for its first chunk (fill: stage 1 while stage 0 computes the first), waiting
+between chunks, or done (drain: stage 0 while stage 1 finishes the last), and fetches
+its inputs from the other worker (the pipeline's activations) beside that. The script
+prints the median shares for pipeline and data-parallel, and their ratio with fill and
+drain taken out, which is what a run of many more chunks approaches.
 
 Outputs are checked every round: the pipeline's and data-parallel's logits must be
 bit-identical to the whole model's, and the whole model's logits on the first
@@ -40,6 +49,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -59,7 +69,7 @@ from _common import (
     machine_info,
     machine_line,
 )
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 import dask_infer
 from dask_infer.io import write_image_dataset
@@ -75,6 +85,9 @@ PLAIN_FP32 = Tolerance(max_rel_err=1e-5)
 COMPRESSED = {"bf16": Tolerance(max_rel_err=5e-2), "fp16": Tolerance(max_rel_err=5e-2)}
 INT8 = Tolerance(max_rel_err=1e-1)
 
+# Keys of the tasks that run the model: whole-model chunks and stage k's chunks (dask_infer.workflows.graph).
+MODEL_TASK = re.compile(r"^(infer|s(\d+))_")
+
 
 def _cluster(workers: int) -> LocalCluster:
     """``workers`` single-threaded worker processes with the environment dask-infer gives its own."""
@@ -84,27 +97,103 @@ def _cluster(workers: int) -> LocalCluster:
         )
 
 
+def _lanes(stream: list[dict[str, Any]], images: int) -> dict[str, Any]:
+    """Where each worker's model thread spent a run, from Dask's task stream.
+
+    The span runs from the first model task's start to the last one's end, on any
+    worker. Each worker's share of it splits into ``compute_s`` (its model tasks),
+    ``fill_s`` (before its first model task: stage 1 waiting for stage 0's first chunk),
+    ``waits_s`` (between its model tasks) and ``drain_s`` (after its last: stage 0 idle
+    while stage 1 finishes). ``transfer_s`` sums the fetches of the inputs of its model
+    tasks from other workers (a pipeline's activations), which run beside its compute.
+    ``steady_images_per_s`` is the rate with the lanes' fill and drain taken out.
+    """
+    lanes: dict[str, dict[str, Any]] = {}
+    for task in stream:
+        match = MODEL_TASK.match(str(task["key"]))
+        if match is None:
+            continue
+        lane = lanes.setdefault(
+            task["worker"], {"stages": set(), "spans": [], "transfer_s": 0.0, "transfers": 0}
+        )
+        lane["stages"].add("whole" if match.group(2) is None else int(match.group(2)))
+        for part in task["startstops"]:
+            if part["action"] == "compute":
+                lane["spans"].append((part["start"], part["stop"]))
+            elif part["action"] == "transfer":
+                lane["transfer_s"] += part["stop"] - part["start"]
+                lane["transfers"] += 1
+    if not lanes:
+        return {}
+    start = min(a for lane in lanes.values() for a, _ in lane["spans"])
+    stop = max(b for lane in lanes.values() for _, b in lane["spans"])
+    span = stop - start
+    rows = []
+    for worker, lane in lanes.items():
+        first = min(a for a, _ in lane["spans"])
+        last = max(b for _, b in lane["spans"])
+        compute = sum(b - a for a, b in lane["spans"])
+        rows.append(
+            {
+                "worker": worker,
+                "stages": sorted(lane["stages"], key=str),
+                "tasks": len(lane["spans"]),
+                "compute_s": compute,
+                "fill_s": first - start,
+                "waits_s": (last - first) - compute,
+                "drain_s": stop - last,
+                "transfer_s": lane["transfer_s"],
+                "transfers": lane["transfers"],
+            }
+        )
+    rows.sort(key=lambda r: (str(r["stages"]), r["worker"]))
+    total = span * len(rows)
+    ends = sum(r["fill_s"] + r["drain_s"] for r in rows)
+    shares = {
+        f"{part}_share": sum(r[f"{part}_s"] for r in rows) / total if total > 0 else 0.0
+        for part in ("compute", "fill", "waits", "drain")
+    }
+    return {
+        "span_s": span,
+        "lanes": rows,
+        **shares,
+        "steady_images_per_s": images / (span - ends / len(rows)) if span > ends / len(rows) else 0.0,
+    }
+
+
+def _lanes_line(lanes: dict[str, Any]) -> str:
+    parts = [
+        f"{'stage ' + str(r['stages'][0]) if r['stages'] != ['whole'] else 'worker'}: "
+        f"compute {r['compute_s']:.1f} s, fill {r['fill_s']:.2f}, waits {r['waits_s']:.2f}, "
+        f"drain {r['drain_s']:.2f}" + (f", transfers {r['transfer_s']:.2f} s" if r["transfers"] else "")
+        for r in lanes["lanes"]
+    ]
+    return f"           model span {lanes['span_s']:.1f} s; " + "; ".join(parts)
+
+
 def _run(
     name: str, client: Client, images: str, output: str, weights: str, args: argparse.Namespace, **kw: Any
 ) -> dict[str, Any]:
     workers = len(client.scheduler_info()["workers"])
     steal = StealMeter()
     start = time.perf_counter()
-    summary = dask_infer.run(
-        images,
-        output,
-        model=args.model,
-        weights=weights,
-        client=client,
-        chunk_size=args.chunk,
-        batch_size=args.chunk,
-        progress=False,
-        echo=None,
-        compress=args.compress,
-        device="cpu",
-        **kw,
-    )
+    with get_task_stream(client) as stream:
+        summary = dask_infer.run(
+            images,
+            output,
+            model=args.model,
+            weights=weights,
+            client=client,
+            chunk_size=args.chunk,
+            batch_size=args.chunk,
+            progress=False,
+            echo=None,
+            compress=args.compress,
+            device="cpu",
+            **kw,
+        )
     call = time.perf_counter() - start
+    lanes = _lanes(stream.data, args.images)
     stolen = steal.share()
     threads = client.run(torch.get_num_threads)
     assert set(threads.values()) == {1}, f"{name}: torch threads per worker {threads}"
@@ -121,6 +210,7 @@ def _run(
             for s in summary.stage_stats
         ],
         "rebalance": summary.rebalance,
+        "lanes": lanes,
     }
     print(
         f"{name:>9}: {summary.images_per_second:6.2f} images/s ({summary.seconds:.1f} s timed, "
@@ -129,22 +219,37 @@ def _run(
         + ")",
         flush=True,
     )
+    if lanes:
+        print(_lanes_line(lanes), flush=True)
     return row
 
 
 def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
-    """Each round's pipeline/data and pipeline/whole ratio, and their medians."""
-    rounds = [every[3 * r : 3 * r + 3] for r in range(repeats)]
-    speed = [{row["run"]: row["images_per_s"] for row in turn} for turn in rounds]
-    over_data = [s["pipeline"] / s["data"] for s in speed]
-    over_whole = [s["pipeline"] / s["whole"] for s in speed]
-    return {
+    """Each round's pipeline/data and pipeline/whole ratio, and their medians; and the median of
+    where the pipeline's and data-parallel's model threads spent their runs (see :func:`_lanes`)."""
+    rounds = [{row["run"]: row for row in every[3 * r : 3 * r + 3]} for r in range(repeats)]
+    over_data = [t["pipeline"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
+    over_whole = [t["pipeline"]["images_per_s"] / t["whole"]["images_per_s"] for t in rounds]
+    result: dict[str, Any] = {
         "pipeline_over_data_rounds": over_data,
         "pipeline_over_whole_rounds": over_whole,
         "pipeline_over_data_median": float(np.median(over_data)),
         "pipeline_over_whole_median": float(np.median(over_whole)),
         "pipeline_over_data_first_round": over_data[0],
     }
+    if all(t[name]["lanes"] for t in rounds for name in ("pipeline", "data")):
+        steady = [
+            t["pipeline"]["lanes"]["steady_images_per_s"] / t["data"]["lanes"]["steady_images_per_s"]
+            for t in rounds
+        ]
+        result["steady_pipeline_over_data_rounds"] = steady
+        result["steady_pipeline_over_data_median"] = float(np.median(steady))
+        for name in ("pipeline", "data"):
+            result[f"{name}_shares_median"] = {
+                part: float(np.median([t[name]["lanes"][f"{part}_share"] for t in rounds]))
+                for part in ("compute", "fill", "waits", "drain")
+            }
+    return result
 
 
 def _round(
@@ -164,22 +269,12 @@ def _round(
     """One turn of the three runs, their outputs checked (appended to ``checks`` and ``every``)."""
     names = ("whole", "pipeline", "data")
     every.append(_run("whole", one, images, str(work / "whole.zarr"), weights, args, overwrite=True))
-    every.append(
-        _run(
-            "pipeline",
-            two,
-            images,
-            str(work / "pipeline.zarr"),
-            weights,
-            args,
-            stages=2,
-            placement="pipeline",
-            overwrite=True,
-        )
-    )
-    every.append(
-        _run("data", two, images, str(work / "data.zarr"), weights, args, placement="data", overwrite=True)
-    )
+    pipeline = {"stages": 2, "placement": "pipeline"}
+    data = {"placement": "data"}
+    # Pipeline and data-parallel change places each round, so neither always runs on
+    # workers the other has just warmed.
+    for name, kw in (("pipeline", pipeline), ("data", data))[:: 1 if round_ % 2 else -1]:
+        every.append(_run(name, two, images, str(work / f"{name}.zarr"), weights, args, overwrite=True, **kw))
     logits = {name: xr.open_zarr(str(work / f"{name}.zarr"))["logits"].values for name in names}
     against_plain = ("whole", "pipeline") if args.compress else ("whole",)
     checks += [
@@ -300,6 +395,19 @@ def main() -> None:
             + ", ".join(f"{r:.2f}" for r in turns["pipeline_over_data_rounds"])
             + f"), pipeline / whole {turns['pipeline_over_whole_median']:.2f}x"
         )
+        if "steady_pipeline_over_data_median" in turns:
+            for name in ("pipeline", "data"):
+                shares = turns[f"{name}_shares_median"]
+                print(
+                    f"  {name} model threads (median share of the model span): "
+                    + ", ".join(f"{part} {100 * v:.1f}%" for part, v in shares.items())
+                )
+            print(
+                "  without fill and drain: pipeline / data-parallel "
+                f"{turns['steady_pipeline_over_data_median']:.2f}x (median of "
+                + ", ".join(f"{r:.2f}" for r in turns["steady_pipeline_over_data_rounds"])
+                + ")"
+            )
         result = {
             "model": args.model,
             "compress": args.compress,
@@ -317,7 +425,8 @@ def main() -> None:
             "repeats": args.repeats,
             "runs": runs,
             "all_runs": [
-                {k: r[k] for k in ("run", "images_per_s", "seconds", "call_s", "cpu_stolen")} for r in every
+                {k: r[k] for k in ("run", "images_per_s", "seconds", "call_s", "cpu_stolen", "lanes")}
+                for r in every
             ],
             "ratios": ratios,
             "by_turns": turns,
