@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: what machine ran them, and checks of their outputs.
+"""Shared by the benchmark scripts: what machine ran them, checks of their outputs, and where
+a run's model threads spent their time (from Dask's task stream).
 
 A benchmark's ratio means nothing if the faster side computes something else, so every
 script compares its outputs with the plain PyTorch reference it is timed against and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,12 @@ __all__ = [
     "compare_logits",
     "cpu_flags",
     "cpu_model",
+    "covered",
     "exit_if_failed",
+    "lanes_line",
     "machine_info",
     "machine_line",
+    "model_lanes",
 ]
 
 # The /proc/cpuinfo flags that decide which kernels fp32, bf16, fp16 and int8 get on x86.
@@ -258,6 +263,99 @@ def exit_if_failed(checks: list[Check], benchmark: str) -> None:
         f"OUTPUT CHECK FAILED ({benchmark}, {len(failed)} of {len(checks)}): {detail}; "
         "the timings above compare different computations and must not be reported"
     )
+
+
+# Keys of the tasks that run the model: whole-model chunks and stage k's chunks (dask_infer.workflows.graph).
+MODEL_TASK = re.compile(r"^(infer|s(\d+))_")
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of ``spans``.
+
+    A task's compute span starts when its worker hands it to the compute executor, so a
+    model task waiting there for the one before it overlaps that one's span.
+    """
+    covered, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            covered += b - max(a, end)
+            end = b
+    return covered
+
+
+def model_lanes(stream: list[dict[str, Any]], images: int) -> dict[str, Any]:
+    """Where each worker's model thread spent a run, from Dask's task stream.
+
+    The span runs from the first model task's start to the last one's end, on any
+    worker. Each worker's share of it splits into ``compute_s`` (covered by its model tasks),
+    ``fill_s`` (before its first model task: stage 1 waiting for stage 0's first chunk),
+    ``waits_s`` (between its model tasks) and ``drain_s`` (after its last: stage 0 idle
+    while stage 1 finishes). ``transfer_s`` sums the fetches of the inputs of its model
+    tasks from other workers (a pipeline's activations), which run beside its compute.
+    ``steady_images_per_s`` is the rate with the lanes' fill and drain taken out.
+    """
+    lanes: dict[str, dict[str, Any]] = {}
+    for task in stream:
+        match = MODEL_TASK.match(str(task["key"]))
+        if match is None:
+            continue
+        lane = lanes.setdefault(
+            task["worker"], {"stages": set(), "spans": [], "transfer_s": 0.0, "transfers": 0}
+        )
+        lane["stages"].add("whole" if match.group(2) is None else int(match.group(2)))
+        for part in task["startstops"]:
+            if part["action"] == "compute":
+                lane["spans"].append((part["start"], part["stop"]))
+            elif part["action"] == "transfer":
+                lane["transfer_s"] += part["stop"] - part["start"]
+                lane["transfers"] += 1
+    if not lanes:
+        return {}
+    start = min(a for lane in lanes.values() for a, _ in lane["spans"])
+    stop = max(b for lane in lanes.values() for _, b in lane["spans"])
+    span = stop - start
+    rows = []
+    for worker, lane in lanes.items():
+        first = min(a for a, _ in lane["spans"])
+        last = max(b for _, b in lane["spans"])
+        compute = covered(lane["spans"])
+        rows.append(
+            {
+                "worker": worker,
+                "stages": sorted(lane["stages"], key=str),
+                "tasks": len(lane["spans"]),
+                "compute_s": compute,
+                "fill_s": first - start,
+                "waits_s": (last - first) - compute,
+                "drain_s": stop - last,
+                "transfer_s": lane["transfer_s"],
+                "transfers": lane["transfers"],
+            }
+        )
+    rows.sort(key=lambda r: (str(r["stages"]), r["worker"]))
+    total = span * len(rows)
+    ends = sum(r["fill_s"] + r["drain_s"] for r in rows)
+    shares = {
+        f"{part}_share": sum(r[f"{part}_s"] for r in rows) / total if total > 0 else 0.0
+        for part in ("compute", "fill", "waits", "drain")
+    }
+    return {
+        "span_s": span,
+        "lanes": rows,
+        **shares,
+        "steady_images_per_s": images / (span - ends / len(rows)) if span > ends / len(rows) else 0.0,
+    }
+
+
+def lanes_line(lanes: dict[str, Any]) -> str:
+    """One line of :func:`model_lanes`: each worker's compute, fill, waits, drain and transfers."""
+    parts = [
+        f"{'stage ' + str(r['stages'][0]) if r['stages'] != ['whole'] else 'worker'}: "
+        f"compute {r['compute_s']:.1f} s, fill {r['fill_s']:.2f}, waits {r['waits_s']:.2f}, "
+        f"drain {r['drain_s']:.2f}" + (f", transfers {r['transfer_s']:.2f} s" if r["transfers"] else "")
+        for r in lanes["lanes"]
+    ]
+    return f"           model span {lanes['span_s']:.1f} s; " + "; ".join(parts)
 
 
 _KINDS: dict[str, type] = {"model": str, "recipes": str}

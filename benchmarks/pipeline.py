@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import tempfile
 import time
@@ -66,8 +65,10 @@ from _common import (
     Tolerance,
     compare_logits,
     exit_if_failed,
+    lanes_line,
     machine_info,
     machine_line,
+    model_lanes,
 )
 from distributed import Client, LocalCluster, get_task_stream
 
@@ -85,9 +86,6 @@ PLAIN_FP32 = Tolerance(max_rel_err=1e-5)
 COMPRESSED = {"bf16": Tolerance(max_rel_err=5e-2), "fp16": Tolerance(max_rel_err=5e-2)}
 INT8 = Tolerance(max_rel_err=1e-1)
 
-# Keys of the tasks that run the model: whole-model chunks and stage k's chunks (dask_infer.workflows.graph).
-MODEL_TASK = re.compile(r"^(infer|s(\d+))_")
-
 
 def _cluster(workers: int) -> LocalCluster:
     """``workers`` single-threaded worker processes with the environment dask-infer gives its own."""
@@ -95,80 +93,6 @@ def _cluster(workers: int) -> LocalCluster:
         return LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
         )
-
-
-def _lanes(stream: list[dict[str, Any]], images: int) -> dict[str, Any]:
-    """Where each worker's model thread spent a run, from Dask's task stream.
-
-    The span runs from the first model task's start to the last one's end, on any
-    worker. Each worker's share of it splits into ``compute_s`` (its model tasks),
-    ``fill_s`` (before its first model task: stage 1 waiting for stage 0's first chunk),
-    ``waits_s`` (between its model tasks) and ``drain_s`` (after its last: stage 0 idle
-    while stage 1 finishes). ``transfer_s`` sums the fetches of the inputs of its model
-    tasks from other workers (a pipeline's activations), which run beside its compute.
-    ``steady_images_per_s`` is the rate with the lanes' fill and drain taken out.
-    """
-    lanes: dict[str, dict[str, Any]] = {}
-    for task in stream:
-        match = MODEL_TASK.match(str(task["key"]))
-        if match is None:
-            continue
-        lane = lanes.setdefault(
-            task["worker"], {"stages": set(), "spans": [], "transfer_s": 0.0, "transfers": 0}
-        )
-        lane["stages"].add("whole" if match.group(2) is None else int(match.group(2)))
-        for part in task["startstops"]:
-            if part["action"] == "compute":
-                lane["spans"].append((part["start"], part["stop"]))
-            elif part["action"] == "transfer":
-                lane["transfer_s"] += part["stop"] - part["start"]
-                lane["transfers"] += 1
-    if not lanes:
-        return {}
-    start = min(a for lane in lanes.values() for a, _ in lane["spans"])
-    stop = max(b for lane in lanes.values() for _, b in lane["spans"])
-    span = stop - start
-    rows = []
-    for worker, lane in lanes.items():
-        first = min(a for a, _ in lane["spans"])
-        last = max(b for _, b in lane["spans"])
-        compute = sum(b - a for a, b in lane["spans"])
-        rows.append(
-            {
-                "worker": worker,
-                "stages": sorted(lane["stages"], key=str),
-                "tasks": len(lane["spans"]),
-                "compute_s": compute,
-                "fill_s": first - start,
-                "waits_s": (last - first) - compute,
-                "drain_s": stop - last,
-                "transfer_s": lane["transfer_s"],
-                "transfers": lane["transfers"],
-            }
-        )
-    rows.sort(key=lambda r: (str(r["stages"]), r["worker"]))
-    total = span * len(rows)
-    ends = sum(r["fill_s"] + r["drain_s"] for r in rows)
-    shares = {
-        f"{part}_share": sum(r[f"{part}_s"] for r in rows) / total if total > 0 else 0.0
-        for part in ("compute", "fill", "waits", "drain")
-    }
-    return {
-        "span_s": span,
-        "lanes": rows,
-        **shares,
-        "steady_images_per_s": images / (span - ends / len(rows)) if span > ends / len(rows) else 0.0,
-    }
-
-
-def _lanes_line(lanes: dict[str, Any]) -> str:
-    parts = [
-        f"{'stage ' + str(r['stages'][0]) if r['stages'] != ['whole'] else 'worker'}: "
-        f"compute {r['compute_s']:.1f} s, fill {r['fill_s']:.2f}, waits {r['waits_s']:.2f}, "
-        f"drain {r['drain_s']:.2f}" + (f", transfers {r['transfer_s']:.2f} s" if r["transfers"] else "")
-        for r in lanes["lanes"]
-    ]
-    return f"           model span {lanes['span_s']:.1f} s; " + "; ".join(parts)
 
 
 def _run(
@@ -193,7 +117,7 @@ def _run(
             **kw,
         )
     call = time.perf_counter() - start
-    lanes = _lanes(stream.data, args.images)
+    lanes = model_lanes(stream.data, args.images)
     stolen = steal.share()
     threads = client.run(torch.get_num_threads)
     assert set(threads.values()) == {1}, f"{name}: torch threads per worker {threads}"
@@ -220,13 +144,13 @@ def _run(
         flush=True,
     )
     if lanes:
-        print(_lanes_line(lanes), flush=True)
+        print(lanes_line(lanes), flush=True)
     return row
 
 
 def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     """Each round's pipeline/data and pipeline/whole ratio, and their medians; and the median of
-    where the pipeline's and data-parallel's model threads spent their runs (see :func:`_lanes`)."""
+    where the pipeline's and data-parallel's model threads spent their runs (see ``_common.model_lanes``)."""
     rounds = [{row["run"]: row for row in every[3 * r : 3 * r + 3]} for r in range(repeats)]
     over_data = [t["pipeline"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
     over_whole = [t["pipeline"]["images_per_s"] / t["whole"]["images_per_s"] for t in rounds]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -69,3 +71,29 @@ def dense_map(channels: int = 4) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels, 3, stride=2, padding=1)
     )
+
+
+def wait(x: torch.Tensor, seconds: float) -> torch.Tensor:
+    """``x``, after ``seconds``; torch.fx keeps the call in a traced graph (``torch.fx.wrap``)."""
+    time.sleep(seconds)
+    return x
+
+
+torch.fx.wrap("wait")
+
+
+class SlowNet(TinyNet):
+    """A TinyNet whose forward also waits ``seconds``: a model task long enough to watch,
+    whole or cut into stages (the wait is in the first)."""
+
+    def __init__(self, num_classes: int = 10, seconds: float = 0.2) -> None:
+        super().__init__(num_classes=num_classes)
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(wait(x, self.seconds))
+
+
+def slow_cnn(num_classes: int = 10, seconds: float = 0.2) -> SlowNet:
+    """The factory ``tests.own_models:slow_cnn``."""
+    return SlowNet(num_classes=num_classes, seconds=seconds)

@@ -42,7 +42,7 @@ from dask_infer.workflows.environment import check_worker_environment
 from dask_infer.workflows.graph import READ, infer_prefix
 from dask_infer.workflows.preprocessing import TRANSFORM_CHECK_IMAGES, preprocess_spec
 from dask_infer.workflows.run import output_shapes, runtime_spec
-from dask_infer.workflows.runtime import ModelRuntime, compute_executor, infer_chunk
+from dask_infer.workflows.runtime import ModelRuntime, compute_executor, infer_chunk, infer_chunk_here
 from dask_infer.workflows.stages import RuntimeSpec
 
 __all__ = ["PREDICT_OPTIONS", "RUNTIME_ATTR", "RuntimeHandle", "predict"]
@@ -287,7 +287,7 @@ def _infer_block(images: np.ndarray, runtime: str | RuntimeHandle) -> dict[str, 
     if threading.current_thread().name.startswith(executor):
         return infer_chunk(runtime, images)
     context = contextvars.copy_context()
-    return get_worker().executors[executor].submit(context.run, infer_chunk, runtime, images).result()
+    return get_worker().executors[executor].submit(context.run, infer_chunk_here, runtime, images).result()
 
 
 def _take(results: dict[str, np.ndarray], name: str) -> np.ndarray:

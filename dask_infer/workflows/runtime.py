@@ -49,6 +49,7 @@ from dask_infer.workflows.kept import (
     take,
 )
 from dask_infer.workflows.monitor import GpuSampler
+from dask_infer.workflows.slots import leave_worker_slot
 from dask_infer.workflows.stages import RuntimeSpec, build_stages
 from dask_infer.workflows.streams import ThreadStreams, compute_threads
 
@@ -60,6 +61,7 @@ __all__ = [
     "compute_executor",
     "gpu_switch_interval",
     "infer_chunk",
+    "infer_chunk_here",
     "run_stage",
 ]
 
@@ -559,7 +561,14 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Task body: run the worker's runtime named ``runtime`` on one chunk."""
+    """Task body, on the runtime's compute executor: run the worker's runtime named ``runtime``
+    on one chunk, the worker's thread given back meanwhile (:func:`leave_worker_slot`)."""
+    leave_worker_slot()
+    return infer_chunk_here(runtime, images)
+
+
+def infer_chunk_here(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`infer_chunk` for a caller that is itself a task holding its worker thread."""
     plugin = get_worker().plugins[runtime]
     # Another runtime may be loading (tracing its stages) on this worker meanwhile.
     with running_modules():
@@ -567,7 +576,9 @@ def infer_chunk(runtime: str, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def run_stage(runtime: str, stage: int, data: StageInput) -> StageOutput | dict[str, np.ndarray]:
-    """Task body: run stage ``stage`` of the worker's runtime named ``runtime`` on one chunk."""
+    """Task body, on the runtime's compute executor: run stage ``stage`` of the worker's runtime
+    named ``runtime`` on one chunk, the worker's thread given back meanwhile."""
+    leave_worker_slot()
     plugin = get_worker().plugins[runtime]
     with running_modules():
         return plugin.run_stage(stage, data)  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ from dask_infer.workflows.cluster import scheduler_workers
 from dask_infer.workflows.graph import stage_prefix
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.runtime import ModelRuntime, StageOutput, compute_executor
+from dask_infer.workflows.slots import leave_worker_slot
 
 __all__ = [
     "StageWorkerLost",
@@ -95,8 +96,10 @@ def tile_stage(
     """Task body: stage ``stage`` of the worker's runtime on one tile task; the last gives its results.
 
     Stage 0 takes the task's pixels (a classifier's row cut into its windows first); the
-    others, the previous stage's :class:`StageOutput`.
+    others, the previous stage's :class:`StageOutput`. Runs on the runtime's compute executor,
+    the worker's thread given back meanwhile (:func:`leave_worker_slot`).
     """
+    leave_worker_slot()
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
     if stage == 0:
         assert isinstance(data, np.ndarray)

@@ -70,6 +70,7 @@ from dask_infer.workflows.pauses import PauseReporter
 from dask_infer.workflows.placement import Placement, choose_placement
 from dask_infer.workflows.preprocessing import preprocess_spec
 from dask_infer.workflows.runtime import ModelRuntime, compute_executor
+from dask_infer.workflows.slots import leave_worker_slot
 from dask_infer.workflows.stages import RuntimeSpec
 from dask_infer.workflows.summary import RunSummary
 from dask_infer.workflows.tile_pipeline import (
@@ -391,7 +392,9 @@ def read_resampled(source: ImageSource, image: int, box: Box, resampling: Resamp
 
 
 def infer_tile(runtime: str, work: TileWork, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Task body: the model on one task's pixels (``work.band``), each window's results."""
+    """Task body, on the runtime's compute executor: the model on one task's pixels
+    (``work.band``), each window's results, the worker's thread given back meanwhile."""
+    leave_worker_slot()
     plugin: ModelRuntime = get_worker().plugins[runtime]  # type: ignore[assignment]
     with running_modules():
         return work.results(plugin.forward(work.model_input(pixels)))
