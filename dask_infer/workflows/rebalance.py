@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from distributed import Client, Future
+from distributed import Client, Future, secede
 
 from dask_infer.models import build_model
 from dask_infer.partition.balance import imbalance
@@ -129,7 +129,13 @@ def recut_saving(effective: Sequence[float], images_left: int) -> float:
 def _recut_here(
     spec: RuntimeSpec, measured: tuple[float, ...], sample: tuple[int, ...]
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """Task body: cut points balanced by ``measured``, profiled as this worker runs the model."""
+    """Task body: cut points balanced by ``measured``, profiled as this worker runs the model.
+
+    The profile takes seconds; the task leaves the worker's thread pool first
+    (``distributed.secede``), so that on a worker of one thread the stage tasks behind it
+    do not wait for it, and the pipeline keeps running meanwhile.
+    """
+    secede()
     module = build_model(spec.model, weights=spec.weights, num_classes=spec.num_classes).module
     return rebalanced_cuts(module, spec.cut_points, measured, sample=sample, label=spec.label)
 
