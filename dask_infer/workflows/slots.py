@@ -10,7 +10,8 @@ model task, once running, tells its worker that it has left the thread pool, as
 ``distributed.secede`` does for a task that waits on others: the task becomes
 long-running, which frees its slot for reads and writes (the model tasks waiting for the
 compute executor still hold theirs, so the chunks read ahead stay bounded), and is no
-longer stolen.
+longer stolen. Workers of several threads keep one free for reading and writing anyway,
+and are left as they are.
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ def leave_worker_slot() -> None:
     Call it first thing in a task body that Dask runs on a runtime's compute executor,
     and only there: the worker must be executing this thread's task. Outside a worker
     task (a body called in-process, in tests), it does nothing.
+
+    Only a worker of one thread is told. One of several threads has another free for
+    reads and writes while the model runs; there, a freed slot would only have the
+    scheduler send the worker one more chunk than its memory plan counts
+    (:func:`~dask_infer.workflows.graph.chunk_target` plans for 8 held at once), which
+    took a 2 GB worker reading 1024x1024 images over dask's pause threshold.
     """
     try:
         worker = get_worker()
     except ValueError:
         return
     key = getattr(thread_state, "key", None)
-    if key is None:
+    if key is None or worker.state.nthreads > 1:
         return
     # The event reaches the worker's event loop before the task's result can (both are
     # queued on that loop in order), so the task is still executing when it is handled.
