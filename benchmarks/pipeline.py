@@ -5,7 +5,10 @@ Zarr dataset for all three:
 
 - whole: the whole model on 1 single-threaded worker;
 - pipeline: 2 stages, each on its own single-threaded worker, activations passed between them;
-- data: the whole model on each of 2 single-threaded workers.
+- data: the whole model on each of 2 single-threaded workers;
+- planned (``--planned-share``): the pipeline again, never rebalanced. A pipeline of compiled
+  stages shares its boundary stage between the two workers and routes it by the stage times
+  it measures as it runs; this one keeps the share its profile planned.
 
 Every worker computes with one torch thread. Throughput counts from the first task to
 the last write, after the workers have loaded their stages. Two clusters stay up for the
@@ -151,7 +154,7 @@ def _run(
 def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     """Each round's pipeline/data and pipeline/whole ratio, and their medians; and the median of
     where the pipeline's and data-parallel's model threads spent their runs (see ``_common.model_lanes``)."""
-    rounds = [{row["run"]: row for row in every[3 * r : 3 * r + 3]} for r in range(repeats)]
+    rounds = [{row["run"]: row for row in every if row["round"] == r} for r in range(1, repeats + 1)]
     over_data = [t["pipeline"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
     over_whole = [t["pipeline"]["images_per_s"] / t["whole"]["images_per_s"] for t in rounds]
     result: dict[str, Any] = {
@@ -161,6 +164,10 @@ def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
         "pipeline_over_whole_median": float(np.median(over_whole)),
         "pipeline_over_data_first_round": over_data[0],
     }
+    if all("planned" in t for t in rounds):
+        planned = [t["planned"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
+        result["planned_over_data_rounds"] = planned
+        result["planned_over_data_median"] = float(np.median(planned))
     if all(t[name]["lanes"] for t in rounds for name in ("pipeline", "data")):
         steady = [
             t["pipeline"]["lanes"]["steady_images_per_s"] / t["data"]["lanes"]["steady_images_per_s"]
@@ -191,16 +198,20 @@ def _round(
     every: list[dict[str, Any]],
 ) -> None:
     """One turn of the three runs, their outputs checked (appended to ``checks`` and ``every``)."""
-    names = ("whole", "pipeline", "data")
+    names = ("whole", "pipeline", "data", *(("planned",) if args.planned_share else ()))
     every.append(_run("whole", one, images, str(work / "whole.zarr"), weights, args, overwrite=True))
-    pipeline = {"stages": 2, "placement": "pipeline"}
+    pipelines = [("pipeline", {"stages": 2, "placement": "pipeline"})]
+    if args.planned_share:
+        pipelines.append(("planned", {"stages": 2, "placement": "pipeline", "rebalance": False}))
     data = {"placement": "data"}
     # Pipeline and data-parallel change places each round, so neither always runs on
     # workers the other has just warmed.
-    for name, kw in (("pipeline", pipeline), ("data", data))[:: 1 if round_ % 2 else -1]:
+    for name, kw in [*pipelines, ("data", data)][:: 1 if round_ % 2 else -1]:
         every.append(_run(name, two, images, str(work / f"{name}.zarr"), weights, args, overwrite=True, **kw))
+    for row in every[-len(names) :]:
+        row["round"] = round_
     logits = {name: xr.open_zarr(str(work / f"{name}.zarr"))["logits"].values for name in names}
-    against_plain = ("whole", "pipeline") if args.compress else ("whole",)
+    against_plain = ("whole", *(n for n, _ in pipelines)) if args.compress else ("whole",)
     checks += [
         compare_logits(
             f"{name}, round {round_}, first {checked} images",
@@ -215,9 +226,9 @@ def _round(
         compare_logits(
             f"{name}, round {round_}", logits[name], logits["whole"], SAME_OUTPUT, reference="whole"
         )
-        for name in (("data",) if args.compress else ("pipeline", "data"))
+        for name in (("data",) if args.compress else (*(n for n, _ in pipelines), "data"))
     ]
-    for c in checks[-3:]:
+    for c in checks[-len(names) :]:
         print(c.line(), flush=True)
     exit_if_failed(checks, "pipeline.py")
 
@@ -255,6 +266,12 @@ def main() -> None:
         default=None,
         help="a recipe every stage runs with in all three runs, e.g. bf16+channels_last+compile",
     )
+    parser.add_argument(
+        "--planned-share",
+        action="store_true",
+        help="also run the pipeline each round with its planned stages and share, never rebalanced "
+        "(a pipeline of compiled stages shares its boundary stage, and the run routes it by measured times)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if args.compress:
@@ -290,7 +307,7 @@ def main() -> None:
             ).numpy()
         checks: list[Check] = []
         every: list[dict[str, Any]] = []
-        names = ("whole", "pipeline", "data")
+        names = ("whole", "pipeline", "data", *(("planned",) if args.planned_share else ()))
         with contextlib.ExitStack() as stack:
             one = stack.enter_context(Client(stack.enter_context(_cluster(1))))
             two = stack.enter_context(Client(stack.enter_context(_cluster(2))))
@@ -319,6 +336,13 @@ def main() -> None:
             + ", ".join(f"{r:.2f}" for r in turns["pipeline_over_data_rounds"])
             + f"), pipeline / whole {turns['pipeline_over_whole_median']:.2f}x"
         )
+        if "planned_over_data_median" in turns:
+            print(
+                "by turns: planned (never rebalanced) / data-parallel "
+                f"{turns['planned_over_data_median']:.2f}x (median of "
+                + ", ".join(f"{r:.2f}" for r in turns["planned_over_data_rounds"])
+                + ")"
+            )
         if "steady_pipeline_over_data_median" in turns:
             for name in ("pipeline", "data"):
                 shares = turns[f"{name}_shares_median"]
@@ -349,7 +373,19 @@ def main() -> None:
             "repeats": args.repeats,
             "runs": runs,
             "all_runs": [
-                {k: r[k] for k in ("run", "images_per_s", "seconds", "call_s", "cpu_stolen", "lanes")}
+                {
+                    k: r[k]
+                    for k in (
+                        "run",
+                        "round",
+                        "images_per_s",
+                        "seconds",
+                        "call_s",
+                        "cpu_stolen",
+                        "rebalance",
+                        "lanes",
+                    )
+                }
                 for r in every
             ],
             "ratios": ratios,

@@ -140,7 +140,9 @@ def _run_options(func: F) -> F:
     func = click.option("--config", "config_file", type=click.Path(), help="YAML file of these options.")(
         func
     )
-    func = click.option("--no-rebalance", is_flag=True, help="Never re-cut a running pipeline.")(func)
+    func = click.option(
+        "--no-rebalance", is_flag=True, help="Never re-cut a running pipeline, nor re-route its shared stage."
+    )(func)
     for field in reversed(dataclasses.fields(RunConfig)):
         if field.name in _PYTHON_ONLY:
             continue

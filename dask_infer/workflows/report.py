@@ -328,7 +328,7 @@ def build_report(
         if key == "gpu":
             body.append(_table(summary.get("gpus") or {}))
     if summary.get("rebalance"):
-        body += ["<h2>Re-cut</h2>", _table(summary["rebalance"])]
+        body += ["<h2>Rebalance</h2>", _table(summary["rebalance"])]
     body += ["<h2>Placement</h2>", _table(summary.get("placement") or {})]
     if plan:
         body += ["<h2>Stage plan</h2>", _table(plan)]

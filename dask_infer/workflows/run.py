@@ -658,6 +658,8 @@ def _guard(
         record = rebalancer.record if rebalancer is not None else None
         if record is not None and record.recut and tuple(run.spec.cut_points) == record.cuts_after:
             return record.predicted_after
+        if record is not None and record.shares and tuple(run.spec.cut_points) == record.cuts_after:
+            return record.measured_before
         if plan is not None and tuple(plan.cut_points) == tuple(run.spec.cut_points):
             return tuple(s.time_s for s in plan.stages)
         return (1.0,) * run.spec.num_stages
@@ -717,9 +719,7 @@ def _execute(
 
     todo = [i for i in range(len(chunks.bounds)) if i not in layout.prepared.done]
     rebalancer = None
-    if config.rebalance is not None and run.placement.shared is not None:
-        say("rebalance: off; the shared stage evens the two workers' work chunk by chunk")
-    elif config.rebalance is not None:
+    if config.rebalance is not None:
         batch = min(config.batch_size or default_batch_size(False), chunks.size)
         rebalancer = Rebalancer(
             client, run, config.rebalance, len(todo), batch, say, chunk_images=chunks.size

@@ -123,6 +123,14 @@ class RunSummary:
                 f"  before the re-cut: {times} ms/image per stage, "
                 f"measured over the first {self.rebalance['chunks_measured']} chunks"
             )
+        rebalance = self.rebalance or {}
+        shares = rebalance.get("shares") or []
+        if len(shares) > 1:
+            stage = rebalance["after"]["placement"]["shared"]["stage"]
+            lines.append(
+                f"  stage {stage}'s share on its first worker, set from measured stage times: "
+                + " -> ".join(f"{s:.0%}" for s in shares)
+            )
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

@@ -69,7 +69,7 @@ def test_report_page_holds_every_section_and_no_outside_resource() -> None:
         "Memory per worker",
         "Stage plan",
         "Config",
-        "Re-cut",
+        "Rebalance",
     ):
         assert f"<h2>{title}</h2>" in page
     assert "before re-cut (layer2)" in page and "after re-cut (layer3)" in page

@@ -24,6 +24,7 @@ from dask_infer.workflows.placement import (
     on_workers,
     share_boundary,
 )
+from dask_infer.workflows.rebalance import measured_share
 from tests.conftest import gpu_labelled
 from tests.reference import run_small
 
@@ -111,7 +112,8 @@ def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
     monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
     """Two one-thread workers: the block between the two cuts runs on each of them for some
-    chunks, and the logits are the whole model's bit for bit (fp32, the same ops)."""
+    chunks, and the logits are the whole model's bit for bit (fp32, the same ops). Without
+    ``rebalance`` the share stays as planned."""
     # Shared for any imbalance, and for this uncompiled model too; half the chunks on each
     # worker, whatever this machine's profile says (the share itself is tested above).
     monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
@@ -129,6 +131,7 @@ def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
                 stages=2,
                 placement="pipeline",
                 balance="time",
+                rebalance=False,
             )
     assert summary.placement["shared"] == {"stage": 1, "share": 0.5} and summary.rebalance is None
     ran = {}
@@ -141,3 +144,61 @@ def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
         xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
     )
     assert whole.images == summary.images == 200
+
+
+def test_the_measured_share_evens_the_two_workers_with_the_first_ahead() -> None:
+    f = measured_share([4.0, 2.0, 5.0], 1)
+    assert f is not None and 4 + 2 * f == pytest.approx((1 - SHARED_LEAD) * (5 + 2 * (1 - f)))
+    assert measured_share([1.0, 1.0, 9.0], 1) == 1.0 and measured_share([9.0, 1.0, 1.0], 1) == 0.0
+    # A stage not yet timed, or times for fewer stages: nothing to go by.
+    assert measured_share([4.0, 0.0, 5.0], 1) is None and measured_share([4.0], 1) is None
+
+
+def test_a_shared_stage_is_routed_again_by_measured_times(
+    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """Planned with the whole shared block on the first worker (as a profile in another
+    precision can leave it), the run measures its stages and sends the block of later chunks
+    to the second worker too, by the measured times; the logits stay the whole model's."""
+    monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
+    monkeypatch.setattr(run_module, "_may_share_boundary", lambda compress, placement: True)
+    monkeypatch.setattr(placement_module, "boundary_share", lambda *args: 1.0)
+    lines: list[str] = []
+    with gpu_labelled(2) as client:
+        whole = run_small(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
+        with get_task_stream(client) as stream:
+            summary = run_small(
+                client,
+                small_dataset,
+                tmp_path / "pipe.zarr",
+                small_weights,
+                chunk_size=8,
+                stages=2,
+                placement="pipeline",
+                balance="time",
+                echo=lines.append,
+            )
+    rebalance = summary.rebalance
+    assert rebalance is not None and not rebalance["recut"]
+    shares, measured = rebalance["shares"], rebalance["before"]["stage_seconds_per_image"]
+    assert shares[0] == 1.0 and len(shares) >= 2, lines
+    # The last share set is the one the last measured times give, within the step kept.
+    expected = measured_share(measured, 1)
+    assert expected is not None and abs(shares[-1] - expected) < 0.02 + 1e-9
+    assert rebalance["after"]["placement"]["shared"] == {"stage": 1, "share": shares[-1]}
+    assert any("share on its first worker 100% -> " in line for line in lines), lines
+    first = rebalance["after"]["placement"]["groups"][0][0][0]
+    s0 = {t["worker"] for t in stream.data if str(t["key"]).startswith("s0_")}
+    assert s0 == {first}
+    keys = [(str(t["key"]), t["worker"]) for t in stream.data]
+    s1 = {int(key.rsplit("-", 1)[1]): worker for key, worker in keys if key.startswith("s1_")}
+    assert len(s1) == 25
+    # The first window (8 chunks) was sent before anything was measured: all on the first worker.
+    assert all(s1[i] == first for i in range(8)), s1
+    assert any(w != first for w in s1.values()), s1
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "pipe.zarr")["logits"].values,
+        xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
+    )
+    assert whole.images == summary.images == 200
+    assert "share on its first worker, set from measured stage times: 100% -> " in summary.format_stages()
