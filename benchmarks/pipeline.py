@@ -30,6 +30,10 @@ between chunks, or done (drain: stage 0 while stage 1 finishes the last), and fe
 its inputs from the other worker (the pipeline's activations) beside that. The script
 prints the median shares for pipeline and data-parallel, and their ratio with fill and
 drain taken out, which is what a run of many more chunks approaches.
+Beside that, each run's model threads' CPU time (all stages, from the runtime's per-stage
+figures): pipeline over data-parallel says how much more work the split model does
+(boundaries the compiler cannot fuse over, activations copied in and out), apart from the
+wall time its threads wait for a core while activations move.
 
 Outputs are checked every round: the pipeline's and data-parallel's logits must be
 bit-identical to the whole model's, and the whole model's logits on the first
@@ -138,12 +142,14 @@ def _run(
         ],
         "rebalance": summary.rebalance,
         "lanes": lanes,
+        # CPU time of the threads computing the model (one torch thread each), all stages.
+        "model_cpu_s": sum(s["work_s"] for s in summary.stage_stats),
     }
     print(
         f"{name:>9}: {summary.images_per_second:6.2f} images/s ({summary.seconds:.1f} s timed, "
         f"{call:.1f} s the whole call, {workers} worker(s)"
         + ("" if stolen is None else f", {100 * stolen:.1f}% of the CPU stolen")
-        + ")",
+        + f"; model threads' CPU time {row['model_cpu_s']:.2f} s)",
         flush=True,
     )
     if lanes:
@@ -164,6 +170,9 @@ def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
         "pipeline_over_whole_median": float(np.median(over_whole)),
         "pipeline_over_data_first_round": over_data[0],
     }
+    cpu = [t["pipeline"]["model_cpu_s"] / t["data"]["model_cpu_s"] for t in rounds]
+    result["model_cpu_pipeline_over_data_rounds"] = cpu
+    result["model_cpu_pipeline_over_data_median"] = float(np.median(cpu))
     if all("planned" in t for t in rounds):
         planned = [t["planned"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
         result["planned_over_data_rounds"] = planned
@@ -336,6 +345,12 @@ def main() -> None:
             + ", ".join(f"{r:.2f}" for r in turns["pipeline_over_data_rounds"])
             + f"), pipeline / whole {turns['pipeline_over_whole_median']:.2f}x"
         )
+        print(
+            "model threads' CPU time, pipeline / data-parallel: "
+            f"{turns['model_cpu_pipeline_over_data_median']:.2f}x (median of "
+            + ", ".join(f"{r:.2f}" for r in turns["model_cpu_pipeline_over_data_rounds"])
+            + "): the work the split model adds, apart from the wall time it waits"
+        )
         if "planned_over_data_median" in turns:
             print(
                 "by turns: planned (never rebalanced) / data-parallel "
@@ -382,6 +397,7 @@ def main() -> None:
                         "seconds",
                         "call_s",
                         "cpu_stolen",
+                        "model_cpu_s",
                         "rebalance",
                         "lanes",
                     )

@@ -246,14 +246,10 @@ def partition_model(
     label = name or type(model).__name__
     batch = _make_sample(sample)
     work = copy.deepcopy(model).eval()
-    kept: Measured | None = None
-    if reuse_profile:
-        graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
-        key = profile_key(graph, batch, threads, repeats)
-        kept = recall(key)
+    graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
+    key = profile_key(graph, batch, threads, repeats) if reuse_profile else None
+    kept: Measured | None = recall(key) if key is not None else None
     expected = _reference_output(work, batch, label) if kept is None else None
-    if not reuse_profile:
-        graph = ModelGraph.trace(work, label, strip_tail=strip_tail)
     if kept is None:
         with torch_threads(threads):
             costs = profile_graph(graph, batch, repeats=repeats)
@@ -296,7 +292,7 @@ def partition_model(
         output_shape = kept.output_shape
     else:
         output_shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else ()
-    if reuse_profile:
+    if key is not None:
         remember(key, Measured(tuple(measured), output_shape, checked))
     bounds = graph.stage_bounds(cuts)
     infos = tuple(

@@ -24,7 +24,7 @@ import torch
 from dask_infer.partition.profile import NodeCost
 from dask_infer.partition.split import ModelGraph
 
-__all__ = ["Measured", "forget", "hits", "profile_key", "recall", "remember"]
+__all__ = ["Measured", "forget", "hits", "profile_key", "recall", "remember", "thread_hits"]
 
 _LIMIT = 8
 """Profiles kept at most (the least recently used goes first)."""
@@ -32,6 +32,7 @@ _LIMIT = 8
 _lock = threading.Lock()
 _kept: OrderedDict[Hashable, Measured] = OrderedDict()
 _hits = 0
+_counted = threading.local()
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,17 @@ def profile_key(graph: ModelGraph, sample: torch.Tensor, threads: int | None, re
 
 
 def recall(key: Hashable) -> Measured | None:
-    """The profile kept under ``key``, or ``None``; a hit is counted (see :func:`hits`)."""
+    """The profile kept under ``key``, or ``None``; a hit is counted (see :func:`hits` and
+    :func:`thread_hits`)."""
     global _hits
     with _lock:
         measured = _kept.get(key)
         if measured is not None:
             _kept.move_to_end(key)
             _hits += 1
-        return measured
+    if measured is not None:
+        _counted.hits = thread_hits() + 1
+    return measured
 
 
 def remember(key: Hashable, measured: Measured) -> None:
@@ -91,6 +95,12 @@ def remember(key: Hashable, measured: Measured) -> None:
 def hits() -> int:
     """How many profiles this process has reused so far."""
     return _hits
+
+
+def thread_hits() -> int:
+    """How many profiles the calling thread has reused so far: a task that profiles learns
+    whether it reused one, whatever other tasks on the same worker do meanwhile."""
+    return int(getattr(_counted, "hits", 0))
 
 
 def forget() -> None:

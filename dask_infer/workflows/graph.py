@@ -45,6 +45,7 @@ __all__ = [
     "chunk_target",
     "group_name",
     "infer_prefix",
+    "over_pipeline",
     "split_chunks",
     "stage_prefix",
     "submit_chunks",
@@ -57,6 +58,16 @@ WRITE = "write"
 """Task-group name of the chunks' writes."""
 
 _READ, _INFER, _WRITE = 0, 1, 2
+
+
+def over_pipeline(stages: int) -> int:
+    """A priority above every task :func:`submit_pipeline` gives a chunk of ``stages`` stages.
+
+    A worker starts its ready tasks by priority, so a task of lower priority waits while
+    any chunk's read, stage or write is ready there; on a stage-0 worker fed a window of
+    chunks, that can be until the last chunk's stage 0.
+    """
+    return _READ + 3 + stages
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,19 @@ from dask_infer.partition.balance import SHARED_LEAD, boundary_share, imbalance
 from dask_infer.partition.recut import rebalanced_cuts
 from dask_infer.workflows.execution import Execution, runtime_stats, seconds_per_image
 from dask_infer.workflows.feed import wave, window
-from dask_infer.workflows.graph import group_name
+from dask_infer.workflows.graph import group_name, over_pipeline
 from dask_infer.workflows.placement import Placement
 from dask_infer.workflows.stages import RuntimeSpec
 
-__all__ = ["Rebalance", "Rebalancer", "first_wave", "measured_share", "recut_pays_off", "recut_saving"]
+__all__ = [
+    "RESHARE_STEP",
+    "Rebalance",
+    "Rebalancer",
+    "first_wave",
+    "measured_share",
+    "recut_pays_off",
+    "recut_saving",
+]
 
 
 @dataclass(frozen=True)
@@ -134,8 +142,9 @@ _NEGLIGIBLE_S = 1.0
 """Loading time beyond the chunks in flight that never stops a re-cut."""
 
 
-_RESHARE_STEP = 0.02
-"""A share measured closer than this to the current one leaves the routing as it is."""
+RESHARE_STEP = 0.05
+"""A share measured closer than this to the current one leaves the routing as it is: stage
+times measured over a few chunks move the share by a few points from wave to wave."""
 
 
 def measured_share(measured: Sequence[float], stage: int) -> float | None:
@@ -292,6 +301,8 @@ class Rebalancer:
             workers=list(before.stage_workers(0)),
             pure=False,
             key=f"{group_name('recut', run.spec.label)}-{uuid.uuid4().hex[:8]}",
+            # Started at once, beside the chunks in flight, rather than after them.
+            priority=over_pipeline(before.num_stages),
         )
 
     def _reshare(self, written: int) -> None:
@@ -305,7 +316,7 @@ class Rebalancer:
             return
         shares = self.record.shares if self.record is not None else (share,)
         first = self.record.placement_before if self.record is not None else placement.to_dict()
-        changed = abs(new - share) >= _RESHARE_STEP
+        changed = abs(new - share) >= RESHARE_STEP
         if changed:
             placement = replace(placement, shared=(stage, new))
             self.run.placement = placement

@@ -325,7 +325,7 @@ def _partition_here(
     if threads is not None:
         threads = max(1, min(threads, usable_cores()))
     module = build_model(model, weights=weights, num_classes=num_classes).module
-    before = profile_memo.hits()
+    before = profile_memo.thread_hits()
 
     def plan_of(net: torch.nn.Module, x: torch.Tensor | tuple[int, ...]) -> StagePlan:
         return partition_model(
@@ -343,7 +343,7 @@ def _partition_here(
         ).plan
 
     def found(plan: StagePlan) -> dict[str, Any]:
-        return {**plan.to_dict(), "reused_profile": profile_memo.hits() > before}
+        return {**plan.to_dict(), "reused_profile": profile_memo.thread_hits() > before}
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is not None or channels_last:

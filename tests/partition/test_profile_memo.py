@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,9 +51,20 @@ def test_a_second_profile_of_the_same_model_measures_nothing(calls: dict[str, in
     model = _model()
     first = partition_model(model, 2, sample=SAMPLE, threads=1, repeats=1, reuse_profile=True)
     assert calls == {"profile": 1, "check": 1}
-    hits = profile_memo.hits()
+    hits, mine = profile_memo.hits(), profile_memo.thread_hits()
     again = partition_model(_model(), 2, sample=SAMPLE, threads=1, repeats=1, reuse_profile=True)
     assert calls == {"profile": 1, "check": 1} and profile_memo.hits() == hits + 1
+    assert profile_memo.thread_hits() == mine + 1
+    # A reuse in another thread (another task on the same worker) counts for the process,
+    # not for this thread: a profiling task reports only its own.
+    other = threading.Thread(
+        target=partition_model,
+        args=(_model(), 2),
+        kwargs={"sample": SAMPLE, "threads": 1, "repeats": 1, "reuse_profile": True},
+    )
+    other.start()
+    other.join()
+    assert profile_memo.hits() == hits + 2 and profile_memo.thread_hits() == mine + 1
     assert again.plan == first.plan
     # The stages built from the kept profile still reproduce the model.
     x = torch.randn(SAMPLE)

@@ -24,7 +24,7 @@ from dask_infer.workflows.placement import (
     on_workers,
     share_boundary,
 )
-from dask_infer.workflows.rebalance import measured_share
+from dask_infer.workflows.rebalance import RESHARE_STEP, measured_share
 from tests.conftest import gpu_labelled
 from tests.reference import run_small
 
@@ -184,7 +184,7 @@ def test_a_shared_stage_is_routed_again_by_measured_times(
     assert shares[0] == 1.0 and len(shares) >= 2, lines
     # The last share set is the one the last measured times give, within the step kept.
     expected = measured_share(measured, 1)
-    assert expected is not None and abs(shares[-1] - expected) < 0.02 + 1e-9
+    assert expected is not None and abs(shares[-1] - expected) < RESHARE_STEP + 1e-9
     assert rebalance["after"]["placement"]["shared"] == {"stage": 1, "share": shares[-1]}
     assert any("share on its first worker 100% -> " in line for line in lines), lines
     first = rebalance["after"]["placement"]["groups"][0][0][0]

@@ -27,7 +27,7 @@ import dask_infer
 from dask_infer.io import write_image_dataset
 from tests.conftest import SMALL_SIZE, random_images
 from tests.own_models import trained_like
-from tests.reference import assert_close_logits
+from tests.reference import assert_close_logits, run_small
 
 NUM_CLASSES = 5
 CHUNK = 2
@@ -117,3 +117,32 @@ def test_a_one_thread_worker_reads_the_next_chunk_while_its_model_runs(
             if reads[chunk(task)][1] > _compute(before)[1]:
                 late.append((chunk(task), round(reads[chunk(task)][1] - _compute(before)[1], 3)))
     assert not late, f"chunks whose read ended after the model task before them (s late): {late}"
+
+
+def test_a_one_thread_stage_worker_goes_on_computing_while_it_profiles_a_recut(
+    one_thread_workers: Client, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """A re-cut is profiled on a stage-0 worker and takes a while; there, the stage-0 tasks of
+    the chunks in flight keep running meanwhile. The re-cut task outranks the pipeline's
+    tasks, so it starts at once rather than after the last chunk's stage 0, and leaves the
+    worker's one thread slot (``distributed.secede``), as model tasks do, so stage 0 goes on."""
+    with get_task_stream(one_thread_workers) as stream:
+        summary = run_small(
+            one_thread_workers,
+            small_dataset,
+            tmp_path / "pipe.zarr",
+            small_weights,
+            chunk_size=4,
+            batch_size=4,
+            stages=2,
+            placement="pipeline",
+            # Cut by parameters, which leaves most of ResNet-18's time in stage 0: re-cut.
+            balance="params",
+            rebalance=1.25,
+        )
+    assert summary.rebalance is not None and summary.rebalance["recut"], summary.rebalance
+    (recut,) = [t for t in stream.data if str(t["key"]).startswith("recut_")]
+    start, stop = _compute(recut)
+    here = [t for t in stream.data if t["worker"] == recut["worker"]]
+    beside = [t for t in here if str(t["key"]).startswith("s0_") and start < _compute(t)[0] < stop]
+    assert beside, f"no stage-0 task started on {recut['worker']} during the re-cut's {stop - start:.2f} s"
