@@ -10,8 +10,9 @@ A pipeline whose boundary stage both workers hold (``Placement.shared``) is not 
 again: after every wave of chunks, the share of that stage's chunks its first worker
 runs is set anew from the measured stage times (:func:`measured_share`). Both workers
 hold the stage already, so nothing loads or compiles: only where later chunks run
-changes. A profile taken in another precision (int8 stages are profiled in fp32) or
-without the workers' neighbours leaves the first share off by tens of points.
+changes. A profile taken on one worker alone prices the stages apart from the reads,
+writes and transfers beside them: for ResNet-50 int8+compile on two cores (before int8
+stages were cut once) the planned share was 17-25% and the measured one 0-9%.
 """
 
 from __future__ import annotations

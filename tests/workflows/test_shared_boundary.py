@@ -157,8 +157,8 @@ def test_the_measured_share_evens_the_two_workers_with_the_first_ahead() -> None
 def test_a_shared_stage_is_routed_again_by_measured_times(
     monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
-    """Planned with the whole shared block on the first worker (as a profile in another
-    precision can leave it), the run measures its stages and sends the block of later chunks
+    """Planned with the whole shared block on the first worker (as a profile taken
+    apart from the run can leave it), the run measures its stages and sends the block of later chunks
     to the second worker too, by the measured times; the logits stay the whole model's."""
     monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
     monkeypatch.setattr(run_module, "_may_share_boundary", lambda compress, placement: True)
@@ -202,3 +202,15 @@ def test_a_shared_stage_is_routed_again_by_measured_times(
     )
     assert whole.images == summary.images == 200
     assert "share on its first worker, set from measured stage times: 100% -> " in summary.format_stages()
+
+
+def test_compiled_stages_of_one_recipe_may_share_a_boundary_but_int8_ones_do_not() -> None:
+    """int8 stages are profiled in fp32, which cannot say how uneven their single cut is."""
+    two = Placement("pipeline", (((A,), (B,)),), "2 stages on 2 workers")
+    assert run_module._may_share_boundary("bf16+channels_last+compile", two)
+    assert run_module._may_share_boundary("fp32+compile", two)
+    assert not run_module._may_share_boundary("int8+compile", two)
+    assert not run_module._may_share_boundary("bf16", two)  # not compiled: priced as it runs
+    assert not run_module._may_share_boundary(None, two)
+    three = Placement("pipeline", (((A,), (B, C)),), "2 stages on 3 workers")
+    assert not run_module._may_share_boundary("bf16+compile", three)
