@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,42 +109,52 @@ def test_the_placement_routes_the_shared_stage_chunk_by_chunk(shared_plan: Stage
         share_boundary(Placement("pipeline", (((A,), (B, C)),), ""), shared_plan, workers, batch_size=2)
 
 
-def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
-    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
-) -> None:
-    """Two one-thread workers: the block between the two cuts runs on each of them for some
-    chunks, and the logits are the whole model's bit for bit (fp32, the same ops). Without
-    ``rebalance`` the share stays as planned."""
-    # Shared for any imbalance, and for this uncompiled model too; half the chunks on each
-    # worker, whatever this machine's profile says (the share itself is tested above).
+def _shared_run(
+    monkeypatch: pytest.MonkeyPatch, share: float, data: Path, weights: Path, tmp_path: Path, **kw: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The small ResNet-18 run whole, then as a pipeline whose block between its two cuts is
+    shared, planned with ``share`` of it on the first worker whatever this machine's profile
+    says; on two one-thread workers. Returns the pipeline's summary and task stream, after
+    checking that its logits are the whole model's bit for bit (fp32, the same ops)."""
+    # Shared for any imbalance, and for this uncompiled model too.
     monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
     monkeypatch.setattr(run_module, "_may_share_boundary", lambda compress, placement: True)
-    monkeypatch.setattr(placement_module, "boundary_share", lambda *args: 0.5)
+    monkeypatch.setattr(placement_module, "boundary_share", lambda *args: share)
     with gpu_labelled(2) as client:
-        whole = run_small(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
+        whole = run_small(client, data, tmp_path / "whole.zarr", weights, chunk_size=8)
         with get_task_stream(client) as stream:
             summary = run_small(
                 client,
-                small_dataset,
+                data,
                 tmp_path / "pipe.zarr",
-                small_weights,
+                weights,
                 chunk_size=8,
                 stages=2,
                 placement="pipeline",
                 balance="time",
-                rebalance=False,
+                **kw,
             )
-    assert summary.placement["shared"] == {"stage": 1, "share": 0.5} and summary.rebalance is None
-    ran = {}
-    for task in stream.data:
-        if str(task["key"]).startswith("s1_"):
-            ran[task["worker"]] = ran.get(task["worker"], 0) + 1
-    assert sorted(ran.values()) == [12, 13], ran  # 200 images in chunks of 8, half on each
     np.testing.assert_array_equal(
         xr.open_zarr(tmp_path / "pipe.zarr")["logits"].values,
         xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
     )
     assert whole.images == summary.images == 200
+    return summary, stream.data
+
+
+def test_a_run_with_a_shared_stage_writes_what_the_whole_model_does(
+    monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
+) -> None:
+    """The block between the two cuts runs on each worker for some chunks, and the logits
+    are the whole model's. Without ``rebalance`` the share stays as planned (half the
+    chunks on each worker; the share itself is tested above)."""
+    summary, stream = _shared_run(monkeypatch, 0.5, small_dataset, small_weights, tmp_path, rebalance=False)
+    assert summary.placement["shared"] == {"stage": 1, "share": 0.5} and summary.rebalance is None
+    ran: dict[str, int] = {}
+    for task in stream:
+        if str(task["key"]).startswith("s1_"):
+            ran[task["worker"]] = ran.get(task["worker"], 0) + 1
+    assert sorted(ran.values()) == [12, 13], ran  # 200 images in chunks of 8, half on each
 
 
 def test_the_measured_share_evens_the_two_workers_with_the_first_ahead() -> None:
@@ -157,27 +168,11 @@ def test_the_measured_share_evens_the_two_workers_with_the_first_ahead() -> None
 def test_a_shared_stage_is_routed_again_by_measured_times(
     monkeypatch: pytest.MonkeyPatch, small_dataset: Path, small_weights: Path, tmp_path: Path
 ) -> None:
-    """Planned with the whole shared block on the first worker (as a profile taken
-    apart from the run can leave it), the run measures its stages and sends the block of later chunks
-    to the second worker too, by the measured times; the logits stay the whole model's."""
-    monkeypatch.setattr(run_module, "SHARE_BOUNDARY", 1.0)
-    monkeypatch.setattr(run_module, "_may_share_boundary", lambda compress, placement: True)
-    monkeypatch.setattr(placement_module, "boundary_share", lambda *args: 1.0)
+    """Planned with the whole shared block on the first worker (as a profile taken apart
+    from the run can leave it), the run measures its stages and sends the block of later
+    chunks to the second worker too, by the measured times; the logits stay the whole model's."""
     lines: list[str] = []
-    with gpu_labelled(2) as client:
-        whole = run_small(client, small_dataset, tmp_path / "whole.zarr", small_weights, chunk_size=8)
-        with get_task_stream(client) as stream:
-            summary = run_small(
-                client,
-                small_dataset,
-                tmp_path / "pipe.zarr",
-                small_weights,
-                chunk_size=8,
-                stages=2,
-                placement="pipeline",
-                balance="time",
-                echo=lines.append,
-            )
+    summary, stream = _shared_run(monkeypatch, 1.0, small_dataset, small_weights, tmp_path, echo=lines.append)
     rebalance = summary.rebalance
     assert rebalance is not None and not rebalance["recut"]
     shares, measured = rebalance["shares"], rebalance["before"]["stage_seconds_per_image"]
@@ -188,19 +183,13 @@ def test_a_shared_stage_is_routed_again_by_measured_times(
     assert rebalance["after"]["placement"]["shared"] == {"stage": 1, "share": shares[-1]}
     assert any("share on its first worker 100% -> " in line for line in lines), lines
     first = rebalance["after"]["placement"]["groups"][0][0][0]
-    s0 = {t["worker"] for t in stream.data if str(t["key"]).startswith("s0_")}
-    assert s0 == {first}
-    keys = [(str(t["key"]), t["worker"]) for t in stream.data]
+    assert {t["worker"] for t in stream if str(t["key"]).startswith("s0_")} == {first}
+    keys = [(str(t["key"]), t["worker"]) for t in stream]
     s1 = {int(key.rsplit("-", 1)[1]): worker for key, worker in keys if key.startswith("s1_")}
     assert len(s1) == 25
     # The first window (8 chunks) was sent before anything was measured: all on the first worker.
     assert all(s1[i] == first for i in range(8)), s1
     assert any(w != first for w in s1.values()), s1
-    np.testing.assert_array_equal(
-        xr.open_zarr(tmp_path / "pipe.zarr")["logits"].values,
-        xr.open_zarr(tmp_path / "whole.zarr")["logits"].values,
-    )
-    assert whole.images == summary.images == 200
     assert "share on its first worker, set from measured stage times: 100% -> " in summary.format_stages()
 
 
