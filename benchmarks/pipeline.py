@@ -9,6 +9,9 @@ Zarr dataset for all three:
 - planned (``--planned-share``): the pipeline again, never rebalanced. A pipeline of compiled
   stages shares its boundary stage between the two workers and routes it by the stage times
   it measures as it runs; this one keeps the share its profile planned.
+- fp32-boundary (``--fp32-boundary``, int8 recipes): the pipeline again with its int8 stages
+  passing fp32 activations, each quantized by the next stage on receipt, as they did before
+  they passed uint8 (``compress_stages(..., int8_boundaries=False)`` on the workers).
 
 Every worker computes with one torch thread. Throughput counts from the first task to
 the last write, after the workers have loaded their stages. Two clusters stay up for the
@@ -46,13 +49,15 @@ apart, so it and the whole model meet the plain fp32 forward within the recipe's
 ``OUTPUT CHECK FAILED`` line.
 
     python benchmarks/pipeline.py [--model resnet50] [--images 256] [--chunk 8] [--repeats 3]
-                                  [--compress bf16+channels_last+compile] [--json F]
+                                  [--compress bf16+channels_last+compile] [--planned-share]
+                                  [--fp32-boundary] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -137,7 +142,17 @@ def _run(
         "cpu_stolen": stolen,
         "placement": summary.placement["mode"],
         "stages": [
-            {k: s[k] for k in ("stage", "busy_s", "work_s", "busy_fraction", "images_per_s_busy")}
+            {
+                k: s[k]
+                for k in (
+                    "stage",
+                    "busy_s",
+                    "work_s",
+                    "busy_fraction",
+                    "images_per_s_busy",
+                    "sent_bytes_per_image",
+                )
+            }
             for s in summary.stage_stats
         ],
         "rebalance": summary.rebalance,
@@ -149,12 +164,39 @@ def _run(
         f"{name:>9}: {summary.images_per_second:6.2f} images/s ({summary.seconds:.1f} s timed, "
         f"{call:.1f} s the whole call, {workers} worker(s)"
         + ("" if stolen is None else f", {100 * stolen:.1f}% of the CPU stolen")
-        + f"; model threads' CPU time {row['model_cpu_s']:.2f} s)",
+        + f"; model threads' CPU time {row['model_cpu_s']:.2f} s"
+        + "".join(
+            f"; stage {st['stage']} passed {st['sent_bytes_per_image'] / 1e3:.0f} kB/image"
+            for st in row["stages"]
+            if st["sent_bytes_per_image"]
+        )
+        + ")",
         flush=True,
     )
     if lanes:
         print(lanes_line(lanes), flush=True)
     return row
+
+
+def _int8_boundaries(join: bool) -> None:
+    """On a worker: build int8 stages with uint8 (``True``) or fp32 (``False``) boundaries from now on."""
+    import dask_infer.workflows.kept as kept
+    import dask_infer.workflows.stages as stages
+    from dask_infer.partition.compress import apply
+
+    if getattr(stages, "_benchmark_join", True) == join:
+        return
+    stages.compress_stages = functools.partial(apply.compress_stages, int8_boundaries=join)
+    stages._benchmark_join = join  # type: ignore[attr-defined]
+    kept._kept = None  # stages kept from the other kind of run would be taken as they are
+
+
+def _variants(args: argparse.Namespace) -> tuple[str, ...]:
+    """The pipeline runs each round beside the default one."""
+    return (
+        *(("planned",) if args.planned_share else ()),
+        *(("fp32-boundary",) if args.fp32_boundary else ()),
+    )
 
 
 def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
@@ -173,10 +215,15 @@ def _by_turns(every: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     cpu = [t["pipeline"]["model_cpu_s"] / t["data"]["model_cpu_s"] for t in rounds]
     result["model_cpu_pipeline_over_data_rounds"] = cpu
     result["model_cpu_pipeline_over_data_median"] = float(np.median(cpu))
-    if all("planned" in t for t in rounds):
-        planned = [t["planned"]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
-        result["planned_over_data_rounds"] = planned
-        result["planned_over_data_median"] = float(np.median(planned))
+    for variant in ("planned", "fp32-boundary"):
+        if all(variant in t for t in rounds):
+            key = variant.replace("-", "_")
+            ratio = [t[variant]["images_per_s"] / t["data"]["images_per_s"] for t in rounds]
+            result[f"{key}_over_data_rounds"] = ratio
+            result[f"{key}_over_data_median"] = float(np.median(ratio))
+            own = [t["pipeline"]["images_per_s"] / t[variant]["images_per_s"] for t in rounds]
+            result[f"pipeline_over_{key}_rounds"] = own
+            result[f"pipeline_over_{key}_median"] = float(np.median(own))
     if all(t[name]["lanes"] for t in rounds for name in ("pipeline", "data")):
         steady = [
             t["pipeline"]["lanes"]["steady_images_per_s"] / t["data"]["lanes"]["steady_images_per_s"]
@@ -207,16 +254,20 @@ def _round(
     every: list[dict[str, Any]],
 ) -> None:
     """One turn of the three runs, their outputs checked (appended to ``checks`` and ``every``)."""
-    names = ("whole", "pipeline", "data", *(("planned",) if args.planned_share else ()))
+    names = ("whole", "pipeline", "data", *_variants(args))
     every.append(_run("whole", one, images, str(work / "whole.zarr"), weights, args, overwrite=True))
     pipelines = [("pipeline", {"stages": 2, "placement": "pipeline"})]
     if args.planned_share:
         pipelines.append(("planned", {"stages": 2, "placement": "pipeline", "rebalance": False}))
+    if args.fp32_boundary:
+        pipelines.append(("fp32-boundary", {"stages": 2, "placement": "pipeline"}))
     data = {"placement": "data"}
     # Pipeline and data-parallel change places each round, so neither always runs on
     # workers the other has just warmed.
     for name, kw in [*pipelines, ("data", data)][:: 1 if round_ % 2 else -1]:
+        two.run(_int8_boundaries, name != "fp32-boundary")
         every.append(_run(name, two, images, str(work / f"{name}.zarr"), weights, args, overwrite=True, **kw))
+    two.run(_int8_boundaries, True)
     for row in every[-len(names) :]:
         row["round"] = round_
     logits = {name: xr.open_zarr(str(work / f"{name}.zarr"))["logits"].values for name in names}
@@ -281,8 +332,18 @@ def main() -> None:
         help="also run the pipeline each round with its planned stages and share, never rebalanced "
         "(a pipeline of compiled stages shares its boundary stage, and the run routes it by measured times)",
     )
+    parser.add_argument(
+        "--fp32-boundary",
+        action="store_true",
+        help="with an int8 recipe, also run the pipeline each round with fp32 activations between "
+        "its stages instead of uint8",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    if args.fp32_boundary and not (args.compress and CompressionRecipe.parse(args.compress).quantize):
+        parser.error(
+            f"--fp32-boundary compares int8 boundaries, and --compress is {args.compress!r}; add int8"
+        )
     if args.compress:
         recipe = CompressionRecipe.parse(args.compress)
         bound = INT8 if recipe.quantize else COMPRESSED.get(recipe.precision, PLAIN_FP32)
@@ -316,7 +377,7 @@ def main() -> None:
             ).numpy()
         checks: list[Check] = []
         every: list[dict[str, Any]] = []
-        names = ("whole", "pipeline", "data", *(("planned",) if args.planned_share else ()))
+        names = ("whole", "pipeline", "data", *_variants(args))
         with contextlib.ExitStack() as stack:
             one = stack.enter_context(Client(stack.enter_context(_cluster(1))))
             two = stack.enter_context(Client(stack.enter_context(_cluster(2))))
@@ -351,13 +412,15 @@ def main() -> None:
             + ", ".join(f"{r:.2f}" for r in turns["model_cpu_pipeline_over_data_rounds"])
             + "): the work the split model adds, apart from the wall time it waits"
         )
-        if "planned_over_data_median" in turns:
-            print(
-                "by turns: planned (never rebalanced) / data-parallel "
-                f"{turns['planned_over_data_median']:.2f}x (median of "
-                + ", ".join(f"{r:.2f}" for r in turns["planned_over_data_rounds"])
-                + ")"
-            )
+        for key, label in (("planned", "planned (never rebalanced)"), ("fp32_boundary", "fp32 boundary")):
+            if f"{key}_over_data_median" in turns:
+                print(
+                    f"by turns: {label} / data-parallel {turns[f'{key}_over_data_median']:.2f}x (median of "
+                    + ", ".join(f"{r:.2f}" for r in turns[f"{key}_over_data_rounds"])
+                    + f"); pipeline / {label} {turns[f'pipeline_over_{key}_median']:.2f}x (median of "
+                    + ", ".join(f"{r:.2f}" for r in turns[f"pipeline_over_{key}_rounds"])
+                    + ")"
+                )
         if "steady_pipeline_over_data_median" in turns:
             for name in ("pipeline", "data"):
                 shares = turns[f"{name}_shares_median"]

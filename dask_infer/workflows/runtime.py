@@ -120,19 +120,23 @@ class StageStats:
     work_s
         Seconds of work: CPU time on a CPU (which other processes do not inflate), wall
         time on a GPU.
+    sent_bytes
+        Bytes of the activations it returned for the next stage (0 for the last stage).
     """
 
     chunks: int = 0
     images: int = 0
     busy_s: float = 0.0
     work_s: float = 0.0
+    sent_bytes: int = 0
 
-    def add(self, *, images: int = 0, busy_s: float = 0.0, work_s: float = 0.0) -> None:
+    def add(self, *, images: int = 0, busy_s: float = 0.0, work_s: float = 0.0, sent_bytes: int = 0) -> None:
         """Count one more stretch of work; a stretch with images counts as a chunk."""
         self.chunks += 1 if images else 0
         self.images += images
         self.busy_s += busy_s
         self.work_s += work_s
+        self.sent_bytes += sent_bytes
 
 
 _EXECUTOR_GRACE_S = 30.0
@@ -482,7 +486,10 @@ class ModelRuntime(WorkerPlugin):
                 else StageOutput(Activation.from_tensor(out), valid, features, size)
             )
         seconds = time.perf_counter() - start
-        self._add_stage_time(stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work)
+        sent = 0 if isinstance(result, dict) else result.activation.data.nbytes
+        self._add_stage_time(
+            stage, images=len(host), busy_s=seconds, work_s=self._work_clock() - work, sent_bytes=sent
+        )
         with self._lock:
             self.chunks += 1 if last else 0
             self.images += len(host) if last else 0

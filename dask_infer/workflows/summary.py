@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dask.utils import format_bytes
+
 __all__ = ["RunSummary", "format_stages", "gpu_summary", "stage_summary", "write_summary"]
 
 
@@ -191,11 +193,13 @@ def stage_summary(
         One per stage: workers, images, busy seconds (wall time, summed), work seconds
         (CPU time on a CPU, which other processes on the same cores do not inflate),
         mean busy fraction of its workers over the run, seconds per image (busy and
-        work), images/s while busy and images/s over the run.
+        work), images/s while busy and images/s over the run, and the bytes of activations
+        it passed to the next stage (in all and per image; 0 for the last stage).
     """
     out = []
     for k in range(num_stages):
         busy = work = images = 0.0
+        sent = 0
         workers = []
         for address, s in stats.items():
             stage = s.get("stages", {}).get(k)
@@ -203,6 +207,7 @@ def stage_summary(
                 busy += stage["busy_s"]
                 work += stage.get("work_s", stage["busy_s"])
                 images += stage["images"]
+                sent += stage.get("sent_bytes", 0)
                 workers.append(address)
         out.append(
             {
@@ -216,6 +221,8 @@ def stage_summary(
                 "work_seconds_per_image": work / images if images else None,
                 "images_per_s_busy": images / busy if busy > 0 else None,
                 "images_per_s": images / seconds if seconds > 0 else None,
+                "sent_bytes": sent,
+                "sent_bytes_per_image": sent / images if images else None,
             }
         )
     return out
@@ -227,14 +234,16 @@ def gpu_summary(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def format_stages(stages: Sequence[Mapping[str, Any]]) -> str:
-    """One line per stage: busy time, busy fraction and throughput."""
+    """One line per stage: busy time, busy fraction, throughput and what it passes on."""
     lines = []
     for s in stages:
         if not s["images"]:
             continue
+        sent = s.get("sent_bytes_per_image")
         lines.append(
             f"  stage {s['stage']}: {s['busy_s']:.2f} s busy on {len(s['workers'])} worker(s) "
             f"({100 * s['busy_fraction']:.0f}%), {s['images_per_s_busy']:.1f} images/s while busy"
+            + (f", passes {format_bytes(sent)} per image on" if sent else "")
         )
     return "\n".join(lines)
 

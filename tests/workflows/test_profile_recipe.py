@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dask_infer.workflows import run as run_module
-from dask_infer.workflows.run import _partition_here, _profiled_as, _profiled_fused
+from dask_infer.workflows.run import _boundary_width, _partition_here, _profiled_as, _profiled_fused
 
 
 def test_the_profile_takes_the_recipe_all_stages_share() -> None:
@@ -16,6 +16,15 @@ def test_the_profile_takes_the_recipe_all_stages_share() -> None:
     assert _profiled_as("0:bf16,1:fp32", 2) == ("fp32", False)
     assert _profiled_as("auto", 2) == ("fp32", False)
     assert _profiled_as(None, 2) == ("fp32", False)
+
+
+def test_int8_boundaries_are_priced_at_a_quarter_of_the_fp32_profile_bytes() -> None:
+    """Between int8 stages the activation travels as uint8; the fp32 profile measured 4 bytes."""
+    assert _boundary_width("int8+compile", 3) == 0.25
+    assert _boundary_width("0:int8,1:bf16", 2) == 1.0
+    assert _boundary_width("bf16+compile", 2) == 1.0
+    assert _boundary_width("auto", 2) == 1.0
+    assert _boundary_width(None, 2) == 1.0
 
 
 def test_the_profile_is_fused_where_every_stage_compiles() -> None:

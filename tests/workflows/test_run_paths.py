@@ -28,6 +28,7 @@ from dask_infer.io.samples import write_sample
 from dask_infer.models.preprocess import Preprocess
 from dask_infer.models.registry import build_model
 from dask_infer.partition.compress.apply import compress_stages
+from dask_infer.partition.split import split_model
 from tests.conftest import gpu_labelled, random_images
 from tests.reference import assert_close_logits, reference_logits, run_small
 
@@ -187,6 +188,58 @@ def test_compression_calibrated_on_the_workers(
     fp32 = _held_out_mistakes(digits_store, digits_fp32)
     assert fp32 <= 5
     assert _held_out_mistakes(digits_store, got) <= fp32 + more_mistakes
+
+
+def test_int8_stages_on_two_workers_pass_uint8_activations(
+    client: Client, digits_store: Path, digits_weights: Path, digits_fp32: np.ndarray, tmp_path: Path
+) -> None:
+    """Two int8 stages on two workers: stage 0 passes one byte per activation value.
+
+    The logits match the same stages compressed and chained here, calibrated on the same
+    80 images (1e-3, as the whole int8 model above), and the held-out digits stay right.
+    """
+    out = tmp_path / "o.zarr"
+    summary = dask_infer.run(
+        str(digits_store),
+        str(out),
+        model="resnet18",
+        weights=str(digits_weights),
+        client=client,
+        compress="int8",
+        stages=2,
+        placement="pipeline",
+        balance="flops",
+        rebalance=None,
+        calibration_images=80,
+        chunk_size=64,
+        batch_size=32,
+        progress=False,
+        echo=None,
+    )
+    assert summary.placement["mode"] == "pipeline"
+    cuts = json.loads(xr.open_zarr(out).attrs["stage_plan"])["cut_points"]
+    loaded = build_model("resnet18", weights=str(digits_weights))
+    prep = Preprocess(loaded.input_size, loaded.mean, loaded.std)
+    images = _images(digits_store)
+    with torch.inference_mode():
+        calibration = prep(torch.from_numpy(images[:80]))
+        stages = compress_stages(
+            split_model(loaded.module, cuts, copy_model=True), "int8", calibration=calibration
+        )
+        passed = stages[0](calibration[:1])
+        want = torch.cat(
+            [
+                stages[1](stages[0](prep(torch.from_numpy(images[i : i + 32]))))
+                for i in range(0, len(images), 32)
+            ]
+        ).numpy()
+    assert passed.dtype == torch.uint8
+    sent = summary.stage_stats[0]["sent_bytes_per_image"]
+    assert sent == passed[0].numel(), (sent, passed.shape)
+    assert summary.stage_stats[1]["sent_bytes"] == 0
+    got = _logits(out)
+    assert_close_logits(got, want, rel=1e-3)
+    assert _held_out_mistakes(digits_store, got) <= _held_out_mistakes(digits_store, digits_fp32) + 3
 
 
 # --- an interrupted run -------------------------------------------------------------------------

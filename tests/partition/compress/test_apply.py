@@ -165,3 +165,40 @@ def test_stages_chain_and_are_deterministic(digits: dict) -> None:
     assert torch.equal(runs[0], runs[1])
     agreement = float((runs[0].argmax(1) == digits["reference"][:64].argmax(1)).float().mean())
     assert agreement >= 0.98
+
+
+def test_consecutive_int8_stages_pass_uint8_and_compute_the_same_numbers(digits: dict) -> None:
+    """Three int8 stages: each boundary carries the next stage's own quantize step's uint8 output.
+
+    Eager, the step is the same op on the same values, so the logits are bit-identical to
+    stages that pass fp32 and quantize on receipt. A joined stage still takes fp32.
+    """
+    stages = partition_model(digits["module"], 3, balance="flops", sample=(1, 3, 32, 32)).modules
+    x = digits["x"][:64]
+    joined = compress_stages(stages, "int8", calibration=digits["calibration"])
+    apart = compress_stages(stages, "int8", calibration=digits["calibration"], int8_boundaries=False)
+    assert [s.input_step is not None for s in joined] == [False, True, True]
+    assert all(s.input_step is None for s in apart)
+    with torch.no_grad():
+        a0, b0 = joined[0](x), apart[0](x)
+        a1, b1 = joined[1](a0), apart[1](b0)
+        assert (a0.dtype, a1.dtype, b0.dtype, b1.dtype) == (
+            torch.uint8,
+            torch.uint8,
+            torch.float32,
+            torch.float32,
+        )
+        assert a0.shape == b0.shape and a0.nbytes * 4 == b0.nbytes
+        got, want = joined[2](a1), apart[2](b1)
+        assert torch.equal(got, want)
+        # fp32 in: the joined stage quantizes it by the step its graph gave up.
+        assert torch.equal(joined[2](joined[1](b0)), want)
+    assert _accuracy(got, digits["y"][:64]) >= _accuracy(digits["reference"][:64], digits["y"][:64]) - 0.02
+
+
+def test_an_int8_stage_before_another_recipe_passes_fp32(digits: dict) -> None:
+    stages = partition_model(digits["module"], 2, balance="flops", sample=(1, 3, 32, 32)).modules
+    compressed = compress_stages(stages, "0:int8,1:fp32", calibration=digits["calibration"])
+    assert compressed[1].input_step is None
+    with torch.no_grad():
+        assert compressed[0](digits["x"][:4]).dtype == torch.float32
