@@ -182,9 +182,9 @@ class RunConfig:
         Pipelines side by side for ``"hybrid"``; ``None`` makes as many as the workers allow.
     rebalance
         Re-cut a pipeline after its first chunks when the slowest stage's measured time
-        exceeds the mean by this factor; a pipeline with a shared boundary stage instead
-        routes it again by the measured times after every wave of chunks. ``None`` (or
-        ``False``) does neither.
+        exceeds the mean by this factor; a pipeline with a shared boundary stage is never
+        re-cut, and instead routes that stage again by the measured times after every wave
+        of chunks, whatever the factor. ``None`` (or ``False``) does neither.
     report
         Write the run report here: one HTML file that opens offline (throughput, stage busy
         time, chunk latency, worker memory, plan, config), with Dask's performance report

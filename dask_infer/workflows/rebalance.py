@@ -38,6 +38,7 @@ __all__ = [
     "RESHARE_STEP",
     "Rebalance",
     "Rebalancer",
+    "Reshare",
     "first_wave",
     "measured_share",
     "recut_pays_off",
@@ -59,19 +60,11 @@ class Rebalance:
     placement_before: dict[str, Any] | None = None
     placement_after: dict[str, Any] | None = None
     measured_after: tuple[float, ...] = ()
-    shares: tuple[float, ...] = ()
-    """A shared boundary stage's share on its first worker: the first, then each one set
-    from measured times (empty without a shared stage)."""
 
     @property
     def recut(self) -> bool:
         """Whether the cuts changed."""
         return self.cuts_after != self.cuts_before
-
-    @property
-    def reshared(self) -> bool:
-        """Whether a shared stage's share was changed."""
-        return len(self.shares) > 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict."""
@@ -94,37 +87,84 @@ class Rebalance:
                 "imbalance": imbalance(self.measured_after) if self.measured_after else None,
                 "placement": self.placement_after,
             },
-            "shares": list(self.shares),
         }
 
     def describe(self) -> str:
         """Before and after, two lines."""
 
-        def times(ts: Sequence[float]) -> str:
-            return ", ".join(f"{t * 1e3:.2f}" for t in ts) + " ms/image"
-
         before = (
-            f"stage times {times(self.measured_before)} (max/mean {imbalance(self.measured_before):.2f}) "
+            f"stage times {_times(self.measured_before)} (max/mean {imbalance(self.measured_before):.2f}) "
             f"with cuts {', '.join(self.cuts_before)}"
         )
-        if self.shares:
-            stage = int((self.placement_after or {}).get("shared", {}).get("stage", 0))
-            share, ts = self.shares[-1], self.measured_before
-            first = sum(ts[:stage]) + share * ts[stage]
-            second = sum(ts[stage + 1 :]) + (1 - share) * ts[stage]
-            shares = " -> ".join(f"{s:.0%}" for s in self.shares)
-            return (
-                f"rebalance: stage times {times(ts)} over {self.chunks_measured} chunks; "
-                f"stage {stage}'s share on its first worker {shares}{'' if self.reshared else ' (kept)'}, "
-                f"which gives the two workers {times((first, second))}"
-            )
         if not self.recut:
             return f"rebalance: {before}; kept (threshold {self.threshold:.2f})"
         return (
             f"rebalance: {before} exceeds {self.threshold:.2f}\n"
-            f"  re-cut at {', '.join(self.cuts_after)}: predicted {times(self.predicted_after)} "
+            f"  re-cut at {', '.join(self.cuts_after)}: predicted {_times(self.predicted_after)} "
             f"(max/mean {imbalance(self.predicted_after):.2f})"
         )
+
+
+@dataclass(frozen=True)
+class Reshare:
+    """How a shared boundary stage was routed by measured stage times, for the log, the summary
+    and the output's attrs (see :meth:`Rebalancer.after_write`).
+
+    Attributes
+    ----------
+    stage
+        The shared stage.
+    shares
+        Its share on its first worker: the planned one, then each one set from measured times.
+    measured
+        Stage seconds per image, the latest measured, over ``chunks_measured`` chunks.
+    chunks_measured
+        Chunks written when they were measured.
+    placement_before, placement_after
+        The placement as planned and as it routes chunks now (``Placement.to_dict``).
+    """
+
+    stage: int
+    shares: tuple[float, ...]
+    measured: tuple[float, ...]
+    chunks_measured: int
+    placement_before: dict[str, Any]
+    placement_after: dict[str, Any]
+
+    @property
+    def reshared(self) -> bool:
+        """Whether the share was changed."""
+        return len(self.shares) > 1
+
+    def worker_times(self) -> tuple[float, float]:
+        """Seconds per image of the two workers with the current share, by the measured times."""
+        ts, stage, share = self.measured, self.stage, self.shares[-1]
+        return sum(ts[:stage]) + share * ts[stage], sum(ts[stage + 1 :]) + (1 - share) * ts[stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict."""
+        return {
+            "reshare": True,
+            "stage": self.stage,
+            "shares": list(self.shares),
+            "stage_seconds_per_image": list(self.measured),
+            "chunks_measured": self.chunks_measured,
+            "placement_before": self.placement_before,
+            "placement_after": self.placement_after,
+        }
+
+    def describe(self) -> str:
+        """One line: the measured times, the shares and the two workers' times they give."""
+        shares = " -> ".join(f"{s:.0%}" for s in self.shares)
+        return (
+            f"rebalance: stage times {_times(self.measured)} over {self.chunks_measured} chunks; "
+            f"stage {self.stage}'s share on its first worker {shares}{'' if self.reshared else ' (kept)'}, "
+            f"which gives the two workers {_times(self.worker_times())}"
+        )
+
+
+def _times(ts: Sequence[float]) -> str:
+    return ", ".join(f"{t * 1e3:.2f}" for t in ts) + " ms/image"
 
 
 def first_wave(threshold: float | None, placement: Placement, n_chunks: int) -> int:
@@ -240,7 +280,8 @@ class Rebalancer:
         self.wave = first_wave(threshold, run.placement, n_chunks)
         self.recut: Future | None = None
         self.measured: tuple[float, ...] = ()
-        self.record: Rebalance | None = None
+        self.record: Rebalance | Reshare | None = None
+        """What the last judgement decided: a re-cut (or cuts kept), or a shared stage's shares."""
 
     def stop(self, reason: str) -> None:
         """Judge and re-cut no more (the stages were placed again); a pending re-cut is dropped."""
@@ -315,26 +356,16 @@ class Rebalancer:
         new = measured_share(self.measured, stage)
         if new is None:
             return
-        shares = self.record.shares if self.record is not None else (share,)
-        first = self.record.placement_before if self.record is not None else placement.to_dict()
+        earlier = self.record if isinstance(self.record, Reshare) else None
+        shares = earlier.shares if earlier is not None else (share,)
+        first = earlier.placement_before if earlier is not None else placement.to_dict()
         changed = abs(new - share) >= RESHARE_STEP
         if changed:
             placement = replace(placement, shared=(stage, new))
             self.run.placement = placement
             shares = (*shares, new)
-        record = Rebalance(
-            self.threshold,
-            self.run.spec.cut_points,
-            self.measured,
-            self.run.spec.cut_points,
-            self.measured,
-            chunks_measured=written,
-            chunks_before=self.n,
-            placement_before=first,
-            placement_after=placement.to_dict(),
-            shares=shares,
-        )
-        if changed or self.record is None:
+        record = Reshare(stage, shares, self.measured, written, first, placement.to_dict())
+        if changed or earlier is None:
             self.say(record.describe())
         self.record = record
 

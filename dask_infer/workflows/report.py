@@ -25,7 +25,7 @@ from distributed import Client, Future
 from dask_infer.workflows.cluster import scheduler_workers
 from dask_infer.workflows.execution import Execution, runtime_stats
 from dask_infer.workflows.monitor import dask_report_path
-from dask_infer.workflows.rebalance import Rebalance
+from dask_infer.workflows.rebalance import Rebalance, Reshare
 from dask_infer.workflows.summary import RunSummary, stage_summary
 
 __all__ = ["Recording", "RunRecorder", "StageRun", "build_report", "report_run", "stage_runs", "write_report"]
@@ -138,16 +138,18 @@ class StageRun:
     stages: list[dict[str, Any]]
 
 
-def _labels(count: int, rebalance: Rebalance | None) -> list[str]:
+def _labels(count: int, rebalance: Rebalance | Reshare | None) -> list[str]:
     """What each of ``count`` runtimes was, in the order they were registered."""
-    if rebalance is not None and rebalance.recut:
+    if isinstance(rebalance, Rebalance) and rebalance.recut:
         first = [f"before re-cut ({', '.join(rebalance.cuts_before)})"]
         second = [f"after re-cut ({', '.join(rebalance.cuts_after)})"]
         return (first + second + [f"after re-cut, re-placed {i}" for i in range(1, count - 1)])[:count]
     return ["run"] + [f"re-placed {i}" for i in range(1, count)]
 
 
-def stage_runs(client: Client, run: Execution, seconds: float, rebalance: Rebalance | None) -> list[StageRun]:
+def stage_runs(
+    client: Client, run: Execution, seconds: float, rebalance: Rebalance | Reshare | None
+) -> list[StageRun]:
     """The per-stage figures of every runtime ``run`` registered, each labelled.
 
     Call before ``run.release``: the figures live in the workers' runtimes.
@@ -358,7 +360,7 @@ def report_run(
     *,
     config: Mapping[str, Any],
     plan: Mapping[str, Any] | None,
-    rebalance: Rebalance | None,
+    rebalance: Rebalance | Reshare | None,
 ) -> None:
     """Gather the run's stage figures and a last memory sample, and write the report to ``path``.
 

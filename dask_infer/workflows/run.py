@@ -82,7 +82,7 @@ from dask_infer.workflows.placement import (
 )
 from dask_infer.workflows.preprocessing import preprocess_record, preprocess_spec
 from dask_infer.workflows.progress_page import RunBoard
-from dask_infer.workflows.rebalance import Rebalance, Rebalancer
+from dask_infer.workflows.rebalance import Rebalance, Rebalancer, Reshare
 from dask_infer.workflows.recovery import PipelineGuard
 from dask_infer.workflows.report import RunRecorder, report_run
 from dask_infer.workflows.stages import RuntimeSpec
@@ -672,10 +672,10 @@ def _guard(
 
     def times() -> tuple[float, ...]:
         record = rebalancer.record if rebalancer is not None else None
+        if isinstance(record, Reshare):
+            return record.measured  # a shared stage keeps its cuts
         if record is not None and record.recut and tuple(run.spec.cut_points) == record.cuts_after:
             return record.predicted_after
-        if record is not None and record.shares and tuple(run.spec.cut_points) == record.cuts_after:
-            return record.measured_before
         if plan is not None and tuple(plan.cut_points) == tuple(run.spec.cut_points):
             return tuple(s.time_s for s in plan.stages)
         return (1.0,) * run.spec.num_stages
@@ -707,7 +707,7 @@ def _execute(
     say: Callable[[str], None],
     recorder: RunRecorder | None = None,
     dashboard: str | None = None,
-) -> tuple[float, Rebalance | None]:
+) -> tuple[float, Rebalance | Reshare | None]:
     """Feed every chunk through the current runtime; the wall time and what a re-cut decided.
 
     ``recorder``, when given, records each chunk's times and samples the workers' memory.
@@ -786,14 +786,14 @@ def _summarise(
     layout: _Layout,
     run: Execution,
     seconds: float,
-    rebalance: Rebalance | None,
+    rebalance: Rebalance | Reshare | None,
     choice: ClusterChoice | None,
     output: OutputTarget,
     dashboard: str | None,
 ) -> RunSummary:
     placement, done = run.placement, layout.prepared.done
     stats = runtime_stats(client, run.current)
-    if rebalance is not None and rebalance.recut:
+    if isinstance(rebalance, Rebalance) and rebalance.recut:
         rebalance = replace(rebalance, measured_after=seconds_per_image(stats, placement.num_stages))
     images = sum(b - a for i, (a, b) in enumerate(layout.chunks.bounds) if i not in done)
     return RunSummary(

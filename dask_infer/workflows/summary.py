@@ -125,13 +125,11 @@ class RunSummary:
                 f"  before the re-cut: {times} ms/image per stage, "
                 f"measured over the first {self.rebalance['chunks_measured']} chunks"
             )
-        rebalance = self.rebalance or {}
-        shares = rebalance.get("shares") or []
-        if len(shares) > 1:
-            stage = rebalance["after"]["placement"]["shared"]["stage"]
+        reshare = self.rebalance if self.rebalance and self.rebalance.get("reshare") else None
+        if reshare is not None and len(reshare["shares"]) > 1:
             lines.append(
-                f"  stage {stage}'s share on its first worker, set from measured stage times: "
-                + " -> ".join(f"{s:.0%}" for s in shares)
+                f"  stage {reshare['stage']}'s share on its first worker, set from measured stage times: "
+                + " -> ".join(f"{s:.0%}" for s in reshare["shares"])
             )
         return "\n".join(lines)
 

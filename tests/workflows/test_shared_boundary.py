@@ -174,15 +174,16 @@ def test_a_shared_stage_is_routed_again_by_measured_times(
     lines: list[str] = []
     summary, stream = _shared_run(monkeypatch, 1.0, small_dataset, small_weights, tmp_path, echo=lines.append)
     rebalance = summary.rebalance
-    assert rebalance is not None and not rebalance["recut"]
-    shares, measured = rebalance["shares"], rebalance["before"]["stage_seconds_per_image"]
+    assert rebalance is not None and rebalance["reshare"] and rebalance["stage"] == 1
+    shares, measured = rebalance["shares"], rebalance["stage_seconds_per_image"]
     assert shares[0] == 1.0 and len(shares) >= 2, lines
     # The last share set is the one the last measured times give, within the step kept.
     expected = measured_share(measured, 1)
     assert expected is not None and abs(shares[-1] - expected) < RESHARE_STEP + 1e-9
-    assert rebalance["after"]["placement"]["shared"] == {"stage": 1, "share": shares[-1]}
+    assert rebalance["placement_after"]["shared"] == {"stage": 1, "share": shares[-1]}
+    assert rebalance["placement_before"]["shared"] == {"stage": 1, "share": 1.0}
     assert any("share on its first worker 100% -> " in line for line in lines), lines
-    first = rebalance["after"]["placement"]["groups"][0][0][0]
+    first = rebalance["placement_after"]["groups"][0][0][0]
     assert {t["worker"] for t in stream if str(t["key"]).startswith("s0_")} == {first}
     keys = [(str(t["key"]), t["worker"]) for t in stream]
     s1 = {int(key.rsplit("-", 1)[1]): worker for key, worker in keys if key.startswith("s1_")}
