@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from dask_infer.partition.compress.apply import CompressedStage
 
 __all__ = ["InputQuantization", "input_quantization", "join_int8_boundaries"]
 
@@ -145,7 +148,7 @@ def _take_quantized_input(module: fx.GraphModule) -> None:
     module.recompile()
 
 
-def join_int8_boundaries(stages: Sequence[Any]) -> list[int]:
+def join_int8_boundaries(stages: Sequence[CompressedStage]) -> list[int]:
     """Move each boundary between two int8 stages into int8, in place.
 
     Parameters
@@ -170,6 +173,7 @@ def join_int8_boundaries(stages: Sequence[Any]) -> list[int]:
         step = input_quantization(after.module)
         if step is None or not isinstance(before.module, fx.GraphModule):
             continue
+        assert isinstance(after.module, fx.GraphModule)  # input_quantization found a step in it
         if _single_output(before.module.graph) is None or before.output_dtype is not None:
             continue
         _quantize_output(before.module, step)
