@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dask_infer.partition.compress.frames import compile_module
 from dask_infer.partition.compress.freeze import FrozenCompile, compile_frozen, freezes
 from dask_infer.partition.compress.int8_boundary import InputQuantization, join_int8_boundaries
 from dask_infer.partition.compress.prune import check_structured, prune_structured, prune_unstructured
@@ -289,7 +290,7 @@ def compress_module(
         else:
             mode = "reduce-overhead" if recipe.cuda_graphs else None
             frozen = dev.type == "cpu" and freezes(recipe)
-            stage.set_compiled(compile_frozen(work, mode=mode) if frozen else torch.compile(work, mode=mode))
+            stage.set_compiled(compile_frozen(work, mode=mode) if frozen else compile_module(work, mode=mode))
     return stage
 
 

@@ -27,6 +27,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 from dask_infer.errors import reason
+from dask_infer.partition.compress.frames import compile_module
 from dask_infer.partition.compress.recipe import CompressionError, CompressionRecipe
 
 __all__ = ["FREEZING_ENV", "FrozenCompile", "compile_frozen", "freezes"]
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 
 class FrozenCompile:
-    """``torch.compile(module)`` whose compilations run with inductor freezing.
+    """``torch.compile(module)`` whose compilations run with inductor freezing (through
+    :func:`~dask_infer.partition.compress.frames.compile_module`).
 
     Calls until the first success compile with freezing; if that first call raises, the
     stage is compiled again without freezing (one warning) and stays so. After a first
@@ -54,7 +56,7 @@ class FrozenCompile:
     def __init__(self, module: nn.Module, *, mode: str | None = None) -> None:
         self.module = module
         self.mode = mode
-        self._compiled: Any = torch.compile(module, mode=mode)
+        self._compiled: Any = compile_module(module, mode=mode)
         self._state = "untried"
         self.fallback_reason: str | None = None
         """Why freezing was given up, or ``None`` while it is in use (or untried)."""
@@ -80,7 +82,7 @@ class FrozenCompile:
                 torch.__version__,
                 self.fallback_reason,
             )
-            self._compiled = torch.compile(self.module, mode=self.mode)
+            self._compiled = compile_module(self.module, mode=self.mode)
             self._state = "plain"
             return self._compiled(*args, **kwargs)
         self._state = "frozen"

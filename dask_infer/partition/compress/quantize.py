@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dask_infer.errors import reason
+from dask_infer.partition.compress.frames import compile_module
 from dask_infer.partition.compress.freeze import compile_frozen, freezes
 from dask_infer.partition.compress.recipe import CompressionError, CompressionRecipe
 
@@ -156,4 +157,4 @@ def compile_int8(module: nn.Module) -> Callable[..., Any]:
     ``DASK_INFER_INDUCTOR_FREEZING=0``; a build that cannot freeze the graph compiles it
     without freezing (see :class:`~dask_infer.partition.compress.freeze.FrozenCompile`).
     """
-    return compile_frozen(module) if freezes(CompressionRecipe(quantize="int8")) else torch.compile(module)
+    return compile_frozen(module) if freezes(CompressionRecipe(quantize="int8")) else compile_module(module)
